@@ -1,0 +1,138 @@
+//! Command line and environment of `kip-agent`. Every flag has an environment variable,
+//! as a DaemonSet sets them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::images::ImageList;
+use crate::reconcile::Policy;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "kip-agent", version, about = "Keeps a list of container images cached and pinned on this node through its CRI socket")]
+pub struct Cli {
+    /// The runtime's CRI socket [default: the first that exists of /run/containerd/containerd.sock,
+    /// /run/k3s/containerd/containerd.sock, /var/run/crio/crio.sock]
+    #[arg(long, env = "KIP_CRI_SOCKET", value_name = "PATH")]
+    pub cri_socket: Option<PathBuf>,
+
+    /// Images to keep, in KIP syntax: `name=image;name=image;`
+    #[arg(long, env = "IMAGES", value_name = "LIST", value_parser = parse_images)]
+    pub images: ImageList,
+
+    /// Address of the HTTP server for /metrics, /healthz and /readyz
+    #[arg(long, env = "KIP_LISTEN", value_name = "ADDR", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Directory of mounted pull secrets (DIR/<secret>/.dockerconfigjson, config.json or .dockercfg)
+    #[arg(long, env = "KIP_PULL_SECRETS_DIR", value_name = "DIR")]
+    pub pull_secrets_dir: Option<PathBuf>,
+
+    /// How many pulls may run at once
+    #[arg(long, env = "KIP_MAX_PARALLEL_PULLS", value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_parallel_pulls: u16,
+
+    /// Time limit of one pull (e.g. 90s, 5m, 1h30m)
+    #[arg(long, env = "KIP_PULL_TIMEOUT", value_name = "DURATION", default_value = "30m", value_parser = parse_duration)]
+    pub pull_timeout: Duration,
+
+    /// How often to verify that the images are still there
+    #[arg(long, env = "KIP_CHECK_INTERVAL", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub check_interval: Duration,
+
+    /// How often tags are pulled again so a moved tag is noticed [default: CACHING_INTERVAL_HOURS hours, else 1h]
+    #[arg(long, env = "KIP_REFRESH_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
+    pub refresh_interval: Option<Duration>,
+
+    /// KIP's refresh interval in hours, used when --refresh-interval is not given
+    #[arg(long, env = "CACHING_INTERVAL_HOURS", value_name = "HOURS", hide = true, value_parser = clap::value_parser!(u32).range(1..))]
+    pub caching_interval_hours: Option<u32>,
+
+    /// Also delete (not only unpin) images kip pinned that left the list
+    #[arg(long, env = "KIP_REMOVE_UNLISTED")]
+    pub remove_unlisted: bool,
+
+    /// Cache and pin everything once, print a summary, and exit (0 only if all succeeded)
+    #[arg(long)]
+    pub once: bool,
+
+    /// Log format
+    #[arg(long, env = "KIP_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl Cli {
+    pub fn policy(&self) -> Policy {
+        let refresh = self
+            .refresh_interval
+            .or(self.caching_interval_hours.map(|h| Duration::from_secs(u64::from(h) * 3600)))
+            .unwrap_or(Duration::from_secs(3600));
+        Policy {
+            max_parallel_pulls: usize::from(self.max_parallel_pulls),
+            pull_timeout: self.pull_timeout,
+            check_interval: self.check_interval,
+            refresh_interval: refresh,
+            ..Policy::default()
+        }
+    }
+}
+
+fn parse_images(s: &str) -> Result<ImageList, String> {
+    ImageList::parse(s).map_err(|e| e.to_string())
+}
+
+/// `90s`, `5m`, `1h30m`; zero is refused because every interval here must move time forward.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim()).map_err(|e| format!("`{s}` is not a duration like 90s, 5m or 1h30m: {e}"))?;
+    if d.is_zero() {
+        return Err(format!("`{s}`: the duration must be greater than zero"));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_in_go_style() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("10").unwrap_err().contains("`10` is not a duration"));
+        assert!(parse_duration("0s").unwrap_err().contains("greater than zero"));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn defaults_and_caching_interval_hours() {
+        let cli = Cli::try_parse_from(["kip-agent", "--images", "a=busybox"]).unwrap();
+        assert_eq!(cli.policy().refresh_interval, Duration::from_secs(3600));
+        assert_eq!(cli.policy().check_interval, Duration::from_secs(60));
+        assert_eq!(cli.policy().pull_timeout, Duration::from_secs(1800));
+        assert_eq!(cli.policy().max_parallel_pulls, 3);
+        let cli = Cli::try_parse_from(["kip-agent", "--images", "a=busybox", "--caching-interval-hours", "5"]).unwrap();
+        assert_eq!(cli.policy().refresh_interval, Duration::from_secs(5 * 3600));
+        let cli = Cli::try_parse_from(["kip-agent", "--images", "a=busybox", "--caching-interval-hours", "5", "--refresh-interval", "10m"]).unwrap();
+        assert_eq!(cli.policy().refresh_interval, Duration::from_secs(600), "the explicit flag wins");
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let err = Cli::try_parse_from(["kip-agent", "--images", "a=busybox;b"]).unwrap_err().to_string();
+        assert!(err.contains("--images") && err.contains("IMAGES entry 2 `b`: expected `name=image`"), "{err}");
+        let err = Cli::try_parse_from(["kip-agent", "--images", "a=busybox", "--pull-timeout", "forever"]).unwrap_err().to_string();
+        assert!(err.contains("--pull-timeout"), "{err}");
+        let err = Cli::try_parse_from(["kip-agent", "--images", "a=busybox", "--max-parallel-pulls", "0"]).unwrap_err().to_string();
+        assert!(err.contains("--max-parallel-pulls"), "{err}");
+    }
+}

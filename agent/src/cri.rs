@@ -1,0 +1,220 @@
+//! The CRI v1 ImageService and RuntimeService `Version` over the runtime's unix socket.
+//! One lazily connected channel: tonic reconnects by itself after the runtime restarts,
+//! so a failed call is reported and the next one simply tries again.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::{
+    image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient, AuthConfig,
+    ImageSpec, ImageStatusRequest, PodSandboxConfig, PodSandboxMetadata, PullImageRequest, VersionRequest,
+};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// Where the common runtimes put their CRI socket, in the order they are tried.
+pub const DEFAULT_SOCKETS: [&str; 3] = [
+    "/run/containerd/containerd.sock",
+    "/run/k3s/containerd/containerd.sock",
+    "/var/run/crio/crio.sock",
+];
+
+/// How long the start-up `Version` probe may take before the socket counts as not answering.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CriError {
+    #[error("no CRI socket found; tried {}", .tried.join(", "))]
+    NoSocket { tried: Vec<String> },
+    #[error("CRI socket {socket} does not answer Version: {reason}")]
+    NotAnswering { socket: PathBuf, reason: String },
+    #[error("CRI {op} `{image}` failed: {message}")]
+    Call { op: &'static str, image: String, code: tonic::Code, message: String },
+    #[error("CRI {op} `{image}` timed out after {}", humantime::format_duration(*.timeout))]
+    Timeout { op: &'static str, image: String, timeout: Duration },
+}
+
+impl CriError {
+    /// True when the runtime itself could not be reached (as opposed to a per-image failure).
+    pub fn is_runtime_down(&self) -> bool {
+        matches!(self, CriError::NotAnswering { .. } | CriError::Call { code: tonic::Code::Unavailable, .. })
+    }
+}
+
+/// Picks the socket: the explicit one, or the first default that exists.
+pub fn find_socket(explicit: Option<&Path>) -> Result<PathBuf, CriError> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    DEFAULT_SOCKETS
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .ok_or_else(|| CriError::NoSocket { tried: DEFAULT_SOCKETS.iter().map(|s| s.to_string()).collect() })
+}
+
+/// A lazily connected channel to a unix socket (also used for containerd's native API).
+pub fn unix_channel(socket: &Path) -> Channel {
+    let socket = socket.to_path_buf();
+    // The URI is required by the API but never used: the connector dials the socket.
+    Endpoint::from_static("http://[::]:0").connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+        let socket = socket.clone();
+        async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
+    }))
+}
+
+/// Runtime identity, from CRI `Version`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuntimeInfo {
+    pub name: String,
+    pub version: String,
+}
+
+/// What the runtime knows of one image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub id: String,
+    pub repo_tags: Vec<String>,
+    pub repo_digests: Vec<String>,
+    pub pinned: bool,
+}
+
+impl ImageInfo {
+    /// Every name the runtime stores this image under: tags, digests and the ID.
+    pub fn all_refs(&self) -> Vec<String> {
+        let mut refs: Vec<String> = self.repo_tags.iter().chain(&self.repo_digests).cloned().collect();
+        refs.push(self.id.clone());
+        refs
+    }
+
+    /// The first `repo@sha256:…` digest, which is what a tag currently resolves to.
+    pub fn digest(&self) -> Option<&str> {
+        self.repo_digests.first().and_then(|d| d.split_once('@')).map(|(_, d)| d)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct CriClient {
+    socket: PathBuf,
+    images: ImageServiceClient<Channel>,
+    runtime: RuntimeServiceClient<Channel>,
+}
+
+impl CriClient {
+    pub fn new(socket: &Path) -> Self {
+        let channel = unix_channel(socket);
+        Self {
+            socket: socket.to_path_buf(),
+            images: ImageServiceClient::new(channel.clone()),
+            runtime: RuntimeServiceClient::new(channel),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub async fn version(&self) -> Result<RuntimeInfo, CriError> {
+        let not_answering = |reason: String| CriError::NotAnswering { socket: self.socket.clone(), reason };
+        let mut client = self.runtime.clone();
+        let call = client.version(VersionRequest { version: "v1".into() });
+        let resp = tokio::time::timeout(VERSION_TIMEOUT, call)
+            .await
+            .map_err(|_| not_answering(format!("no answer within {}s", VERSION_TIMEOUT.as_secs())))?
+            .map_err(|s| not_answering(status_reason(&s)))?
+            .into_inner();
+        Ok(RuntimeInfo { name: resp.runtime_name, version: resp.runtime_version })
+    }
+
+    /// `None` when the image is absent (CRI answers with an empty image, not an error).
+    pub async fn image_status(&self, image: &str) -> Result<Option<ImageInfo>, CriError> {
+        let req = ImageStatusRequest { image: Some(image_spec(image)), verbose: false };
+        let resp = self
+            .images
+            .clone()
+            .image_status(req)
+            .await
+            .map_err(|s| call_error("ImageStatus", image, &s))?
+            .into_inner();
+        Ok(resp.image.map(|i| ImageInfo { id: i.id, repo_tags: i.repo_tags, repo_digests: i.repo_digests, pinned: i.pinned }))
+    }
+
+    /// Pulls `image`, giving up after `timeout` (dropping the call cancels the pull).
+    pub async fn pull(&self, image: &str, auth: Option<AuthConfig>, timeout: Duration) -> Result<String, CriError> {
+        let req = PullImageRequest { image: Some(image_spec(image)), auth, sandbox_config: Some(sandbox_config()) };
+        let mut client = self.images.clone();
+        let resp = tokio::time::timeout(timeout, client.pull_image(req))
+            .await
+            .map_err(|_| CriError::Timeout { op: "PullImage", image: image.into(), timeout })?
+            .map_err(|s| call_error("PullImage", image, &s))?;
+        Ok(resp.into_inner().image_ref)
+    }
+
+    pub async fn remove(&self, image: &str) -> Result<(), CriError> {
+        let req = k8s_cri::v1::RemoveImageRequest { image: Some(image_spec(image)) };
+        self.images.clone().remove_image(req).await.map_err(|s| call_error("RemoveImage", image, &s))?;
+        Ok(())
+    }
+}
+
+fn image_spec(image: &str) -> ImageSpec {
+    ImageSpec { image: image.to_string(), ..Default::default() }
+}
+
+/// Some runtimes misbehave on a pull without sandbox config; kubelet and OpenKruise always send one.
+fn sandbox_config() -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: "kip-agent".into(),
+            uid: "kip-agent".into(),
+            namespace: "kip".into(),
+            attempt: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+fn status_reason(s: &tonic::Status) -> String {
+    if s.message().is_empty() {
+        format!("{:?}", s.code())
+    } else {
+        s.message().to_string()
+    }
+}
+
+fn call_error(op: &'static str, image: &str, s: &tonic::Status) -> CriError {
+    CriError::Call { op, image: image.to_string(), code: s.code(), message: status_reason(s) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explicit_socket_wins_even_if_absent() {
+        let p = find_socket(Some(Path::new("/tmp/does-not-exist.sock"))).unwrap();
+        assert_eq!(p, Path::new("/tmp/does-not-exist.sock"));
+    }
+
+    #[test]
+    fn image_info_lists_every_reference_and_the_digest() {
+        let info = ImageInfo {
+            id: "sha256:aaa".into(),
+            repo_tags: vec!["r/x:1".into()],
+            repo_digests: vec!["r/x@sha256:bbb".into()],
+            pinned: false,
+        };
+        assert_eq!(info.all_refs(), vec!["r/x:1", "r/x@sha256:bbb", "sha256:aaa"]);
+        assert_eq!(info.digest(), Some("sha256:bbb"));
+    }
+
+    #[tokio::test]
+    async fn unreachable_socket_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("nothing.sock");
+        let err = CriClient::new(&socket).version().await.unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with(&format!("CRI socket {} does not answer Version", socket.display())), "{msg}");
+        assert!(err.is_runtime_down());
+    }
+}

@@ -1,0 +1,11 @@
+//! kip-agent: keeps a list of images cached and pinned on one node through its CRI socket.
+
+pub mod agent;
+pub mod auth;
+pub mod cli;
+pub mod cri;
+pub mod http;
+pub mod images;
+pub mod metrics;
+pub mod pin;
+pub mod reconcile;

@@ -1,0 +1,361 @@
+//! Pure decisions: given what the runtime showed and what kip remembers of each image,
+//! what to pull, what to pin and what to unpin, and when to try again after a failure.
+//! No sockets here, so every rule is tested with plain values and a fake clock.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use tokio::time::Instant;
+
+use crate::images::{ImageEntry, ImageList};
+
+/// How the agent paces its work.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub max_parallel_pulls: usize,
+    pub pull_timeout: Duration,
+    pub check_interval: Duration,
+    pub refresh_interval: Duration,
+    /// First and largest delay between failed pulls of one image (jittered, doubling).
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            max_parallel_pulls: 3,
+            pull_timeout: Duration::from_secs(30 * 60),
+            check_interval: Duration::from_secs(60),
+            refresh_interval: Duration::from_secs(3600),
+            retry_min: Duration::from_secs(2),
+            retry_max: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+pub fn retry_backoff(min: Duration, max: Duration) -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// What one check saw of one image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observation {
+    pub present: bool,
+    pub pinned: bool,
+    /// Every record name of the image (tags, digests, ID): the ones to pin.
+    pub refs: Vec<String>,
+    pub digest: Option<String>,
+}
+
+impl Observation {
+    pub fn absent() -> Self {
+        Self { present: false, pinned: false, refs: vec![], digest: None }
+    }
+}
+
+/// Why a pull is started; reported in logs and used for the re-pull counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PullReason {
+    /// Not on the node and never cached by this agent.
+    Missing,
+    /// Was cached and has disappeared (GC, eviction, `crictl rmi`).
+    Vanished,
+    /// Present, but the tag is due to be resolved again.
+    Refresh,
+}
+
+impl PullReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullReason::Missing => "missing",
+            PullReason::Vanished => "vanished",
+            PullReason::Refresh => "refresh",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    Pull { reference: String, reason: PullReason },
+    Pin { reference: String },
+}
+
+/// What kip knows about one listed image, between checks.
+#[derive(Debug)]
+pub struct ImageState {
+    pub seen: Observation,
+    pub ever_cached: bool,
+    pub in_flight: bool,
+    pub last_pulled: Option<Instant>,
+    pub next_attempt: Option<Instant>,
+    pub last_error: Option<String>,
+    pub consecutive_failures: u32,
+    backoff: Option<ExponentialBackoff>,
+}
+
+impl Default for ImageState {
+    fn default() -> Self {
+        Self {
+            seen: Observation::absent(),
+            ever_cached: false,
+            in_flight: false,
+            last_pulled: None,
+            next_attempt: None,
+            last_error: None,
+            consecutive_failures: 0,
+            backoff: None,
+        }
+    }
+}
+
+impl ImageState {
+    /// Records a check's result; returns true when a cached image has vanished.
+    pub fn observe(&mut self, obs: Observation) -> bool {
+        let vanished = self.seen.present && !obs.present;
+        if obs.present {
+            self.ever_cached = true;
+        }
+        self.seen = obs;
+        vanished
+    }
+
+    pub fn pull_started(&mut self) {
+        self.in_flight = true;
+    }
+
+    pub fn pull_succeeded(&mut self, now: Instant, obs: Observation) {
+        self.in_flight = false;
+        self.last_pulled = Some(now);
+        self.next_attempt = None;
+        self.last_error = None;
+        self.consecutive_failures = 0;
+        self.backoff = None;
+        self.observe(obs);
+    }
+
+    /// Schedules the next attempt after a jittered, growing delay; returns that delay.
+    pub fn pull_failed(&mut self, now: Instant, error: String, policy: &Policy) -> Duration {
+        self.in_flight = false;
+        self.consecutive_failures += 1;
+        self.last_error = Some(error);
+        let backoff = self.backoff.get_or_insert_with(|| retry_backoff(policy.retry_min, policy.retry_max));
+        let delay = backoff.next().unwrap_or(policy.retry_max);
+        self.next_attempt = Some(now + delay);
+        delay
+    }
+
+    fn may_pull(&self, now: Instant) -> bool {
+        !self.in_flight && self.next_attempt.is_none_or(|t| now >= t)
+    }
+
+    fn refresh_due(&self, entry: &ImageEntry, now: Instant, policy: &Policy) -> bool {
+        // A digest never moves; a tag may.
+        !entry.by_digest && self.last_pulled.is_none_or(|t| now.duration_since(t) >= policy.refresh_interval)
+    }
+}
+
+/// The states of the listed images, keyed by normalized reference.
+pub type States = BTreeMap<String, ImageState>;
+
+/// Keeps one state per listed image: new images get a fresh state, dropped ones are forgotten.
+pub fn sync_states(states: &mut States, list: &ImageList) {
+    states.retain(|reference, _| list.contains_reference(reference));
+    for e in list.entries() {
+        states.entry(e.reference.clone()).or_default();
+    }
+}
+
+/// Decides the next actions. Pulls are limited to the free slots, in list order; pins of
+/// present images cost nothing and are always listed.
+pub fn plan(list: &ImageList, states: &States, now: Instant, policy: &Policy) -> Vec<Action> {
+    let in_flight = states.values().filter(|s| s.in_flight).count();
+    let mut free = policy.max_parallel_pulls.saturating_sub(in_flight);
+    let mut actions = Vec::new();
+    let mut planned = HashSet::new();
+    for entry in list.entries() {
+        let Some(state) = states.get(&entry.reference) else { continue };
+        if !planned.insert(entry.reference.as_str()) {
+            continue; // two names for the same image: one pull is enough
+        }
+        let reason = if !state.seen.present {
+            Some(if state.ever_cached { PullReason::Vanished } else { PullReason::Missing })
+        } else if state.refresh_due(entry, now, policy) {
+            Some(PullReason::Refresh)
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) if free > 0 && state.may_pull(now) => {
+                free -= 1;
+                actions.push(Action::Pull { reference: entry.reference.clone(), reason });
+            }
+            _ if state.seen.present && !state.seen.pinned && !state.in_flight => {
+                actions.push(Action::Pin { reference: entry.reference.clone() })
+            }
+            _ => {}
+        }
+    }
+    actions
+}
+
+/// The earliest moment a failed pull may be retried or a refresh falls due.
+pub fn next_wake(list: &ImageList, states: &States, policy: &Policy) -> Option<Instant> {
+    list.entries()
+        .iter()
+        .filter_map(|e| {
+            let s = states.get(&e.reference)?;
+            if s.in_flight {
+                return None;
+            }
+            if !s.seen.present {
+                return s.next_attempt;
+            }
+            if e.by_digest {
+                return None;
+            }
+            let refresh = s.last_pulled? + policy.refresh_interval;
+            Some(s.next_attempt.map_or(refresh, |retry| retry.max(refresh)))
+        })
+        .min()
+}
+
+/// Records kip pinned that no listed image needs any more: their pins are to be removed.
+pub fn refs_to_unpin(kip_pinned: &[String], states: &States) -> Vec<String> {
+    let keep: HashSet<&str> = states.values().flat_map(|s| s.seen.refs.iter().map(String::as_str)).collect();
+    kip_pinned.iter().filter(|r| !keep.contains(r.as_str())).cloned().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(s: &str) -> ImageList {
+        ImageList::parse(s).unwrap()
+    }
+
+    fn present(pinned: bool, refs: &[&str]) -> Observation {
+        Observation { present: true, pinned, refs: refs.iter().map(|r| r.to_string()).collect(), digest: None }
+    }
+
+    fn policy(parallel: usize) -> Policy {
+        Policy { max_parallel_pulls: parallel, ..Policy::default() }
+    }
+
+    fn pull(r: &str, reason: PullReason) -> Action {
+        Action::Pull { reference: r.into(), reason }
+    }
+
+    #[test]
+    fn missing_images_are_pulled_up_to_the_parallel_limit_in_list_order() {
+        let l = list("a=r/a:1;b=r/b:1;c=r/c:1");
+        let mut states = States::new();
+        sync_states(&mut states, &l);
+        let now = Instant::now();
+        let actions = plan(&l, &states, now, &policy(2));
+        assert_eq!(actions, vec![pull("docker.io/r/a:1", PullReason::Missing), pull("docker.io/r/b:1", PullReason::Missing)]);
+        states.get_mut("docker.io/r/a:1").unwrap().pull_started();
+        let actions = plan(&l, &states, now, &policy(2));
+        assert_eq!(actions, vec![pull("docker.io/r/b:1", PullReason::Missing)], "one slot left, a is in flight");
+    }
+
+    #[test]
+    fn present_unpinned_image_is_pinned_and_not_pulled_before_refresh() {
+        let l = list("a=r/a:1");
+        let mut states = States::new();
+        sync_states(&mut states, &l);
+        let now = Instant::now();
+        let s = states.get_mut("docker.io/r/a:1").unwrap();
+        s.pull_succeeded(now, present(false, &["r/a:1"]));
+        assert_eq!(plan(&l, &states, now, &policy(3)), vec![Action::Pin { reference: "docker.io/r/a:1".into() }]);
+        states.get_mut("docker.io/r/a:1").unwrap().observe(present(true, &["r/a:1"]));
+        assert!(plan(&l, &states, now + Duration::from_secs(60), &policy(3)).is_empty());
+    }
+
+    #[test]
+    fn tags_are_refreshed_after_the_interval_digests_never() {
+        let d = "sha256:0123456789012345678901234567890123456789012345678901234567890123";
+        let l = list(&format!("t=r/t:1;d=r/d@{d}"));
+        let mut states = States::new();
+        sync_states(&mut states, &l);
+        let now = Instant::now();
+        for s in states.values_mut() {
+            s.pull_succeeded(now, present(true, &["x"]));
+        }
+        let p = policy(3);
+        assert!(plan(&l, &states, now + p.refresh_interval - Duration::from_secs(1), &p).is_empty());
+        assert_eq!(plan(&l, &states, now + p.refresh_interval, &p), vec![pull("docker.io/r/t:1", PullReason::Refresh)]);
+        assert_eq!(next_wake(&l, &states, &p), Some(now + p.refresh_interval));
+    }
+
+    #[test]
+    fn a_vanished_image_is_detected_once_and_pulled_again() {
+        let l = list("a=r/a:1");
+        let mut states = States::new();
+        sync_states(&mut states, &l);
+        let now = Instant::now();
+        let s = states.get_mut("docker.io/r/a:1").unwrap();
+        s.pull_succeeded(now, present(true, &["r/a:1"]));
+        assert!(s.observe(Observation::absent()), "present -> absent is a vanish");
+        assert!(!s.observe(Observation::absent()), "absent -> absent is not counted again");
+        assert_eq!(plan(&l, &states, now, &policy(1)), vec![pull("docker.io/r/a:1", PullReason::Vanished)]);
+    }
+
+    #[test]
+    fn failures_back_off_with_growing_jittered_delays() {
+        let l = list("a=r/a:1");
+        let mut states = States::new();
+        sync_states(&mut states, &l);
+        let p = Policy { retry_min: Duration::from_secs(1), retry_max: Duration::from_secs(8), ..policy(1) };
+        let now = Instant::now();
+        let s = states.get_mut("docker.io/r/a:1").unwrap();
+        s.pull_started();
+        let d1 = s.pull_failed(now, "401".into(), &p);
+        assert!(d1 >= Duration::from_secs(1) && d1 <= Duration::from_secs(2), "{d1:?}");
+        assert_eq!(s.last_error.as_deref(), Some("401"));
+        assert!(plan(&l, &states, now + d1 - Duration::from_millis(1), &p).is_empty(), "not before the delay");
+        assert_eq!(plan(&l, &states, now + d1, &p), vec![pull("docker.io/r/a:1", PullReason::Missing)]);
+        assert_eq!(next_wake(&l, &states, &p), Some(now + d1));
+        let s = states.get_mut("docker.io/r/a:1").unwrap();
+        let delays: Vec<Duration> = (0..6).map(|_| s.pull_failed(now, "x".into(), &p)).collect();
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(16)), "capped (max plus jitter): {delays:?}");
+        assert!(delays[5] >= Duration::from_secs(8), "grows to the cap: {delays:?}");
+        s.pull_succeeded(now, present(true, &["r/a:1"]));
+        assert_eq!((s.consecutive_failures, s.next_attempt, s.last_error.clone()), (0, None, None));
+    }
+
+    #[test]
+    fn only_refs_no_listed_image_needs_are_unpinned() {
+        let l = list("a=r/a:1");
+        let mut states = States::new();
+        sync_states(&mut states, &l);
+        states.get_mut("docker.io/r/a:1").unwrap().observe(present(true, &["r/a:1", "sha256:shared"]));
+        let kip_pinned = vec!["r/a:1".to_string(), "sha256:shared".into(), "r/old:1".into(), "sha256:old".into()];
+        assert_eq!(refs_to_unpin(&kip_pinned, &states), vec!["r/old:1", "sha256:old"]);
+    }
+
+    #[test]
+    fn sync_states_forgets_dropped_images_and_adds_new_ones() {
+        let mut states = States::new();
+        sync_states(&mut states, &list("a=r/a:1;b=r/b:1"));
+        states.get_mut("docker.io/r/a:1").unwrap().ever_cached = true;
+        sync_states(&mut states, &list("a=r/a:1;c=r/c:1"));
+        assert_eq!(states.keys().collect::<Vec<_>>(), vec!["docker.io/r/a:1", "docker.io/r/c:1"]);
+        assert!(states["docker.io/r/a:1"].ever_cached, "kept images keep their history");
+    }
+
+    #[test]
+    fn two_names_for_one_image_pull_once() {
+        let l = list("a=busybox;b=docker.io/library/busybox:latest");
+        let mut states = States::new();
+        sync_states(&mut states, &l);
+        assert_eq!(plan(&l, &states, Instant::now(), &policy(3)).len(), 1);
+    }
+}
