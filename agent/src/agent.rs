@@ -67,20 +67,20 @@ pub fn credentials_for(secrets_dir: Option<&std::path::Path>, entry: &ImageEntry
 /// What the runtime shows of one image now, including whether every record is pinned.
 pub async fn observe_image(rt: &Runtime, reference: &str) -> Result<Observation, ImageError> {
     let Some(info) = rt.cri.image_status(reference).await? else { return Ok(Observation::absent()) };
-    let refs = info.all_refs();
+    let refs = info.refs_of(reference);
     let pinned = match &rt.pinner {
         // Runtimes that report the pin (containerd >= 1.7) save the label lookups.
         _ if info.pinned => true,
         Some(p) => p.is_pinned(&refs).await.map_err(|source| ImageError::Pin { image: reference.into(), source })?,
         None => false,
     };
-    Ok(Observation { present: true, pinned, digest: info.digest().map(str::to_string), refs })
+    Ok(Observation { present: true, pinned, digest: info.digest_in(reference).map(str::to_string), refs })
 }
 
 /// Pins every record of an image already present; returns the resulting observation.
 pub async fn pin_image(rt: &Runtime, reference: &str) -> Result<Observation, ImageError> {
     let Some(info) = rt.cri.image_status(reference).await? else { return Ok(Observation::absent()) };
-    let refs = info.all_refs();
+    let refs = info.refs_of(reference);
     let pinned = match &rt.pinner {
         Some(p) => {
             let changed = p.pin(&refs).await.map_err(|source| ImageError::Pin { image: reference.into(), source })?;
@@ -91,7 +91,7 @@ pub async fn pin_image(rt: &Runtime, reference: &str) -> Result<Observation, Ima
         }
         None => info.pinned,
     };
-    Ok(Observation { present: true, pinned, digest: info.digest().map(str::to_string), refs })
+    Ok(Observation { present: true, pinned, digest: info.digest_in(reference).map(str::to_string), refs })
 }
 
 /// One pull attempt followed by the pin. Error text is scrubbed of the credentials used.

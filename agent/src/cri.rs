@@ -80,16 +80,30 @@ pub struct ImageInfo {
 }
 
 impl ImageInfo {
-    /// Every name the runtime stores this image under: tags, digests and the ID.
-    pub fn all_refs(&self) -> Vec<String> {
-        let mut refs: Vec<String> = self.repo_tags.iter().chain(&self.repo_digests).cloned().collect();
+    /// The records that belong to `reference`: the tags and digests of its own repository and
+    /// the image ID. Other repositories' names for the same content are not ours to pin.
+    pub fn refs_of(&self, reference: &str) -> Vec<String> {
+        let repo = repository_of(reference);
+        let mut refs: Vec<String> =
+            self.repo_tags.iter().chain(&self.repo_digests).filter(|r| repository_of(r) == repo).cloned().collect();
         refs.push(self.id.clone());
         refs
     }
 
-    /// The first `repo@sha256:…` digest, which is what a tag currently resolves to.
-    pub fn digest(&self) -> Option<&str> {
-        self.repo_digests.first().and_then(|d| d.split_once('@')).map(|(_, d)| d)
+    /// The digest this image has in `reference`'s repository (what a tag resolves to now).
+    pub fn digest_in(&self, reference: &str) -> Option<&str> {
+        let repo = repository_of(reference);
+        self.repo_digests.iter().filter_map(|d| d.split_once('@')).find(|(r, _)| *r == repo).map(|(_, d)| d)
+    }
+}
+
+/// `host:5000/a/b:tag` and `host:5000/a/b@sha256:…` → `host:5000/a/b`.
+pub fn repository_of(reference: &str) -> &str {
+    let without_digest = reference.split_once('@').map_or(reference, |(r, _)| r);
+    match without_digest.rfind(':') {
+        // A colon after the last slash is a tag; before it, a registry port.
+        Some(i) if !without_digest[i..].contains('/') => &without_digest[..i],
+        _ => without_digest,
     }
 }
 
@@ -197,15 +211,25 @@ mod tests {
     }
 
     #[test]
-    fn image_info_lists_every_reference_and_the_digest() {
+    fn refs_of_an_image_are_its_own_repository_and_the_id() {
         let info = ImageInfo {
             id: "sha256:aaa".into(),
-            repo_tags: vec!["r/x:1".into()],
-            repo_digests: vec!["r/x@sha256:bbb".into()],
+            repo_tags: vec!["h:5000/r/x:1".into(), "h:5000/r/other:2".into()],
+            repo_digests: vec!["h:5000/r/other@sha256:ccc".into(), "h:5000/r/x@sha256:bbb".into()],
             pinned: false,
         };
-        assert_eq!(info.all_refs(), vec!["r/x:1", "r/x@sha256:bbb", "sha256:aaa"]);
-        assert_eq!(info.digest(), Some("sha256:bbb"));
+        assert_eq!(info.refs_of("h:5000/r/x:1"), vec!["h:5000/r/x:1", "h:5000/r/x@sha256:bbb", "sha256:aaa"]);
+        assert_eq!(info.refs_of("h:5000/r/other@sha256:ccc"), vec!["h:5000/r/other:2", "h:5000/r/other@sha256:ccc", "sha256:aaa"]);
+        assert_eq!(info.digest_in("h:5000/r/x:1"), Some("sha256:bbb"));
+        assert_eq!(info.digest_in("h:5000/r/none:1"), None);
+    }
+
+    #[test]
+    fn repository_of_strips_tag_and_digest_but_not_the_port() {
+        assert_eq!(repository_of("h:5000/a/b:1"), "h:5000/a/b");
+        assert_eq!(repository_of("h:5000/a/b@sha256:abc"), "h:5000/a/b");
+        assert_eq!(repository_of("h:5000/a/b"), "h:5000/a/b");
+        assert_eq!(repository_of("docker.io/library/busybox:latest"), "docker.io/library/busybox");
     }
 
     #[tokio::test]

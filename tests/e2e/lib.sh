@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# Shared pieces of the node end-to-end test and the local demo: a throwaway containerd with
+# its own root, state and socket, registries on 127.0.0.1, and test images built with umoci.
+# Everything started here is recorded in KIP_PIDS and stopped by kip_cleanup.
+# Source it; it needs root (containerd unpacks layers with real ownership).
+
+KIP_PIDS=()
+KIP_WORK=""
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+fail() { printf '\033[31mFAIL: %s\033[0m\n' "$*" >&2; exit 1; }
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# kip_workdir: a fresh temp dir for everything this run creates.
+kip_workdir() {
+  KIP_WORK=$(mktemp -d "${TMPDIR:-/tmp}/kip-e2e.XXXXXX")
+  export KIP_WORK
+}
+
+kip_cleanup() {
+  local pid
+  for pid in "${KIP_PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${KIP_PIDS[@]}"; do
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  done
+  if [ -n "$KIP_WORK" ] && [ -d "$KIP_WORK" ]; then
+    # containerd may leave snapshot mounts behind when killed mid-unpack.
+    grep -o " $KIP_WORK[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+    if [ -n "${KIP_KEEP_WORKDIR:-}" ]; then log "kept $KIP_WORK"; else rm -rf "$KIP_WORK"; fi
+  fi
+}
+
+wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
+  local secs=$1 what=$2; shift 2
+  local deadline=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || fail "timed out after ${secs}s waiting for $what"
+    sleep 0.2
+  done
+}
+
+# start_registry NAME [HTPASSWD_USER HTPASSWD_PASSWORD] -> prints 127.0.0.1:PORT
+start_registry() {
+  local name=$1 user=${2:-} pass=${3:-} port dir
+  port=$(free_port)
+  dir="$KIP_WORK/registry-$name"
+  mkdir -p "$dir/data"
+  cat > "$dir/config.yml" <<YML
+version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $dir/data
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:$port
+YML
+  if [ -n "$user" ]; then
+    htpasswd -Bbn "$user" "$pass" > "$dir/htpasswd"
+    cat >> "$dir/config.yml" <<YML
+auth:
+  htpasswd:
+    realm: kip-e2e
+    path: $dir/htpasswd
+YML
+  fi
+  docker-registry serve "$dir/config.yml" > "$dir/log" 2>&1 &
+  KIP_PIDS+=($!)
+  wait_for 20 "registry $name on port $port" curl -s -o /dev/null "http://127.0.0.1:$port/v2/"
+  echo "127.0.0.1:$port"
+}
+
+# start_containerd REGISTRY... -> sets CONTAINERD_SOCK; plain-HTTP hosts.toml for each registry.
+start_containerd() {
+  local dir="$KIP_WORK/containerd" reg
+  mkdir -p "$dir/certs.d"
+  for reg in "$@"; do
+    mkdir -p "$dir/certs.d/$reg"
+    cat > "$dir/certs.d/$reg/hosts.toml" <<TOML
+server = "http://$reg"
+[host."http://$reg"]
+  capabilities = ["pull", "resolve"]
+TOML
+  done
+  cat > "$dir/config.toml" <<TOML
+version = 2
+root = "$dir/root"
+state = "$dir/state"
+[grpc]
+  address = "$dir/containerd.sock"
+[ttrpc]
+  address = "$dir/containerd.sock.ttrpc"
+[debug]
+  address = ""
+[metrics]
+  address = ""
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$dir/opt"
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "$dir/cni/bin"
+    conf_dir = "$dir/cni/conf"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "$dir/certs.d"
+TOML
+  CONTAINERD_SOCK="$dir/containerd.sock"
+  CONTAINERD_CONFIG="$dir/config.toml"
+  export CONTAINERD_SOCK CONTAINERD_CONFIG
+  run_containerd
+}
+
+run_containerd() {
+  containerd --config "$CONTAINERD_CONFIG" >> "$KIP_WORK/containerd/log" 2>&1 &
+  CONTAINERD_PID=$!
+  KIP_PIDS+=("$CONTAINERD_PID")
+  wait_for 30 "containerd on $CONTAINERD_SOCK" ctr --address "$CONTAINERD_SOCK" version
+}
+
+stop_containerd() {
+  kill "$CONTAINERD_PID"
+  for _ in $(seq 100); do kill -0 "$CONTAINERD_PID" 2>/dev/null || return 0; sleep 0.1; done
+  kill -9 "$CONTAINERD_PID" 2>/dev/null || true
+}
+
+kctr() { ctr --address "$CONTAINERD_SOCK" -n k8s.io "$@"; }
+
+# build_image LAYOUT TAG FILE_SPEC... : one layer per FILE_SPEC ("path=content" pairs, comma-separated).
+build_image() {
+  local layout=$1 tag=$2; shift 2
+  [ -d "$layout" ] || umoci init --layout "$layout"
+  umoci new --image "$layout:$tag"
+  local spec bundle pair
+  for spec in "$@"; do
+    bundle=$(mktemp -d "$KIP_WORK/bundle.XXXXXX")
+    rmdir "$bundle"
+    umoci unpack --image "$layout:$tag" "$bundle" >/dev/null
+    IFS=',' read -r -a pairs <<< "$spec"
+    for pair in "${pairs[@]}"; do
+      mkdir -p "$(dirname "$bundle/rootfs/${pair%%=*}")"
+      printf '%s\n' "${pair#*=}" > "$bundle/rootfs/${pair%%=*}"
+    done
+    umoci repack --image "$layout:$tag" "$bundle" >/dev/null
+    rm -rf "$bundle"
+  done
+  umoci config --image "$layout:$tag" --config.cmd /bin/true >/dev/null
+}
+
+# push_image LAYOUT TAG DEST [CREDS] -> prints the pushed manifest digest
+push_image() {
+  local layout=$1 tag=$2 dest=$3 creds=${4:-} digestfile
+  digestfile=$(mktemp "$KIP_WORK/digest.XXXXXX")
+  skopeo copy --quiet --dest-tls-verify=false ${creds:+--dest-creds "$creds"} --digestfile "$digestfile" \
+    "oci:$layout:$tag" "docker://$dest" >&2
+  cat "$digestfile"
+}
+
+# write_pull_secret DIR SECRET_NAME REGISTRY USER PASSWORD: as Kubernetes mounts a dockerconfigjson secret.
+write_pull_secret() {
+  local dir=$1/$2
+  mkdir -p "$dir"
+  local auth
+  auth=$(printf '%s:%s' "$4" "$5" | base64 -w0)
+  printf '{"auths":{"%s":{"auth":"%s"}}}\n' "$3" "$auth" > "$dir/.dockerconfigjson"
+}

@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# Node end-to-end test of kip-agent against a real containerd (its own root, state and socket),
+# two real registries on 127.0.0.1 (one behind htpasswd) and images built here with umoci.
+# Checks with containerd's own `ctr` that images are present and pinned, that a removed image
+# comes back, that kip removes only its own pins, /metrics, runtime restarts, and that a wrong
+# password gives a clear error without the secret. Needs root; stops everything it starts.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+. tests/e2e/lib.sh
+
+AGENT=${KIP_AGENT_BIN:-target/debug/kip-agent}
+[ -x "$AGENT" ] || fail "$AGENT not built (cargo build -p kip-agent)"
+[ "$(id -u)" = 0 ] || fail "run as root: containerd needs it"
+
+kip_workdir
+trap kip_cleanup EXIT
+
+log "registries, containerd, test images"
+REG=$(start_registry public)
+PRIV=$(start_registry private kip 'right-Pa55word')
+start_containerd "$REG" "$PRIV"
+
+OCI="$KIP_WORK/oci"
+build_image "$OCI" multi "etc/one.txt=one" "etc/two.txt=two,usr/share/three.txt=three" "four.txt=four"
+build_image "$OCI" scratch "hello.txt=hello from scratch"
+build_image "$OCI" pinned-elsewhere "x.txt=someone else pins me"
+build_image "$OCI" private "secret-app.txt=private"
+push_image "$OCI" multi "$REG/kip-e2e/multi:1" >/dev/null
+push_image "$OCI" scratch "$REG/kip-e2e/scratch:1" >/dev/null
+push_image "$OCI" pinned-elsewhere "$REG/kip-e2e/other:1" >/dev/null
+# The same content under a second repository, referenced by digest only.
+DIGEST=$(push_image "$OCI" scratch "$REG/kip-e2e/bydigest:unused")
+push_image "$OCI" private "$PRIV/kip-e2e/private:1" 'kip:right-Pa55word' >/dev/null
+push_image "$OCI" private "$PRIV/kip-e2e/private:2" 'kip:right-Pa55word' >/dev/null
+layers=$(skopeo inspect --tls-verify=false --raw "docker://$REG/kip-e2e/multi:1" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["layers"]))')
+[ "$layers" -ge 3 ] || fail "multi-layer image has $layers layers"
+
+SECRETS="$KIP_WORK/secrets"
+write_pull_secret "$SECRETS" regcred "$PRIV" kip 'right-Pa55word'
+
+MULTI="$REG/kip-e2e/multi:1"
+SCRATCH="$REG/kip-e2e/scratch:1"
+BYDIGEST="$REG/kip-e2e/bydigest@$DIGEST"
+OTHER="$REG/kip-e2e/other:1"
+PRIVATE="$PRIV/kip-e2e/private:1"
+IMAGES="multi=$MULTI; scratch=$SCRATCH; bydigest=$BYDIGEST; other=$OTHER; private=$PRIVATE;"
+
+# ref_labels REF: the LABELS column of `ctr images ls` for exactly that record.
+ref_labels() { kctr images ls | awk -v r="$1" '$1 == r { print $NF }'; }
+ref_present() { kctr images ls -q | grep -qxF "$1"; }
+is_pinned_by_kip() {
+  local l; l=$(ref_labels "$1")
+  [[ ",$l," == *",io.cri-containerd.pinned=pinned,"* && ",$l," == *",kip.eclipse.dev/pinned-by=kip,"* ]]
+}
+# records_of REF: every record (tag, digest, ID) that points at the same manifest as REF.
+records_of() {
+  local digest; digest=$(kctr images ls | awk -v r="$1" '$1 == r { print $3 }')
+  [ -n "$digest" ] && kctr images ls | awk -v d="$digest" '$3 == d { print $1 }'
+}
+
+log "an admin pinned $OTHER (pulled through the CRI) before kip managed it"
+# Pulled through the CRI as kubelet would (a ctr pull lacks the CRI's `managed` label, and
+# containerd 1.6 then replaces all labels on the next CRI pull, pins included).
+"$AGENT" --cri-socket "$CONTAINERD_SOCK" --images "other=$OTHER" --once >/dev/null 2>&1 || fail "pulling $OTHER"
+for rec in $(records_of "$OTHER"); do
+  kctr images label "$rec" io.cri-containerd.pinned=pinned kip.eclipse.dev/pinned-by= >/dev/null
+done
+
+log "kip-agent --once caches and pins all five images"
+"$AGENT" --cri-socket "$CONTAINERD_SOCK" --images "$IMAGES" --pull-secrets-dir "$SECRETS" --once > "$KIP_WORK/once.out" 2> "$KIP_WORK/once.err" \
+  || { cat "$KIP_WORK/once.out" "$KIP_WORK/once.err" >&2; fail "--once exited non-zero"; }
+cat "$KIP_WORK/once.out"
+grep -q "^5 of 5 images cached and pinned" "$KIP_WORK/once.out" || fail "summary does not report 5 of 5"
+for ref in "$MULTI" "$SCRATCH" "$BYDIGEST" "$PRIVATE"; do
+  ref_present "$ref" || { kctr images ls >&2; fail "$ref not in ctr images ls"; }
+  for rec in $(records_of "$ref"); do
+    is_pinned_by_kip "$rec" || fail "$rec (record of $ref) lacks kip's pin labels: $(ref_labels "$rec")"
+  done
+done
+is_pinned_by_kip "$OTHER" && fail "kip claimed the pin an admin set on $OTHER"
+[[ $(ref_labels "$OTHER") == *io.cri-containerd.pinned=pinned* ]] || fail "admin's pin on $OTHER lost"
+
+log "the daemon: /metrics, /readyz"
+PORT=$(free_port)
+start_agent() {
+  "$AGENT" --cri-socket "$CONTAINERD_SOCK" --images "$1" --pull-secrets-dir "$SECRETS" \
+    --listen "127.0.0.1:$PORT" --check-interval 1s --log-format json >> "$KIP_WORK/agent.log" 2>&1 &
+  AGENT_PID=$!
+  KIP_PIDS+=("$AGENT_PID")
+}
+metric() { curl -sf "http://127.0.0.1:$PORT/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
+metric_is() { [ "$(metric "$1")" = "$2" ]; }
+start_agent "$IMAGES"
+wait_for 30 "/readyz to answer 200" curl -sf "http://127.0.0.1:$PORT/readyz"
+curl -sf "http://127.0.0.1:$PORT/healthz" | grep -qx ok || fail "/healthz"
+curl -sf "http://127.0.0.1:$PORT/metrics" > "$KIP_WORK/metrics.txt"
+curl -sfI "http://127.0.0.1:$PORT/metrics" | grep -qi '^content-type: application/openmetrics-text' || fail "/metrics content type"
+for want in "kip_images_desired 5" "kip_images_cached 5" "kip_images_pinned 5" "kip_cri_up 1" \
+  "kip_image_cached{name=\"private\",image=\"$PRIVATE\"} 1" "kip_image_pinned{name=\"multi\",image=\"$MULTI\"} 1"; do
+  grep -qF "$want" "$KIP_WORK/metrics.txt" || { cat "$KIP_WORK/metrics.txt" >&2; fail "/metrics lacks '$want'"; }
+done
+grep -q '^kip_build_info{.*version="' "$KIP_WORK/metrics.txt" || fail "kip_build_info missing"
+grep -q '^kip_runtime{runtime="containerd"' "$KIP_WORK/metrics.txt" || fail "kip_runtime missing"
+grep -q '^# EOF$' "$KIP_WORK/metrics.txt" || fail "/metrics is not OpenMetrics (no # EOF)"
+
+log "remove $MULTI (every record) with ctr: it must come back, pinned"
+mapfile -t recs < <(records_of "$MULTI")
+kctr images rm "${recs[@]}" >/dev/null
+ref_present "$MULTI" && fail "ctr images rm did not remove $MULTI"
+wait_for 30 "$MULTI to be pulled again" ref_present "$MULTI"
+wait_for 10 "$MULTI to be pinned again" is_pinned_by_kip "$MULTI"
+wait_for 10 "kip_image_repulls_total for multi" metric_is "kip_image_repulls_total{name=\"multi\",image=\"$MULTI\"}" 1
+wait_for 10 "kip_images_cached back to 5" metric_is kip_images_cached 5
+
+log "strip the pin label by hand: kip puts it back"
+kctr images label "$SCRATCH" io.cri-containerd.pinned= >/dev/null
+wait_for 10 "$SCRATCH to be pinned again" is_pinned_by_kip "$SCRATCH"
+
+log "runtime restart is not fatal"
+stop_containerd
+wait_for 20 "kip_cri_up 0" metric_is kip_cri_up 0
+curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/readyz" | grep -qx 503 || fail "/readyz not 503 while the runtime is down"
+kill -0 "$AGENT_PID" || fail "agent died when the runtime went away"
+run_containerd
+wait_for 60 "kip_cri_up 1 after restart" metric_is kip_cri_up 1
+wait_for 10 "/readyz 200 after restart" curl -sf "http://127.0.0.1:$PORT/readyz"
+
+log "SIGTERM stops the agent cleanly"
+kill -TERM "$AGENT_PID"
+wait "$AGENT_PID" || fail "agent exited non-zero on SIGTERM"
+
+log "drop scratch and other from the list: kip removes its own pin only"
+start_agent "multi=$MULTI; bydigest=$BYDIGEST; private=$PRIVATE"
+wait_for 30 "$SCRATCH to lose kip's pin" bash -c "! ctr --address '$CONTAINERD_SOCK' -n k8s.io images ls | awk -v r='$SCRATCH' '\$1 == r' | grep -q pinned-by=kip"
+ref_present "$SCRATCH" || fail "unlisted $SCRATCH was deleted without --remove-unlisted"
+[[ $(ref_labels "$OTHER") == *io.cri-containerd.pinned=pinned* ]] || { kctr images ls >&2; grep -i other "$KIP_WORK/agent.log" | tail -5 >&2; fail "kip removed the admin's pin on $OTHER"; }
+# bydigest has the same content (same image ID) as scratch: its own records stay pinned.
+is_pinned_by_kip "$BYDIGEST" || fail "$BYDIGEST of a still-listed image was unpinned"
+id_record=$(records_of "$BYDIGEST" | grep '^sha256:')
+is_pinned_by_kip "$id_record" || fail "image ID record $id_record shared with a listed image was unpinned"
+kill -TERM "$AGENT_PID"; wait "$AGENT_PID" || fail "agent exited non-zero on SIGTERM"
+
+log "a wrong password: clear error naming the image, no secret anywhere"
+BAD="$KIP_WORK/bad-secrets"
+write_pull_secret "$BAD" regcred "$PRIV" kip 'Wr0ng-pa55-xyzzy'
+BAD_B64=$(printf 'kip:Wr0ng-pa55-xyzzy' | base64 -w0)
+PRIVATE2="$PRIV/kip-e2e/private:2"
+set +e
+"$AGENT" --cri-socket "$CONTAINERD_SOCK" --images "private2=$PRIVATE2" --pull-secrets-dir "$BAD" --once --log-format json \
+  > "$KIP_WORK/bad.out" 2> "$KIP_WORK/bad.err"
+rc=$?
+set -e
+cat "$KIP_WORK/bad.out"; grep 'error:' "$KIP_WORK/bad.err" || true
+[ "$rc" -ne 0 ] || fail "--once exited 0 with a wrong password"
+grep -q "error: image \`private2\` ($PRIVATE2):.*PullImage" "$KIP_WORK/bad.err" || fail "error does not name the image"
+grep -qi "401\|unauthorized" "$KIP_WORK/bad.err" || fail "error does not say why (401 Unauthorized)"
+grep -q "^0 of 1 images cached and pinned" "$KIP_WORK/bad.out" || fail "summary does not report the failure"
+for f in "$KIP_WORK"/*.out "$KIP_WORK"/*.err "$KIP_WORK"/agent.log "$KIP_WORK"/metrics.txt; do
+  if grep -qF -e 'Wr0ng-pa55-xyzzy' -e "$BAD_B64" -e 'right-Pa55word' "$f"; then fail "a secret leaked into $f"; fi
+done
+
+log "bad input: malformed IMAGES and an unreachable socket"
+set +e
+out=$("$AGENT" --cri-socket "$CONTAINERD_SOCK" --images "ok=$MULTI;broken" --once 2>&1); rc=$?
+set -e
+[ "$rc" -ne 0 ] && [[ $out == *"IMAGES entry 2 \`broken\`: expected \`name=image\`"* ]] || fail "malformed IMAGES: rc=$rc $out"
+set +e
+out=$("$AGENT" --cri-socket "$KIP_WORK/nothing.sock" --images "ok=$MULTI" --once 2>&1); rc=$?
+set -e
+[ "$rc" -ne 0 ] && [[ $out == *"CRI socket $KIP_WORK/nothing.sock does not answer Version"* ]] || fail "unreachable socket: rc=$rc $out"
+
+log "node e2e passed"
