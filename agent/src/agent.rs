@@ -78,12 +78,13 @@ pub async fn observe_image(rt: &Runtime, reference: &str) -> Result<Observation,
 }
 
 /// Pins every record of an image already present; returns the resulting observation.
-pub async fn pin_image(rt: &Runtime, reference: &str) -> Result<Observation, ImageError> {
+/// `foreign` lists records someone else had pinned before a pull (see [`crate::pin::Pinner::pin`]).
+pub async fn pin_image(rt: &Runtime, reference: &str, foreign: &[String]) -> Result<Observation, ImageError> {
     let Some(info) = rt.cri.image_status(reference).await? else { return Ok(Observation::absent()) };
     let refs = info.refs_of(reference);
     let pinned = match &rt.pinner {
         Some(p) => {
-            let changed = p.pin(&refs).await.map_err(|source| ImageError::Pin { image: reference.into(), source })?;
+            let changed = p.pin(&refs, foreign).await.map_err(|source| ImageError::Pin { image: reference.into(), source })?;
             if changed > 0 {
                 tracing::info!(image = reference, records = changed, "pinned");
             }
@@ -94,10 +95,18 @@ pub async fn pin_image(rt: &Runtime, reference: &str) -> Result<Observation, Ima
     Ok(Observation { present: true, pinned, digest: info.digest_in(reference).map(str::to_string), refs })
 }
 
+/// Records of `reference` that someone other than kip has pinned (empty when absent).
+async fn foreign_pins(rt: &Runtime, reference: &str) -> Result<Vec<String>, ImageError> {
+    let Some(pinner) = &rt.pinner else { return Ok(vec![]) };
+    let Some(info) = rt.cri.image_status(reference).await? else { return Ok(vec![]) };
+    pinner.pinned_by_others(&info.refs_of(reference)).await.map_err(|source| ImageError::Pin { image: reference.into(), source })
+}
+
 /// One pull attempt followed by the pin. Error text is scrubbed of the credentials used.
 pub async fn pull_and_pin(rt: &Runtime, secrets_dir: Option<&std::path::Path>, entry: &ImageEntry, timeout: Duration) -> Result<Observation, ImageError> {
     let creds = credentials_for(secrets_dir, entry)?;
     let auth = creds.as_ref().map(Credentials::to_cri);
+    let foreign = foreign_pins(rt, &entry.reference).await?;
     if let Err(e) = rt.cri.pull(&entry.reference, auth, timeout).await {
         return Err(match (e, &creds) {
             (CriError::Call { op, image, code, message }, Some(c)) => CriError::Call { op, image, code, message: c.redact(&message) },
@@ -105,7 +114,7 @@ pub async fn pull_and_pin(rt: &Runtime, secrets_dir: Option<&std::path::Path>, e
         }
         .into());
     }
-    let obs = pin_image(rt, &entry.reference).await?;
+    let obs = pin_image(rt, &entry.reference, &foreign).await?;
     if !obs.present {
         return Err(ImageError::MissingAfterPull { image: entry.reference.clone() });
     }
@@ -236,7 +245,7 @@ impl Agent {
     async fn start_due_work(&mut self, pulls: &mut JoinSet<PullDone>) {
         for action in reconcile::plan(&self.list, &self.states, Instant::now(), &self.policy) {
             match action {
-                Action::Pin { reference } => match pin_image(&self.rt, &reference).await {
+                Action::Pin { reference } => match pin_image(&self.rt, &reference, &[]).await {
                     Ok(obs) => {
                         if let Some(s) = self.states.get_mut(&reference) {
                             s.observe(obs);
@@ -353,7 +362,7 @@ pub async fn run_once(rt: &Runtime, list: &ImageList, secrets_dir: Option<&std::
                 // The semaphore is never closed, so a permit always comes.
                 let _permit = sem.acquire_owned().await.ok();
                 if observe_image(&rt, &entry.reference).await?.present {
-                    return pin_image(&rt, &entry.reference).await;
+                    return pin_image(&rt, &entry.reference, &[]).await;
                 }
                 let attempt = || pull_and_pin(&rt, dir.as_deref(), &entry, policy.pull_timeout);
                 attempt

@@ -54,17 +54,33 @@ impl Pinner {
     }
 
     /// Pins every given record that is not pinned yet. Records that do not exist are skipped
-    /// (a re-pull may have renamed them); returns how many records were changed.
-    pub async fn pin(&self, names: &[String]) -> Result<usize, PinError> {
+    /// (a re-pull may have renamed them); returns how many records were changed. Records in
+    /// `foreign` were pinned by someone else before a pull: containerd 1.6 drops every label of
+    /// a record on a CRI re-pull, so their pin is restored as theirs, without kip's owner label.
+    pub async fn pin(&self, names: &[String], foreign: &[String]) -> Result<usize, PinError> {
         let mut changed = 0;
         for name in names {
             let Some(image) = self.get(name).await? else { continue };
             if pin_state(&image.labels) == PinState::Unpinned {
-                self.set_labels(name, PIN_VALUE, OWNER_VALUE).await?;
+                let owner = if foreign.contains(name) { "" } else { OWNER_VALUE };
+                self.set_labels(name, PIN_VALUE, owner).await?;
                 changed += 1;
             }
         }
         Ok(changed)
+    }
+
+    /// The records among `names` that someone other than kip has pinned.
+    pub async fn pinned_by_others(&self, names: &[String]) -> Result<Vec<String>, PinError> {
+        let mut foreign = Vec::new();
+        for name in names {
+            if let Some(image) = self.get(name).await? {
+                if pin_state(&image.labels) == PinState::PinnedByOther {
+                    foreign.push(name.clone());
+                }
+            }
+        }
+        Ok(foreign)
     }
 
     /// True when every existing record among `names` carries the pin.
