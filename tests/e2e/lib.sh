@@ -45,9 +45,10 @@ wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
   done
 }
 
-# start_registry NAME [HTPASSWD_USER HTPASSWD_PASSWORD] -> prints 127.0.0.1:PORT
+# start_registry VAR NAME [HTPASSWD_USER HTPASSWD_PASSWORD]: sets VAR to 127.0.0.1:PORT.
+# (Not a command substitution: the registry's PID must be recorded in this shell.)
 start_registry() {
-  local name=$1 user=${2:-} pass=${3:-} port dir
+  local var=$1 name=$2 user=${3:-} pass=${4:-} port dir
   port=$(free_port)
   dir="$KIP_WORK/registry-$name"
   mkdir -p "$dir/data"
@@ -77,7 +78,7 @@ YML
   docker-registry serve "$dir/config.yml" > "$dir/log" 2>&1 &
   KIP_PIDS+=($!)
   wait_for 20 "registry $name on port $port" curl -s -o /dev/null "http://127.0.0.1:$port/v2/"
-  echo "127.0.0.1:$port"
+  printf -v "$var" '%s' "127.0.0.1:$port"
 }
 
 # start_containerd REGISTRY... -> sets CONTAINERD_SOCK; plain-HTTP hosts.toml for each registry.

@@ -16,8 +16,8 @@ kip_workdir
 trap kip_cleanup EXIT
 
 log "registries, containerd, test images"
-REG=$(start_registry public)
-PRIV=$(start_registry private kip 'right-Pa55word')
+start_registry REG public
+start_registry PRIV private kip 'right-Pa55word'
 start_containerd "$REG" "$PRIV"
 
 OCI="$KIP_WORK/oci"

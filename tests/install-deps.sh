@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what the tests and the local demo need on a fresh Debian machine (as root):
+# containerd + runc, Debian's docker-registry, htpasswd, umoci + skopeo for building images.
+# Idempotent: installs only what is missing.
+set -euo pipefail
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have containerd || need+=(containerd)
+have runc || need+=(runc)
+have docker-registry || need+=(docker-registry)
+have htpasswd || need+=(apache2-utils)
+have umoci || need+=(umoci)
+have skopeo || need+=(skopeo)
+have curl || need+=(curl)
+have python3 || need+=(python3)
+
+if [ ${#need[@]} -gt 0 ]; then
+  [ "$(id -u)" = 0 ] || { echo "install-deps: need root to install: ${need[*]}" >&2; exit 1; }
+  echo "install-deps: installing ${need[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# The Debian packages start no service we rely on: every test runs its own containerd and registry.

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs every test: unit and integration tests of the workspace, then the end-to-end tests
+# against a real containerd and registries (root needed), then a smoke run of the local demo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "==> cargo build" >&2
+cargo build --workspace --locked --all-targets
+echo "==> cargo test" >&2
+cargo test --workspace --locked
+echo "==> node e2e (real containerd, real registries)" >&2
+bash tests/e2e/node.sh
+echo "==> local demo smoke run" >&2
+KIP_DEMO_EXIT=1 bash deploy/local/demo.sh
+echo "==> all tests passed" >&2
