@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{Credentials, Keyring};
 use crate::cri::{CriClient, CriError, RuntimeInfo};
 use crate::http::Readiness;
-use crate::images::{ImageEntry, ImageList};
+use kip::images::{ImageEntry, ImageList};
 use crate::metrics::{ImageLabels, Metrics, PullLabels, ResultLabels, RESULT_FAILURE, RESULT_SUCCESS};
 use crate::pin::Pinner;
 use crate::reconcile::{self, Action, Observation, Policy, PullReason, States};

@@ -5,7 +5,6 @@ pub mod auth;
 pub mod cli;
 pub mod cri;
 pub mod http;
-pub mod images;
 pub mod metrics;
 pub mod pin;
 pub mod reconcile;

@@ -52,9 +52,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
     let ready = Readiness::starting();
-    let listener = http::bind(cli.listen).await.with_context(|| format!("cannot listen on {} (--listen)", cli.listen))?;
+    let listener = tokio::net::TcpListener::bind(cli.listen).await.with_context(|| format!("cannot listen on {} (--listen)", cli.listen))?;
     tracing::info!(addr = %cli.listen, "serving /metrics, /healthz, /readyz");
-    let server = tokio::spawn(http::serve(listener, metrics.clone(), ready.clone(), shutdown.clone()));
+    let server = tokio::spawn(kip::http::serve(listener, http::router(metrics.clone(), ready.clone()), shutdown.clone()));
 
     let mut agent = Agent::new(rt, cli.images.clone(), policy, metrics, ready);
     agent.secrets_dir = cli.pull_secrets_dir.clone();

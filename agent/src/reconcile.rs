@@ -8,7 +8,7 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use tokio::time::Instant;
 
-use crate::images::{ImageEntry, ImageList};
+use kip::images::{ImageEntry, ImageList};
 
 /// How the agent paces its work.
 #[derive(Clone, Debug, PartialEq, Eq)]
