@@ -2,10 +2,10 @@
 //! KIP skips malformed entries silently; kip rejects the whole list and names the entry,
 //! so a typo never turns into an image that is quietly not cached.
 
-use std::collections::HashSet;
 use std::fmt;
+use std::str::FromStr;
 
-use oci_spec::distribution::Reference;
+pub use oci_spec::distribution::Reference;
 
 /// One entry of the list: the user's name for it and the normalized image reference.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,47 +44,58 @@ pub enum ImageListError {
 }
 
 impl ImageList {
+    /// Parses KIP's `name=image;name=image;` syntax.
     pub fn parse(raw: &str) -> Result<Self, ImageListError> {
-        let mut entries = Vec::new();
-        let mut names = HashSet::new();
+        let mut list = Self::default();
         let raw_entries = raw.split(';').map(str::trim).filter(|e| !e.is_empty());
         for (i, entry) in raw_entries.enumerate() {
             let index = i + 1;
-            let owned = || entry.to_string();
             let (name, image) = entry
                 .split_once('=')
-                .ok_or_else(|| ImageListError::MissingEquals { index, entry: owned() })?;
-            let (name, image) = (name.trim(), image.trim());
-            if name.is_empty() {
-                return Err(ImageListError::EmptyName { index, entry: owned() });
-            }
-            if image.is_empty() {
-                return Err(ImageListError::EmptyImage { index, entry: owned() });
-            }
-            // The name becomes a container name in the fallback DaemonSet: an RFC 1123 label.
-            if !is_dns_label(name) {
-                return Err(ImageListError::InvalidName { index, entry: owned(), name: name.into() });
-            }
-            if !names.insert(name.to_string()) {
-                return Err(ImageListError::DuplicateName { index, entry: owned(), name: name.into() });
-            }
-            let parsed: Reference = image.parse().map_err(|e: oci_spec::distribution::ParseError| {
-                ImageListError::InvalidReference {
-                    index,
-                    entry: owned(),
-                    image: image.into(),
-                    reason: e.to_string(),
-                }
-            })?;
-            entries.push(ImageEntry {
-                name: name.to_string(),
-                image: image.to_string(),
-                reference: parsed.to_string(),
-                registry: parsed.registry().to_string(),
-                by_digest: parsed.digest().is_some(),
-            });
+                .ok_or_else(|| ImageListError::MissingEquals { index, entry: entry.to_string() })?;
+            list.push(index, entry, name.trim(), image.trim())?;
         }
-        Ok(Self { entries })
+        Ok(list)
+    }
+
+    /// Builds a list from `(name, image)` pairs (as the coordinator sends them), with the same rules.
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Self, ImageListError> {
+        let mut list = Self::default();
+        for (i, (name, image)) in pairs.into_iter().enumerate() {
+            list.push(i + 1, &format!("{name}={image}"), name.trim(), image.trim())?;
+        }
+        Ok(list)
+    }
+
+    fn push(&mut self, index: usize, entry: &str, name: &str, image: &str) -> Result<(), ImageListError> {
+        let owned = || entry.to_string();
+        if name.is_empty() {
+            return Err(ImageListError::EmptyName { index, entry: owned() });
+        }
+        if image.is_empty() {
+            return Err(ImageListError::EmptyImage { index, entry: owned() });
+        }
+        // The name becomes a container name in the fallback DaemonSet: an RFC 1123 label.
+        if !is_dns_label(name) {
+            return Err(ImageListError::InvalidName { index, entry: owned(), name: name.into() });
+        }
+        if self.entries.iter().any(|e| e.name == name) {
+            return Err(ImageListError::DuplicateName { index, entry: owned(), name: name.into() });
+        }
+        let parsed = Reference::from_str(image).map_err(|e| ImageListError::InvalidReference {
+            index,
+            entry: owned(),
+            image: image.into(),
+            reason: e.to_string(),
+        })?;
+        self.entries.push(ImageEntry {
+            name: name.to_string(),
+            image: image.to_string(),
+            reference: parsed.to_string(),
+            registry: parsed.registry().to_string(),
+            by_digest: parsed.digest().is_some(),
+        });
+        Ok(())
     }
 
     pub fn entries(&self) -> &[ImageEntry] {
@@ -111,6 +122,11 @@ impl fmt::Display for ImageList {
         }
         Ok(())
     }
+}
+
+/// Checks one image reference (KIP_IMAGE, say) with the same rules as IMAGES entries.
+pub fn parse_reference(image: &str) -> Result<Reference, String> {
+    Reference::from_str(image).map_err(|e| format!("`{image}` is not a valid image reference: {e}"))
 }
 
 fn is_dns_label(s: &str) -> bool {
@@ -188,6 +204,14 @@ mod tests {
         );
         let err = ImageList::parse("a=busybox@sha256:abc").unwrap_err();
         assert!(err.to_string().contains("`busybox@sha256:abc` is not a valid image reference"), "{err}");
+    }
+
+    #[test]
+    fn pairs_follow_the_same_rules() {
+        let list = ImageList::from_pairs([("a", "busybox"), ("b", "quay.io/x/y:1")]).unwrap();
+        assert_eq!(list.to_string(), "a=busybox;b=quay.io/x/y:1;");
+        let err = ImageList::from_pairs([("a", "busybox"), ("a", "nginx")]).unwrap_err();
+        assert_eq!(err.to_string(), "IMAGES entry 2 `a=nginx`: the name `a` is used more than once");
     }
 
     #[test]

@@ -1,0 +1,4 @@
+//! kip-coordinator: validates the KIP configuration, publishes the image list to agents over
+//! gRPC (`kip.v1`), and aggregates their reports.
+
+pub mod config;
