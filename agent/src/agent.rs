@@ -11,7 +11,10 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use kip::v1;
+
 use crate::auth::{Credentials, Keyring};
+use crate::follow::ListUpdate;
 use crate::cri::{CriClient, CriError, RuntimeInfo};
 use crate::http::Readiness;
 use kip::images::{ImageEntry, ImageList};
@@ -147,29 +150,89 @@ struct PullDone {
     result: Result<Observation, ImageError>,
 }
 
+/// Where the image list comes from.
+pub enum ListSource {
+    /// `--images`: fixed for the life of the process.
+    Fixed(ImageList),
+    /// The coordinator (through [`crate::follow::Follower`]); `None` until a list is known.
+    Coordinator(tokio::sync::watch::Receiver<Option<ListUpdate>>),
+}
+
 /// The long-running agent.
 pub struct Agent {
     pub rt: Runtime,
     pub secrets_dir: Option<PathBuf>,
-    pub policy: Policy,
     pub metrics: Arc<Metrics>,
     pub ready: Readiness,
     pub remove_unlisted: bool,
+    /// Node name and where to publish the state the coordinator is sent.
+    pub reports: Option<(String, tokio::sync::watch::Sender<v1::NodeReport>)>,
+    base_policy: Policy,
+    policy: Policy,
+    source: ListSource,
     list: ImageList,
+    generation: u64,
+    /// False until a list is known: without one, no pin may be judged unlisted.
+    list_known: bool,
     states: States,
     cri_up: bool,
 }
 
 impl Agent {
-    pub fn new(rt: Runtime, list: ImageList, policy: Policy, metrics: Arc<Metrics>, ready: Readiness) -> Self {
-        let mut states = States::new();
-        reconcile::sync_states(&mut states, &list);
-        metrics.images_desired.set(list.len() as i64);
+    pub fn new(rt: Runtime, source: ListSource, policy: Policy, metrics: Arc<Metrics>, ready: Readiness) -> Self {
         metrics
             .runtime_info
             .get_or_create(&crate::metrics::RuntimeLabels { runtime: rt.info.name.clone(), version: rt.info.version.clone() })
             .set(1);
-        Self { rt, secrets_dir: None, policy, metrics, ready, remove_unlisted: false, list, states, cri_up: true }
+        let mut agent = Self {
+            rt,
+            secrets_dir: None,
+            metrics,
+            ready,
+            remove_unlisted: false,
+            reports: None,
+            base_policy: policy.clone(),
+            policy,
+            source,
+            list: ImageList::default(),
+            generation: 0,
+            list_known: false,
+            states: States::new(),
+            cri_up: true,
+        };
+        let initial = match &agent.source {
+            ListSource::Fixed(list) => Some((list.clone(), None)),
+            ListSource::Coordinator(rx) => rx.borrow().clone().map(|u| (u.list.clone(), Some(u))),
+        };
+        if let Some((list, update)) = initial {
+            agent.set_list(list, update.as_ref().map_or(0, |u| u.generation), update.as_ref());
+        }
+        agent
+    }
+
+    fn set_list(&mut self, list: ImageList, generation: u64, update: Option<&ListUpdate>) {
+        for e in self.list.entries() {
+            if !list.entries().contains(e) {
+                self.metrics.forget_image(&ImageLabels { name: e.name.clone(), image: e.image.clone() });
+            }
+        }
+        reconcile::sync_states(&mut self.states, &list);
+        self.policy = update.map_or_else(|| self.base_policy.clone(), |u| u.apply_to(&self.base_policy));
+        self.list = list;
+        self.generation = generation;
+        self.list_known = true;
+    }
+
+    /// Waits for the next list from the coordinator; never returns for a fixed list.
+    async fn next_list(source: &mut ListSource) -> Option<ListUpdate> {
+        match source {
+            ListSource::Fixed(_) => std::future::pending().await,
+            ListSource::Coordinator(rx) => match rx.changed().await {
+                Ok(()) => rx.borrow_and_update().clone(),
+                // The follower is gone (shutdown): nothing more will come.
+                Err(_) => std::future::pending().await,
+            },
+        }
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
@@ -203,6 +266,11 @@ impl Agent {
                     Ok(done) => self.finish_pull(done),
                     Err(e) => tracing::error!(error = %e, "pull task failed"),
                 },
+                Some(update) = Self::next_list(&mut self.source) => {
+                    self.set_list(update.list.clone(), update.generation, Some(&update));
+                    // Check at once: new images are pulled and dropped ones unpinned now.
+                    next_check = Instant::now();
+                }
             }
         }
         // Dropping the tasks cancels their gRPC calls, which cancels the runtime's pulls.
@@ -236,6 +304,9 @@ impl Agent {
             }
         }
         self.set_cri_up(true);
+        if !self.list_known {
+            return Ok(());
+        }
         if let Err(e) = unpin_unlisted(&self.rt, &self.states, self.remove_unlisted).await {
             tracing::warn!(error = %e, "removing stale pins failed; will retry at the next check");
         }
@@ -336,11 +407,54 @@ impl Agent {
         m.images_pinned.set(pinned);
         self.ready.set(if !self.cri_up {
             Some(format!("runtime not reachable on {}", self.rt.cri.socket().display()))
+        } else if !self.list_known {
+            Some("waiting for the image list from the coordinator".into())
         } else if !never_cached.is_empty() {
             Some(format!("not cached yet: {}", never_cached.join(", ")))
         } else {
             None
         });
+        if let Some((node, tx)) = &self.reports {
+            let report = self.report(node);
+            tx.send_if_modified(|current| {
+                let changed = *current != report;
+                if changed {
+                    *current = report;
+                }
+                changed
+            });
+        }
+    }
+
+    /// The state the coordinator is told about.
+    fn report(&self, node: &str) -> v1::NodeReport {
+        v1::NodeReport {
+            node_name: node.to_string(),
+            runtime: Some(v1::RuntimeState {
+                available: self.cri_up,
+                name: self.rt.info.name.clone(),
+                version: self.rt.info.version.clone(),
+                error: if self.cri_up { String::new() } else { format!("runtime not reachable on {}", self.rt.cri.socket().display()) },
+            }),
+            generation: self.generation,
+            images: self
+                .list
+                .entries()
+                .iter()
+                .map(|e| {
+                    let s = self.states.get(&e.reference);
+                    v1::ImageState {
+                        name: e.name.clone(),
+                        image: e.image.clone(),
+                        cached: s.is_some_and(|s| s.seen.present),
+                        pinned: s.is_some_and(|s| s.seen.pinned),
+                        digest: s.and_then(|s| s.seen.digest.clone()).unwrap_or_default(),
+                        last_error: s.and_then(|s| s.last_error.clone()).unwrap_or_default(),
+                    }
+                })
+                .collect(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        }
     }
 }
 

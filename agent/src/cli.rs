@@ -20,15 +20,28 @@ pub enum LogFormat {
 
 #[derive(Debug, Parser)]
 #[command(name = "kip-agent", version, about = "Keeps a list of container images cached and pinned on this node through its CRI socket")]
+#[command(group(clap::ArgGroup::new("list-source").args(["images", "coordinator"]).required(true)))]
 pub struct Cli {
     /// The runtime's CRI socket [default: the first that exists of /run/containerd/containerd.sock,
     /// /run/k3s/containerd/containerd.sock, /var/run/crio/crio.sock]
     #[arg(long, env = "KIP_CRI_SOCKET", value_name = "PATH")]
     pub cri_socket: Option<PathBuf>,
 
-    /// Images to keep, in KIP syntax: `name=image;name=image;`
+    /// Images to keep, in KIP syntax: `name=image;name=image;` (standalone use)
     #[arg(long, env = "IMAGES", value_name = "LIST", value_parser = parse_images)]
-    pub images: ImageList,
+    pub images: Option<ImageList>,
+
+    /// The coordinator's gRPC URL (e.g. http://kip-coordinator:50051): follow its image list
+    #[arg(long, env = "KIP_COORDINATOR", value_name = "URL", conflicts_with = "once")]
+    pub coordinator: Option<String>,
+
+    /// This node's name, as the coordinator knows it (the downward API's spec.nodeName)
+    #[arg(long, env = "NODE_NAME", value_name = "NAME", required_if_eq_any = [("coordinator", "*")])]
+    pub node_name: Option<String>,
+
+    /// Where the last list from the coordinator is kept, so a restart without the coordinator keeps the images
+    #[arg(long, env = "KIP_STATE_DIR", value_name = "DIR", default_value = "/var/lib/kip")]
+    pub state_dir: PathBuf,
 
     /// Address of the HTTP server for /metrics, /healthz and /readyz
     #[arg(long, env = "KIP_LISTEN", value_name = "ADDR", default_value = "0.0.0.0:8080")]
@@ -106,6 +119,19 @@ mod tests {
         assert_eq!(cli.policy().refresh_interval, Duration::from_secs(5 * 3600));
         let cli = Cli::try_parse_from(["kip-agent", "--images", "a=busybox", "--caching-interval-hours", "5", "--refresh-interval", "10m"]).unwrap();
         assert_eq!(cli.policy().refresh_interval, Duration::from_secs(600), "the explicit flag wins");
+    }
+
+    #[test]
+    fn exactly_one_list_source() {
+        let err = Cli::try_parse_from(["kip-agent"]).unwrap_err().to_string();
+        assert!(err.contains("--images") && err.contains("--coordinator"), "{err}");
+        let err = Cli::try_parse_from(["kip-agent", "--images", "a=b", "--coordinator", "http://c:50051", "--node-name", "n"]).unwrap_err().to_string();
+        assert!(err.contains("cannot be used with"), "{err}");
+        let cli = Cli::try_parse_from(["kip-agent", "--coordinator", "http://c:50051", "--node-name", "n1"]).unwrap();
+        assert_eq!((cli.coordinator.as_deref(), cli.node_name.as_deref()), (Some("http://c:50051"), Some("n1")));
+        assert_eq!(cli.state_dir, PathBuf::from("/var/lib/kip"));
+        let err = Cli::try_parse_from(["kip-agent", "--coordinator", "http://c:50051", "--once", "--node-name", "n"]).unwrap_err().to_string();
+        assert!(err.contains("--once"), "{err}");
     }
 
     #[test]

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod auth;
 pub mod cli;
 pub mod cri;
+pub mod follow;
 pub mod http;
 pub mod metrics;
 pub mod pin;

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use kip_agent::agent::{self, Agent, Runtime};
+use kip_agent::agent::{self, Agent, ListSource, Runtime};
+use kip_agent::follow;
 use kip_agent::cli::{Cli, LogFormat};
 use kip_agent::http::{self, Readiness};
 use kip_agent::metrics::Metrics;
@@ -36,16 +37,11 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let socket = kip_agent::cri::find_socket(cli.cri_socket.as_deref())?;
-    let rt = Runtime::connect(&socket).await?;
-    tracing::info!(socket = %socket.display(), runtime = %rt.info.name, version = %rt.info.version, images = cli.images.len(), "connected to the runtime");
-    if rt.pinner.is_none() {
-        tracing::warn!(runtime = %rt.info.name, "no pinning API for this runtime; images are kept by pulling them again when they disappear");
-    }
     let policy = cli.policy();
-
     if cli.once {
-        let outcomes = agent::run_once(&rt, &cli.images, cli.pull_secrets_dir.as_deref(), &policy).await;
+        let images = cli.images.clone().context("--once needs --images")?;
+        let rt = connect_runtime(&cli).await?;
+        let outcomes = agent::run_once(&rt, &images, cli.pull_secrets_dir.as_deref(), &policy).await;
         return Ok(print_summary(&outcomes));
     }
 
@@ -56,16 +52,83 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     tracing::info!(addr = %cli.listen, "serving /metrics, /healthz, /readyz");
     let server = tokio::spawn(kip::http::serve(listener, http::router(metrics.clone(), ready.clone()), shutdown.clone()));
 
-    let mut agent = Agent::new(rt, cli.images.clone(), policy, metrics, ready);
+    let mut tasks = Vec::new();
+    let (source, reports) = match (&cli.coordinator, &cli.images) {
+        (Some(url), _) => {
+            let node = cli.node_name.clone().context("--node-name (NODE_NAME) is required with --coordinator")?;
+            let channel = follow::coordinator_channel(url).with_context(|| format!("--coordinator `{url}` is not a usable URL"))?;
+            let initial = match follow::load_state(&cli.state_dir) {
+                Ok(Some(saved)) => {
+                    tracing::info!(generation = saved.generation, images = saved.list.len(), "working with the list saved in the state directory until the coordinator answers");
+                    Some(saved)
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "ignoring the saved list");
+                    None
+                }
+            };
+            let (updates, updates_rx) = tokio::sync::watch::channel(initial);
+            let follower = follow::Follower { channel: channel.clone(), url: url.clone(), node_name: node.clone(), state_dir: cli.state_dir.clone(), updates };
+            tasks.push(tokio::spawn(follower.run(shutdown.clone())));
+            let (report_tx, report_rx) = tokio::sync::watch::channel(kip::v1::NodeReport::default());
+            tasks.push(tokio::spawn(follow::report_changes(channel, report_rx, shutdown.clone())));
+            (ListSource::Coordinator(updates_rx), Some((node, report_tx)))
+        }
+        (None, Some(images)) => (ListSource::Fixed(images.clone()), None),
+        (None, None) => anyhow::bail!("give --images or --coordinator"),
+    };
+
+    // With a coordinator, a node without a usable runtime is reported (the coordinator falls
+    // back to the sleep DaemonSet there) and the agent keeps trying; standalone, it is an error.
+    let rt = loop {
+        match connect_runtime(&cli).await {
+            Ok(rt) => break rt,
+            Err(e) => {
+                let Some((node, tx)) = &reports else { return Err(e) };
+                tracing::warn!(error = %e, "no usable runtime; reporting it and retrying in 30s");
+                ready.set(Some(format!("{e}")));
+                tx.send_replace(kip::v1::NodeReport {
+                    node_name: node.clone(),
+                    runtime: Some(kip::v1::RuntimeState { available: false, error: e.to_string(), ..Default::default() }),
+                    agent_version: env!("CARGO_PKG_VERSION").into(),
+                    ..Default::default()
+                });
+                tokio::select! {
+                    _ = wait_for_signal() => {
+                        shutdown.cancel();
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+                }
+            }
+        }
+    };
+
+    let mut agent = Agent::new(rt, source, policy, metrics, ready);
     agent.secrets_dir = cli.pull_secrets_dir.clone();
     agent.remove_unlisted = cli.remove_unlisted;
+    agent.reports = reports;
     let worker = tokio::spawn(agent.run(shutdown.clone()));
 
     wait_for_signal().await?;
     tracing::info!("shutting down");
     shutdown.cancel();
     let _ = tokio::join!(worker, server);
+    for t in tasks {
+        let _ = t.await;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn connect_runtime(cli: &Cli) -> anyhow::Result<Runtime> {
+    let socket = kip_agent::cri::find_socket(cli.cri_socket.as_deref())?;
+    let rt = Runtime::connect(&socket).await?;
+    tracing::info!(socket = %socket.display(), runtime = %rt.info.name, version = %rt.info.version, "connected to the runtime");
+    if rt.pinner.is_none() {
+        tracing::warn!(runtime = %rt.info.name, "no pinning API for this runtime; images are kept by pulling them again when they disappear");
+    }
+    Ok(rt)
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -2,3 +2,7 @@
 //! gRPC (`kip.v1`), and aggregates their reports.
 
 pub mod config;
+pub mod grpc;
+pub mod hub;
+pub mod metrics;
+pub mod reload;

@@ -1,1 +1,136 @@
-fn main() {}
+//! `kip-coordinator` entry point: validate the configuration (exit non-zero naming the bad
+//! variable), then serve the gRPC API and the HTTP endpoints until SIGTERM/SIGINT.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use kip::http;
+use kip_coordinator::{config, grpc::CoordinatorService, hub::Hub, metrics::Metrics, reload::ConfigReloader};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "kip-coordinator", version, about = "Validates the KIP configuration and publishes the image list to kip agents")]
+struct Cli {
+    /// Directory with one file per configuration key (a mounted ConfigMap); watched for changes.
+    /// Keys without a file are read from the environment.
+    #[arg(long, env = "KIP_CONFIG_DIR", value_name = "DIR")]
+    config_dir: Option<PathBuf>,
+
+    /// Address of the gRPC API agents connect to
+    #[arg(long, env = "KIP_GRPC_LISTEN", value_name = "ADDR", default_value = "0.0.0.0:50051")]
+    grpc_listen: SocketAddr,
+
+    /// Address of the HTTP server for /metrics, /healthz, /readyz and /status
+    #[arg(long, env = "KIP_LISTEN", value_name = "ADDR", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+
+    /// How often the config directory is re-read even without a change event
+    #[arg(long, env = "KIP_CONFIG_RESYNC", value_name = "DURATION", default_value = "30s", value_parser = kip::duration::parse_duration)]
+    config_resync: Duration,
+
+    /// Log format
+    #[arg(long, env = "KIP_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("kip-coordinator: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let raw = config::read_sources(cli.config_dir.as_deref(), &env)?;
+    let config = config::validate(&raw)?;
+    tracing::info!(images = config.images.len(), list = %config.images, "configuration valid");
+
+    let metrics = Arc::new(Metrics::new());
+    let hub = Hub::new(config, metrics.clone());
+    let shutdown = CancellationToken::new();
+
+    let grpc_listener = tokio::net::TcpListener::bind(cli.grpc_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--grpc-listen)", cli.grpc_listen))?;
+    let http_listener =
+        tokio::net::TcpListener::bind(cli.listen).await.with_context(|| format!("cannot listen on {} (--listen)", cli.listen))?;
+    tracing::info!(grpc = %cli.grpc_listen, http = %cli.listen, "serving");
+
+    let grpc = {
+        let service = kip::v1::coordinator_server::CoordinatorServer::new(CoordinatorService::new(hub.clone(), shutdown.clone()));
+        let shutdown = shutdown.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                // Notice agents that vanished without closing their stream.
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+                .add_service(service)
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), async move {
+                    shutdown.cancelled().await
+                }),
+        )
+    };
+    let router: http::Router = {
+        let hub = hub.clone();
+        Arc::new(move |path| match path {
+            "/metrics" => http::openmetrics(hub.metrics.render()),
+            "/healthz" => http::text(hyper::StatusCode::OK, "ok\n"),
+            // A valid list is published from the start (an invalid one stops start-up).
+            "/readyz" => http::readiness(None),
+            "/status" => http::json(hyper::StatusCode::OK, format!("{:#}\n", hub.status_json())),
+            _ => http::not_found(),
+        })
+    };
+    let http_server = tokio::spawn(http::serve(http_listener, router, shutdown.clone()));
+    let reloader = cli.config_dir.clone().map(|dir| {
+        let mut r = ConfigReloader::new(dir, env, hub.clone(), raw);
+        r.resync_interval = cli.config_resync;
+        tokio::spawn(r.run(shutdown.clone()))
+    });
+
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+    if let Some(r) = reloader {
+        let _ = r.await;
+    }
+    let _ = http_server.await;
+    grpc.await.context("gRPC server task")?.context("gRPC server")?;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,276 @@
+//! Following the coordinator: a `Watch` stream delivers the image list; each valid list is
+//! persisted in the state directory (so an agent restarted while the coordinator is down keeps
+//! its images) and handed to the work loop. The stream is reopened with backoff when it breaks.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kip::images::ImageList;
+use kip::v1::{self, coordinator_client::CoordinatorClient};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::reconcile::{self, Policy};
+
+/// A list from the coordinator (or the state directory), validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListUpdate {
+    pub generation: u64,
+    pub list: ImageList,
+    pub policy: v1::PullPolicy,
+}
+
+impl ListUpdate {
+    pub fn from_proto(update: &v1::ImageListUpdate) -> Result<Self, kip::images::ImageListError> {
+        let list = ImageList::from_pairs(update.images.iter().map(|i| (i.name.as_str(), i.image.as_str())))?;
+        Ok(Self { generation: update.generation, list, policy: update.policy.unwrap_or_default() })
+    }
+
+    /// The agent's own policy with the coordinator's non-zero settings on top.
+    pub fn apply_to(&self, base: &Policy) -> Policy {
+        let p = &self.policy;
+        let secs = |s: u64, own: Duration| if s > 0 { Duration::from_secs(s) } else { own };
+        Policy {
+            max_parallel_pulls: if p.max_parallel_pulls > 0 { p.max_parallel_pulls as usize } else { base.max_parallel_pulls },
+            refresh_interval: secs(p.refresh_interval_seconds, base.refresh_interval),
+            check_interval: secs(p.check_interval_seconds, base.check_interval),
+            pull_timeout: secs(p.pull_timeout_seconds, base.pull_timeout),
+            ..base.clone()
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state file {file}: {reason}")]
+    Invalid { file: PathBuf, reason: String },
+    #[error("state file {file}: {source}")]
+    Io { file: PathBuf, source: std::io::Error },
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedList {
+    generation: u64,
+    images: Vec<SavedImage>,
+    #[serde(default)]
+    max_parallel_pulls: u32,
+    #[serde(default)]
+    refresh_interval_seconds: u64,
+    #[serde(default)]
+    check_interval_seconds: u64,
+    #[serde(default)]
+    pull_timeout_seconds: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedImage {
+    name: String,
+    image: String,
+}
+
+const STATE_FILE: &str = "image-list.json";
+
+/// The last list persisted in `dir`, if any.
+pub fn load_state(dir: &Path) -> Result<Option<ListUpdate>, StateError> {
+    let file = dir.join(STATE_FILE);
+    let text = match std::fs::read_to_string(&file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(StateError::Io { file, source }),
+    };
+    let invalid = |reason: String| StateError::Invalid { file: file.clone(), reason };
+    let saved: SavedList = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    let list = ImageList::from_pairs(saved.images.iter().map(|i| (i.name.as_str(), i.image.as_str()))).map_err(|e| invalid(e.to_string()))?;
+    Ok(Some(ListUpdate {
+        generation: saved.generation,
+        list,
+        policy: v1::PullPolicy {
+            max_parallel_pulls: saved.max_parallel_pulls,
+            refresh_interval_seconds: saved.refresh_interval_seconds,
+            check_interval_seconds: saved.check_interval_seconds,
+            pull_timeout_seconds: saved.pull_timeout_seconds,
+        },
+    }))
+}
+
+/// Writes the list atomically (temp file, fsync, rename): a crash leaves the old or the new one.
+pub fn save_state(dir: &Path, update: &ListUpdate) -> Result<(), StateError> {
+    let file = dir.join(STATE_FILE);
+    let io = |source| StateError::Io { file: file.clone(), source };
+    let saved = SavedList {
+        generation: update.generation,
+        images: update.list.entries().iter().map(|e| SavedImage { name: e.name.clone(), image: e.image.clone() }).collect(),
+        max_parallel_pulls: update.policy.max_parallel_pulls,
+        refresh_interval_seconds: update.policy.refresh_interval_seconds,
+        check_interval_seconds: update.policy.check_interval_seconds,
+        pull_timeout_seconds: update.policy.pull_timeout_seconds,
+    };
+    let text = serde_json::to_string_pretty(&saved).map_err(|e| StateError::Invalid { file: file.clone(), reason: e.to_string() })?;
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(text.as_bytes()).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    std::fs::rename(&tmp, &file).map_err(io)?;
+    Ok(())
+}
+
+/// A channel to the coordinator with keep-alives, so a vanished coordinator is noticed.
+pub fn coordinator_channel(url: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(url.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}
+
+pub struct Follower {
+    pub channel: Channel,
+    pub url: String,
+    pub node_name: String,
+    pub state_dir: PathBuf,
+    pub updates: watch::Sender<Option<ListUpdate>>,
+}
+
+impl Follower {
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = reconcile::retry_backoff(Duration::from_millis(500), Duration::from_secs(30));
+        loop {
+            let received = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = self.follow_stream() => r,
+            };
+            let delivered = match &received {
+                Ok(n) => {
+                    tracing::warn!(coordinator = %self.url, updates = n, "coordinator closed the stream; reconnecting");
+                    *n
+                }
+                Err((n, e)) => {
+                    tracing::warn!(coordinator = %self.url, updates = n, error = %e, "coordinator stream failed; working with the last list and reconnecting");
+                    *n
+                }
+            };
+            // A stream that delivered something was healthy: start the backoff afresh.
+            if delivered > 0 {
+                backoff = reconcile::retry_backoff(Duration::from_millis(500), Duration::from_secs(30));
+            }
+            let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Follows one stream to its end; returns how many updates it delivered.
+    async fn follow_stream(&self) -> Result<usize, (usize, tonic::Status)> {
+        let mut client = CoordinatorClient::new(self.channel.clone());
+        let req = v1::WatchRequest { node_name: self.node_name.clone(), agent_version: env!("CARGO_PKG_VERSION").into() };
+        let mut stream = client.watch(req).await.map_err(|s| (0, s))?.into_inner();
+        let mut received = 0;
+        loop {
+            match stream.message().await {
+                Ok(Some(update)) => {
+                    received += 1;
+                    self.accept(&update);
+                }
+                Ok(None) => return Ok(received),
+                Err(s) => return Err((received, s)),
+            }
+        }
+    }
+
+    fn accept(&self, update: &v1::ImageListUpdate) {
+        let update = match ListUpdate::from_proto(update) {
+            Ok(u) => u,
+            Err(e) => {
+                // The coordinator validates too; refusing here keeps the last good list either way.
+                tracing::error!(generation = update.generation, error = %e, "invalid list from the coordinator; keeping the last good one");
+                return;
+            }
+        };
+        if self.updates.borrow().as_ref() == Some(&update) {
+            return;
+        }
+        tracing::info!(generation = update.generation, images = update.list.len(), list = %update.list, "new image list from the coordinator");
+        if let Err(e) = save_state(&self.state_dir, &update) {
+            tracing::warn!(error = %e, "cannot persist the image list; a restart without the coordinator would start empty");
+        }
+        self.updates.send_replace(Some(update));
+    }
+}
+
+/// Sends the agent's report whenever it changes (never on a timer), retrying with backoff.
+pub async fn report_changes(channel: Channel, mut reports: watch::Receiver<v1::NodeReport>, shutdown: CancellationToken) {
+    let mut client = CoordinatorClient::new(channel);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = reports.changed() => if changed.is_err() { return },
+        }
+        let mut backoff = reconcile::retry_backoff(Duration::from_millis(500), Duration::from_secs(30));
+        loop {
+            // Always the latest state: changes that happened during a retry are folded in.
+            let report = reports.borrow_and_update().clone();
+            match client.report(report).await {
+                Ok(_) => break,
+                Err(s) => {
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                    tracing::debug!(error = %s, retry_in_ms = delay.as_millis() as u64, "report not delivered");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(generation: u64, images: &[(&str, &str)]) -> v1::ImageListUpdate {
+        v1::ImageListUpdate {
+            generation,
+            images: images.iter().map(|(n, i)| v1::Image { name: n.to_string(), image: i.to_string() }).collect(),
+            policy: Some(v1::PullPolicy { max_parallel_pulls: 7, refresh_interval_seconds: 7200, check_interval_seconds: 0, pull_timeout_seconds: 0 }),
+        }
+    }
+
+    #[test]
+    fn coordinator_policy_overrides_only_what_it_sets() {
+        let u = ListUpdate::from_proto(&update(3, &[("a", "busybox")])).unwrap();
+        let base = Policy::default();
+        let p = u.apply_to(&base);
+        assert_eq!(p.max_parallel_pulls, 7);
+        assert_eq!(p.refresh_interval, Duration::from_secs(7200));
+        assert_eq!(p.check_interval, base.check_interval);
+        assert_eq!(p.pull_timeout, base.pull_timeout);
+    }
+
+    #[test]
+    fn invalid_list_from_the_coordinator_is_refused() {
+        let err = ListUpdate::from_proto(&update(3, &[("a", "busybox"), ("a", "nginx")])).unwrap_err();
+        assert!(err.to_string().contains("used more than once"), "{err}");
+    }
+
+    #[test]
+    fn state_round_trips_and_bad_state_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load_state(dir.path()).unwrap(), None);
+        let u = ListUpdate::from_proto(&update(5, &[("a", "busybox"), ("b", "quay.io/x/y:1")])).unwrap();
+        save_state(dir.path(), &u).unwrap();
+        assert_eq!(load_state(dir.path()).unwrap(), Some(u));
+        std::fs::write(dir.path().join(STATE_FILE), "{").unwrap();
+        let err = load_state(dir.path()).unwrap_err();
+        assert!(err.to_string().starts_with(&format!("state file {}", dir.path().join(STATE_FILE).display())), "{err}");
+    }
+}

@@ -1,0 +1,71 @@
+//! The `kip.v1.Coordinator` gRPC service: `Watch` streams the published list to an agent
+//! (the current one at once, then every change); `Report` stores the agent's state.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use kip::v1::{self, coordinator_server::Coordinator};
+use futures_util::StreamExt as _;
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::hub::Hub;
+
+pub struct CoordinatorService {
+    hub: Arc<Hub>,
+    /// Ends every Watch stream, so a graceful shutdown does not wait for them forever.
+    shutdown: CancellationToken,
+}
+
+impl CoordinatorService {
+    pub fn new(hub: Arc<Hub>, shutdown: CancellationToken) -> Self {
+        Self { hub, shutdown }
+    }
+}
+
+/// Counts an open Watch stream for as long as it lives.
+struct ConnectedGuard {
+    hub: Arc<Hub>,
+    node: String,
+}
+
+impl Drop for ConnectedGuard {
+    fn drop(&mut self) {
+        self.hub.metrics.agents_connected.dec();
+        tracing::info!(node = %self.node, "agent disconnected");
+    }
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<v1::ImageListUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    type WatchStream = UpdateStream;
+
+    async fn watch(&self, request: Request<v1::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let req = request.into_inner();
+        if req.node_name.trim().is_empty() {
+            return Err(Status::invalid_argument("node_name is empty"));
+        }
+        tracing::info!(node = %req.node_name, agent_version = %req.agent_version, "agent connected");
+        self.hub.metrics.agents_connected.inc();
+        let guard = ConnectedGuard { hub: self.hub.clone(), node: req.node_name };
+        // WatchStream yields the current value first, then each new one (skipping stale ones).
+        let updates = tokio_stream::wrappers::WatchStream::new(self.hub.subscribe()).map(move |published| {
+            let _alive = &guard;
+            Ok(published.to_update())
+        });
+        let updates = updates.take_until(self.shutdown.clone().cancelled_owned());
+        Ok(Response::new(Box::pin(updates)))
+    }
+
+    async fn report(&self, request: Request<v1::NodeReport>) -> Result<Response<v1::ReportAck>, Status> {
+        let report = request.into_inner();
+        if report.node_name.trim().is_empty() {
+            return Err(Status::invalid_argument("node_name is empty"));
+        }
+        self.hub.record_report(report);
+        Ok(Response::new(v1::ReportAck {}))
+    }
+}
