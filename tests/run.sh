@@ -10,6 +10,8 @@ echo "==> cargo test" >&2
 cargo test --workspace --locked
 echo "==> node e2e (real containerd, real registries)" >&2
 bash tests/e2e/node.sh
+echo "==> coordinator + agents e2e (real processes, three containerds)" >&2
+bash tests/e2e/coordinator.sh
 echo "==> local demo smoke run" >&2
 KIP_DEMO_EXIT=1 bash deploy/local/demo.sh
 echo "==> all tests passed" >&2

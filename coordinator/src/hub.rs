@@ -96,7 +96,7 @@ impl Hub {
         let summary = |r: &v1::NodeReport| {
             let cached = r.images.iter().filter(|i| i.cached).count();
             let pinned = r.images.iter().filter(|i| i.pinned).count();
-            let runtime = r.runtime.as_ref().map_or(false, |rt| rt.available);
+            let runtime = r.runtime.as_ref().is_some_and(|rt| rt.available);
             (r.generation, cached, pinned, r.images.len(), runtime)
         };
         let new = summary(&report);
@@ -180,5 +180,56 @@ impl Hub {
             "images": images,
             "nodes": nodes,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(images: &str) -> KipConfig {
+        crate::config::validate(&[("IMAGES".to_string(), images.to_string())].into_iter().collect()).unwrap()
+    }
+
+    fn report(node: &str, images: &[(&str, &str, bool, bool)]) -> v1::NodeReport {
+        v1::NodeReport {
+            node_name: node.into(),
+            runtime: Some(v1::RuntimeState { available: true, name: "containerd".into(), ..Default::default() }),
+            generation: 1,
+            images: images
+                .iter()
+                .map(|(n, i, c, p)| v1::ImageState { name: n.to_string(), image: i.to_string(), cached: *c, pinned: *p, ..Default::default() })
+                .collect(),
+            agent_version: "test".into(),
+        }
+    }
+
+    #[test]
+    fn publishing_the_same_config_is_a_no_op() {
+        let hub = Hub::new(config("a=busybox"), Arc::new(Metrics::new()));
+        let mut rx = hub.subscribe();
+        assert_eq!(hub.publish(config("a=busybox")), None);
+        assert!(!rx.has_changed().unwrap());
+        assert_eq!(hub.publish(config("a=busybox;b=nginx")), Some(2));
+        assert!(rx.has_changed().unwrap());
+        let update = rx.borrow_and_update().to_update();
+        assert_eq!(update.generation, 2);
+        assert_eq!(update.images.len(), 2);
+        assert_eq!(update.policy.unwrap().refresh_interval_seconds, 3600);
+        assert_eq!(hub.metrics.config_generation.get(), 2);
+    }
+
+    #[test]
+    fn reports_are_aggregated_per_image() {
+        let hub = Hub::new(config("a=busybox;b=nginx"), Arc::new(Metrics::new()));
+        hub.record_report(report("n1", &[("a", "busybox", true, true), ("b", "nginx", true, false)]));
+        hub.record_report(report("n2", &[("a", "busybox", true, true), ("b", "nginx", false, false)]));
+        hub.record_report(report("n2", &[("a", "busybox", true, true), ("b", "nginx", true, true)]));
+        let counts: Vec<_> = hub.image_counts(&hub.current()).into_iter().map(|(l, c, p)| (l.name, c, p)).collect();
+        assert_eq!(counts, vec![("a".to_string(), 2, 2), ("b".to_string(), 2, 1)]);
+        let status = hub.status_json();
+        assert_eq!(status["nodes"]["n2"]["images"][1]["pinned"], serde_json::json!(true));
+        assert_eq!(status["images"][1]["nodes_pinned"], serde_json::json!(1));
+        assert_eq!(hub.metrics.nodes_reporting.get(), 2);
     }
 }

@@ -86,3 +86,31 @@ impl ConfigReloader {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    #[test]
+    fn a_broken_change_is_counted_once_and_the_last_good_list_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("IMAGES"), "a=busybox").unwrap();
+        let env = HashMap::new();
+        let raw = config::read_sources(Some(dir.path()), &env).unwrap();
+        let hub = Hub::new(config::validate(&raw).unwrap(), Arc::new(Metrics::new()));
+        let mut reloader = ConfigReloader::new(dir.path().to_path_buf(), env, hub.clone(), raw);
+
+        std::fs::write(dir.path().join("CACHING_CPU_LIMIT"), "lots").unwrap();
+        reloader.reload();
+        reloader.reload();
+        assert_eq!(hub.metrics.config_reload_errors.get(), 1, "the same broken content counts once");
+        assert_eq!(hub.current().generation, 1);
+
+        std::fs::remove_file(dir.path().join("CACHING_CPU_LIMIT")).unwrap();
+        std::fs::write(dir.path().join("IMAGES"), "a=busybox;b=nginx").unwrap();
+        reloader.reload();
+        assert_eq!(hub.current().generation, 2);
+        assert_eq!(hub.current().config.images.len(), 2);
+    }
+}

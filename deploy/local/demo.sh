@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The main job on a local default: a throwaway containerd and registry on 127.0.0.1 with a few
-# sample images, and kip-agent keeping them cached and pinned. Prints what containerd shows
-# and the agent's /metrics, then runs until Ctrl-C (KIP_DEMO_EXIT=1: stop right away).
+# sample images, kip-coordinator publishing the list from a ConfigMap-style directory, and
+# kip-agent keeping the images cached and pinned. Prints what containerd shows, the agent's
+# /metrics and the coordinator's /status, then runs until Ctrl-C (KIP_DEMO_EXIT=1: stop at once).
 # Run as root on Debian; installs the packages it needs if they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash tests/install-deps.sh
 . tests/e2e/lib.sh
 
-cargo build --quiet -p kip-agent
+cargo build --quiet -p kip-agent -p kip-coordinator
 AGENT=target/debug/kip-agent
+COORD=target/debug/kip-coordinator
 
 kip_workdir
 trap kip_cleanup EXIT
@@ -28,16 +30,27 @@ push_image "$OCI" runtime "$REG/demo/runtime:latest" >/dev/null
 IDE_DIGEST=$(push_image "$OCI" ide "$REG/demo/ide:2024")
 IMAGES="tools=$REG/demo/tools:1.0; runtime=$REG/demo/runtime; ide=$REG/demo/ide@$IDE_DIGEST;"
 
-PORT=${KIP_DEMO_PORT:-$(free_port)}
-log "starting kip-agent: IMAGES=\"$IMAGES\""
-"$AGENT" --cri-socket "$CONTAINERD_SOCK" --images "$IMAGES" --listen "127.0.0.1:$PORT" --check-interval 5s &
+CM="$KIP_WORK/configmap"
+write_configmap "$CM" "IMAGES=$IMAGES" "CACHING_INTERVAL_HOURS=1" "KIP_CHECK_INTERVAL=5s"
+GRPC=$(free_port); CPORT=$(free_port); PORT=${KIP_DEMO_PORT:-$(free_port)}
+log "starting kip-coordinator (config dir $CM): IMAGES=\"$IMAGES\""
+"$COORD" --config-dir "$CM" --grpc-listen "127.0.0.1:$GRPC" --listen "127.0.0.1:$CPORT" &
+KIP_PIDS+=($!)
+wait_for 20 "the coordinator" curl -sf "http://127.0.0.1:$CPORT/readyz"
+log "starting kip-agent for node demo-node"
+"$AGENT" --coordinator "http://127.0.0.1:$GRPC" --node-name demo-node --state-dir "$KIP_WORK/agent-state" \
+  --cri-socket "$CONTAINERD_SOCK" --listen "127.0.0.1:$PORT" &
 KIP_PIDS+=($!)
 wait_for 60 "the agent to be ready" curl -sf "http://127.0.0.1:$PORT/readyz"
+wait_for 10 "the coordinator to hear from the agent" json_check "http://127.0.0.1:$CPORT/status" "all(i['nodes_pinned'] == 1 for i in d['images'])"
 
 log "containerd's view (ctr -n k8s.io images ls): cached, with the pin label"
 kctr images ls | awk '{ print $1, $NF }' | column -t
 log "the agent's /metrics (kip_* lines)"
 curl -sf "http://127.0.0.1:$PORT/metrics" | grep -E '^kip_(images|image_cached|image_pinned|cri_up|runtime)'
+
+log "the coordinator's /status"
+curl -sf "http://127.0.0.1:$CPORT/status"
 
 if [ -n "${KIP_DEMO_EXIT:-}" ]; then
   kctr images ls | grep -q 'kip.eclipse.dev/pinned-by=kip' || fail "demo: nothing pinned"
@@ -45,5 +58,6 @@ if [ -n "${KIP_DEMO_EXIT:-}" ]; then
   exit 0
 fi
 log "try: ctr --address $CONTAINERD_SOCK -n k8s.io images rm $REG/demo/tools:1.0   (it comes back within 5s)"
-log "     curl http://127.0.0.1:$PORT/metrics ; Ctrl-C to stop and clean up"
+log "     edit $CM/..data/IMAGES (or: . tests/e2e/lib.sh; write_configmap $CM IMAGES=...) and watch the agent follow"
+log "     curl http://127.0.0.1:$PORT/metrics ; curl http://127.0.0.1:$CPORT/status ; Ctrl-C to stop and clean up"
 wait

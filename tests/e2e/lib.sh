@@ -82,8 +82,9 @@ YML
 }
 
 # start_containerd REGISTRY... -> sets CONTAINERD_SOCK; plain-HTTP hosts.toml for each registry.
+# CONTAINERD_NAME (default "containerd") names its directory, for several on one machine.
 start_containerd() {
-  local dir="$KIP_WORK/containerd" reg
+  local dir="$KIP_WORK/${CONTAINERD_NAME:-containerd}" reg
   mkdir -p "$dir/certs.d"
   for reg in "$@"; do
     mkdir -p "$dir/certs.d/$reg"
@@ -123,7 +124,7 @@ TOML
 }
 
 run_containerd() {
-  containerd --config "$CONTAINERD_CONFIG" >> "$KIP_WORK/containerd/log" 2>&1 &
+  containerd --config "$CONTAINERD_CONFIG" >> "$(dirname "$CONTAINERD_CONFIG")/log" 2>&1 &
   CONTAINERD_PID=$!
   KIP_PIDS+=("$CONTAINERD_PID")
   wait_for 30 "containerd on $CONTAINERD_SOCK" ctr --address "$CONTAINERD_SOCK" version
@@ -174,4 +175,27 @@ write_pull_secret() {
   local auth
   auth=$(printf '%s:%s' "$4" "$5" | base64 -w0)
   printf '{"auths":{"%s":{"auth":"%s"}}}\n' "$3" "$auth" > "$dir/.dockerconfigjson"
+}
+
+# write_configmap DIR KEY=VALUE...: lays DIR out as kubelet mounts a ConfigMap (KEY -> ..data/KEY,
+# ..data -> ..<timestamp>) and swaps ..data atomically, as kubelet does on an update.
+write_configmap() {
+  local dir=$1; shift
+  mkdir -p "$dir"
+  local ts; ts="..$(date +%Y_%m_%d_%H_%M_%S.%N)"
+  mkdir "$dir/$ts"
+  local kv
+  for kv in "$@"; do
+    printf '%s' "${kv#*=}" > "$dir/$ts/${kv%%=*}"
+    [ -L "$dir/${kv%%=*}" ] || ln -s "..data/${kv%%=*}" "$dir/${kv%%=*}"
+  done
+  local old; old=$(readlink "$dir/..data" 2>/dev/null || true)
+  ln -s "$ts" "$dir/..data_tmp"
+  mv -T "$dir/..data_tmp" "$dir/..data"
+  [ -z "$old" ] || rm -rf "${dir:?}/$old"
+}
+
+# json_check URL PYTHON_EXPR: true when the expression holds for the JSON document `d` at URL.
+json_check() {
+  curl -sf "$1" | python3 -c "import json,sys; d=json.load(sys.stdin); sys.exit(0 if ($2) else 1)"
 }

@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Coordinator + agents end-to-end: a real kip-coordinator following a ConfigMap-style directory
+# and three real kip-agents, each on its own real containerd ("node"), on loopback. Checks that a
+# ConfigMap change reaches every node (new image cached and pinned, dropped one unpinned), that
+# agents keep working while the coordinator is down (also across an agent restart, from the
+# state dir), that they resume when it is back, and that a broken value is refused live (old
+# list kept, error counted) and at start-up (exit non-zero naming the variable).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+. tests/e2e/lib.sh
+
+AGENT=${KIP_AGENT_BIN:-target/debug/kip-agent}
+COORD=${KIP_COORDINATOR_BIN:-target/debug/kip-coordinator}
+for b in "$AGENT" "$COORD"; do [ -x "$b" ] || fail "$b not built (cargo build --workspace)"; done
+[ "$(id -u)" = 0 ] || fail "run as root: containerd needs it"
+
+kip_workdir
+trap kip_cleanup EXIT
+NODES=(node-1 node-2 node-3)
+
+log "registry, images, three containerds"
+start_registry REG public
+OCI="$KIP_WORK/oci"
+for img in alpha beta gamma; do
+  build_image "$OCI" "$img" "$img.txt=$img" "etc/$img=second layer"
+  push_image "$OCI" "$img" "$REG/kip-e2e/$img:1" >/dev/null
+done
+A="$REG/kip-e2e/alpha:1"; B="$REG/kip-e2e/beta:1"; C="$REG/kip-e2e/gamma:1"
+declare -A SOCK
+for n in "${NODES[@]}"; do
+  CONTAINERD_NAME="containerd-$n" start_containerd "$REG"
+  SOCK[$n]=$CONTAINERD_SOCK
+done
+
+CM="$KIP_WORK/configmap"
+write_configmap "$CM" "IMAGES=alpha=$A;beta=$B;" "CACHING_INTERVAL_HOURS=1" "KIP_CHECK_INTERVAL=1s" "NODE_SELECTOR={}"
+GRPC=$(free_port); HTTP=$(free_port)
+COORD_URL="http://127.0.0.1:$HTTP"
+start_coordinator() {
+  "$COORD" --config-dir "$CM" --grpc-listen "127.0.0.1:$GRPC" --listen "127.0.0.1:$HTTP" --log-format json \
+    >> "$KIP_WORK/coordinator.log" 2>&1 &
+  COORD_PID=$!
+  KIP_PIDS+=("$COORD_PID")
+  wait_for 20 "coordinator /readyz" curl -sf "$COORD_URL/readyz"
+}
+declare -A AGENT_PID APORT
+start_agent() {
+  local n=$1
+  [ -n "${APORT[$n]:-}" ] || APORT[$n]=$(free_port)
+  "$AGENT" --coordinator "http://127.0.0.1:$GRPC" --node-name "$n" --state-dir "$KIP_WORK/state-$n" \
+    --cri-socket "${SOCK[$n]}" --listen "127.0.0.1:${APORT[$n]}" --log-format json >> "$KIP_WORK/agent-$n.log" 2>&1 &
+  AGENT_PID[$n]=$!
+  KIP_PIDS+=("${AGENT_PID[$n]}")
+}
+kctr_on() { local n=$1; shift; ctr --address "${SOCK[$n]}" -n k8s.io "$@"; }
+labels_on() { kctr_on "$1" images ls | awk -v r="$2" '$1 == r { print $NF }'; }
+pinned_by_kip_on() { [[ ",$(labels_on "$1" "$2")," == *",kip.eclipse.dev/pinned-by=kip,"* && ",$(labels_on "$1" "$2")," == *",io.cri-containerd.pinned=pinned,"* ]]; }
+present_on() { kctr_on "$1" images ls -q | grep -qxF "$2"; }
+not_pinned_by_kip_on() { present_on "$1" "$2" && ! pinned_by_kip_on "$1" "$2"; }
+metric() { curl -sf "$1/metrics" | awk -v m="$2" '$1 == m { print $2 }'; }
+metric_is() { [ "$(metric "$1" "$2")" = "$3" ]; }
+# all nodes report generation G with every image in NAMES cached and pinned
+status_has() {
+  local gen=$1 names=$2
+  json_check "$COORD_URL/status" "d['generation'] == $gen and len(d['nodes']) == 3 and all(n['generation'] == $gen and sorted(i['name'] for i in n['images'] if i['cached'] and i['pinned']) == sorted('$names'.split()) for n in d['nodes'].values())"
+}
+
+log "coordinator and three agents"
+start_coordinator
+for n in "${NODES[@]}"; do start_agent "$n"; done
+wait_for 60 "all nodes to cache and pin alpha and beta (generation 1)" status_has 1 "alpha beta"
+for n in "${NODES[@]}"; do
+  for ref in "$A" "$B"; do pinned_by_kip_on "$n" "$ref" || fail "$ref not pinned on $n"; done
+  curl -sf "http://127.0.0.1:${APORT[$n]}/readyz" >/dev/null || fail "agent on $n not ready"
+done
+json_check "$COORD_URL/status" "[(i['name'], i['nodes_cached'], i['nodes_pinned']) for i in d['images']] == [('alpha', 3, 3), ('beta', 3, 3)]" \
+  || fail "/status per-image node counts"
+metric_is "$COORD_URL" kip_agents_connected 3 || fail "kip_agents_connected != 3"
+metric_is "$COORD_URL" 'kip_image_nodes_pinned{name="alpha",image="'"$A"'"}' 3 || fail "kip_image_nodes_pinned alpha != 3"
+
+log "ConfigMap change: beta -> gamma reaches every node"
+write_configmap "$CM" "IMAGES=alpha=$A;gamma=$C;" "CACHING_INTERVAL_HOURS=1" "KIP_CHECK_INTERVAL=1s" "NODE_SELECTOR={}"
+wait_for 30 "generation 2 with alpha and gamma on every node" status_has 2 "alpha gamma"
+for n in "${NODES[@]}"; do
+  pinned_by_kip_on "$n" "$C" || fail "$C not pinned on $n"
+  wait_for 10 "beta unpinned on $n" not_pinned_by_kip_on "$n" "$B"
+done
+grep -q '"message":"published a new image list".*"generation":2' "$KIP_WORK/coordinator.log" || fail "no summary line for generation 2"
+
+log "a broken value live: refused, counted, old list kept"
+write_configmap "$CM" "IMAGES=alpha=$A;gamma=$C;broken" "CACHING_INTERVAL_HOURS=1" "KIP_CHECK_INTERVAL=1s" "NODE_SELECTOR={}"
+wait_for 10 "kip_config_reload_errors_total 1" metric_is "$COORD_URL" kip_config_reload_errors_total 1
+grep -q 'IMAGES: entry 3 `broken`: expected `name=image`' "$KIP_WORK/coordinator.log" || fail "reload error does not name IMAGES entry 3"
+json_check "$COORD_URL/status" "d['generation'] == 2" || fail "a broken config changed the generation"
+write_configmap "$CM" "IMAGES=alpha=$A;gamma=$C;" "CACHING_INTERVAL_HOURS=1" "KIP_CHECK_INTERVAL=1s" "NODE_SELECTOR={bad json"
+wait_for 10 "kip_config_reload_errors_total 2" metric_is "$COORD_URL" kip_config_reload_errors_total 2
+grep -q 'NODE_SELECTOR: invalid JSON' "$KIP_WORK/coordinator.log" || fail "reload error does not name NODE_SELECTOR"
+sleep 2
+status_has 2 "alpha gamma" || fail "agents lost the last good list"
+
+log "coordinator down: agents keep their images"
+kill -TERM "$COORD_PID"; wait "$COORD_PID" || fail "coordinator exited non-zero on SIGTERM"
+mapfile -t recs < <(kctr_on node-1 images ls | awk -v r="$A" '$1 == r { print $3 }' | xargs -I{} sh -c "ctr --address '${SOCK[node-1]}' -n k8s.io images ls | awk -v d={} '\$3 == d { print \$1 }'")
+kctr_on node-1 images rm "${recs[@]}" >/dev/null
+wait_for 30 "alpha back on node-1 without a coordinator" pinned_by_kip_on node-1 "$A"
+log "restart node-2's agent while the coordinator is down: the state dir keeps its list"
+kill -TERM "${AGENT_PID[node-2]}"; wait "${AGENT_PID[node-2]}" || fail "agent exited non-zero on SIGTERM"
+start_agent node-2
+wait_for 30 "node-2 ready from its saved list" curl -sf "http://127.0.0.1:${APORT[node-2]}/readyz"
+metric_is "http://127.0.0.1:${APORT[node-2]}" kip_images_pinned 2 || fail "node-2 does not keep 2 pinned images"
+for ref in "$A" "$C"; do pinned_by_kip_on node-2 "$ref" || fail "$ref lost its pin on node-2"; done
+
+log "start-up with a broken value: exit non-zero naming the variable"
+set +e
+out=$("$COORD" --config-dir "$CM" --grpc-listen "127.0.0.1:$(free_port)" --listen "127.0.0.1:$(free_port)" 2>&1); rc=$?
+set -e
+[ "$rc" -ne 0 ] && [[ $out == *"NODE_SELECTOR: invalid JSON"* ]] || fail "broken start-up: rc=$rc $out"
+
+log "coordinator back: agents resume"
+write_configmap "$CM" "IMAGES=alpha=$A;gamma=$C;" "CACHING_INTERVAL_HOURS=1" "KIP_CHECK_INTERVAL=1s" "NODE_SELECTOR={}"
+start_coordinator
+wait_for 60 "all three agents reconnected" metric_is "$COORD_URL" kip_agents_connected 3
+wait_for 30 "all nodes report alpha and gamma to the new coordinator" status_has 1 "alpha gamma"
+
+log "coordinator e2e passed"
