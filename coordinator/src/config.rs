@@ -13,7 +13,7 @@ use kube_quantity::ParsedQuantity;
 use serde::de::DeserializeOwned;
 
 /// Every key kip reads, KIP's and its own.
-pub const KEYS: [&str; 17] = [
+pub const KEYS: [&str; 18] = [
     "IMAGES",
     "CACHING_INTERVAL_HOURS",
     "CACHING_MEMORY_REQUEST",
@@ -31,6 +31,7 @@ pub const KEYS: [&str; 17] = [
     "KIP_MAX_PARALLEL_PULLS",
     "KIP_CHECK_INTERVAL",
     "KIP_PULL_TIMEOUT",
+    "KIP_MODE",
 ];
 
 /// KIP's defaults (kubernetes-image-puller's README and cfg package).
@@ -54,8 +55,31 @@ pub struct PolicyOverrides {
     pub pull_timeout: Option<Duration>,
 }
 
+/// Where the classic sleep-container DaemonSet runs (`KIP_MODE`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Only on nodes whose agent has no working runtime (the default).
+    #[default]
+    Auto,
+    /// Never: agents do all the work.
+    Cri,
+    /// On every node selected, as KIP does.
+    Daemonset,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Auto => "auto",
+            Mode::Cri => "cri",
+            Mode::Daemonset => "daemonset",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct KipConfig {
+    pub mode: Mode,
     pub images: ImageList,
     pub caching_interval_hours: u32,
     pub memory_request: Quantity,
@@ -209,6 +233,15 @@ pub fn validate(raw: &RawConfig) -> Result<KipConfig, ConfigError> {
         err("KIP_IMAGE", reason);
     }
 
+    let mode = match get("KIP_MODE", "auto").as_str() {
+        "auto" => Mode::Auto,
+        "cri" => Mode::Cri,
+        "daemonset" => Mode::Daemonset,
+        other => {
+            err("KIP_MODE", format!("`{other}` is not one of auto, cri, daemonset"));
+            Mode::Auto
+        }
+    };
     let max_parallel_pulls = match raw.get("KIP_MAX_PARALLEL_PULLS").map(|v| v.trim()).filter(|v| !v.is_empty()) {
         None => None,
         Some(v) => match v.parse::<u32>() {
@@ -233,6 +266,7 @@ pub fn validate(raw: &RawConfig) -> Result<KipConfig, ConfigError> {
     let some = |q: Option<(Quantity, ParsedQuantity)>| q.map(|(q, _)| q).unwrap_or_default();
     let affinity = affinity.unwrap_or_default();
     Ok(KipConfig {
+        mode,
         images: images.unwrap_or_default(),
         caching_interval_hours: caching_interval_hours.unwrap_or(1),
         memory_request: some(memory_request),
@@ -432,6 +466,14 @@ mod tests {
         assert_eq!(c.policy.pull_timeout, Some(Duration::from_secs(600)));
         assert_eq!(errors(&[("KIP_MAX_PARALLEL_PULLS", "0")]), vec!["KIP_MAX_PARALLEL_PULLS: `0` is not a positive whole number"]);
         assert_eq!(errors(&[("KIP_CHECK_INTERVAL", "often")]).len(), 1);
+    }
+
+    #[test]
+    fn mode_is_one_of_three() {
+        assert_eq!(validate(&raw(&[("IMAGES", "a=b")])).unwrap().mode, Mode::Auto);
+        assert_eq!(validate(&raw(&[("IMAGES", "a=b"), ("KIP_MODE", "daemonset")])).unwrap().mode, Mode::Daemonset);
+        assert_eq!(validate(&raw(&[("IMAGES", "a=b"), ("KIP_MODE", "cri")])).unwrap().mode, Mode::Cri);
+        assert_eq!(errors(&[("KIP_MODE", "fallback")]), vec!["KIP_MODE: `fallback` is not one of auto, cri, daemonset"]);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! gRPC (`kip.v1`), and aggregates their reports.
 
 pub mod config;
+pub mod daemonset;
 pub mod grpc;
 pub mod hub;
 pub mod metrics;

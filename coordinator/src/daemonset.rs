@@ -1,0 +1,293 @@
+//! The classic KIP sleep-container DaemonSet, built from the configuration: an initContainer
+//! copies the static `kip-sleep` into the `kip` emptyDir, then one hardened container per
+//! image runs `/kip/sleep 720h`. Pure: the same config always gives the same object and hash.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet};
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, Container, EmptyDirVolumeSource, LocalObjectReference, NodeAffinity, NodeSelector,
+    NodeSelectorRequirement, NodeSelectorTerm, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
+    SeccompProfile, SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use sha2::{Digest, Sha256};
+
+use crate::config::{KipConfig, Mode};
+
+/// Node label the coordinator sets where an agent reports a working runtime.
+pub const AGENT_LABEL: &str = "kip.eclipse.dev/agent";
+pub const AGENT_LABEL_VALUE: &str = "cri";
+/// Annotation holding the hash of everything kip sets, so an unchanged spec is never re-applied.
+pub const HASH_ANNOTATION: &str = "kip.eclipse.dev/spec-hash";
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "kip");
+/// Where the initContainer finds kip-sleep in KIP_IMAGE.
+pub const SLEEP_IN_IMAGE: &str = "/usr/local/bin/kip-sleep";
+const KIP_VOLUME: &str = "kip";
+const NON_ROOT_UID: i64 = 65532;
+
+/// What the DaemonSet depends on besides the configuration.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Options {
+    /// On OpenShift the SCC assigns UIDs; kip leaves them out, as KIP does.
+    pub openshift: bool,
+    /// The coordinator's Deployment, so the DaemonSet goes when kip is uninstalled.
+    pub owner: Option<OwnerReference>,
+}
+
+/// The DaemonSet for `config.mode`; `None` in `cri` mode.
+pub fn fallback_daemonset(config: &KipConfig, opts: &Options) -> Option<DaemonSet> {
+    if config.mode == Mode::Cri {
+        return None;
+    }
+    let labels = BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "kip-sleep".to_string()),
+        ("app.kubernetes.io/instance".to_string(), config.daemonset_name.clone()),
+    ]);
+    let mut meta_labels = labels.clone();
+    meta_labels.insert(MANAGED_BY.0.into(), MANAGED_BY.1.into());
+
+    let resources = ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), config.cpu_request.clone()),
+            ("memory".to_string(), config.memory_request.clone()),
+        ])),
+        limits: Some(BTreeMap::from([
+            ("cpu".to_string(), config.cpu_limit.clone()),
+            ("memory".to_string(), config.memory_limit.clone()),
+        ])),
+        ..Default::default()
+    };
+    let kip_mount = |read_only| VolumeMount {
+        name: KIP_VOLUME.into(),
+        mount_path: "/kip".into(),
+        read_only: Some(read_only),
+        ..Default::default()
+    };
+    let hardened = SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+        read_only_root_filesystem: Some(true),
+        ..Default::default()
+    };
+    let copy_sleep = Container {
+        name: "copy-sleep".into(),
+        image: Some(config.kip_image.clone()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        command: Some(vec![SLEEP_IN_IMAGE.into(), "--copy-to".into(), "/kip/sleep".into()]),
+        resources: Some(resources.clone()),
+        security_context: Some(hardened.clone()),
+        volume_mounts: Some(vec![kip_mount(false)]),
+        ..Default::default()
+    };
+    let containers = config
+        .images
+        .entries()
+        .iter()
+        .map(|e| Container {
+            name: e.name.clone(),
+            image: Some(e.image.clone()),
+            image_pull_policy: Some("IfNotPresent".into()),
+            command: Some(vec!["/kip/sleep".into(), "720h".into()]),
+            resources: Some(resources.clone()),
+            security_context: Some(hardened.clone()),
+            volume_mounts: Some(vec![kip_mount(true)]),
+            ..Default::default()
+        })
+        .collect();
+
+    let pod_security = PodSecurityContext {
+        run_as_non_root: Some(true),
+        // The SCC picks UIDs on OpenShift; elsewhere a fixed unprivileged one.
+        run_as_user: (!opts.openshift).then_some(NON_ROOT_UID),
+        run_as_group: (!opts.openshift).then_some(NON_ROOT_UID),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+        ..Default::default()
+    };
+    let affinity = match config.mode {
+        Mode::Auto => Some(exclude_agent_nodes(config.affinity.clone())),
+        _ => config.affinity.clone(),
+    };
+    let annotations = (!config.daemonset_annotations.is_empty()).then(|| config.daemonset_annotations.clone());
+
+    let mut ds = DaemonSet {
+        metadata: ObjectMeta {
+            name: Some(config.daemonset_name.clone()),
+            namespace: Some(config.namespace.clone()),
+            labels: Some(meta_labels.clone()),
+            annotations: annotations.clone(),
+            owner_references: opts.owner.clone().map(|o| vec![o]),
+            ..Default::default()
+        },
+        spec: Some(DaemonSetSpec {
+            selector: LabelSelector { match_labels: Some(labels), ..Default::default() },
+            update_strategy: Some(DaemonSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDaemonSet {
+                    max_unavailable: Some(IntOrString::String("10%".into())),
+                    ..Default::default()
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(meta_labels), annotations, ..Default::default() }),
+                spec: Some(PodSpec {
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    termination_grace_period_seconds: Some(1),
+                    node_selector: (!config.node_selector.is_empty()).then(|| config.node_selector.clone()),
+                    affinity,
+                    tolerations: (!config.tolerations.is_empty()).then(|| config.tolerations.clone()),
+                    image_pull_secrets: (!config.image_pull_secrets.is_empty()).then(|| {
+                        config.image_pull_secrets.iter().map(|s| LocalObjectReference { name: s.clone() }).collect()
+                    }),
+                    security_context: Some(pod_security),
+                    init_containers: Some(vec![copy_sleep]),
+                    containers,
+                    volumes: Some(vec![Volume {
+                        name: KIP_VOLUME.into(),
+                        empty_dir: Some(EmptyDirVolumeSource { size_limit: Some(Quantity("50Mi".into())), ..Default::default() }),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    };
+    let hash = spec_hash(&ds);
+    ds.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(HASH_ANNOTATION.into(), hash);
+    Some(ds)
+}
+
+/// Hash of the object as kip would apply it (without the hash annotation itself).
+pub fn spec_hash(ds: &DaemonSet) -> String {
+    let mut copy = ds.clone();
+    if let Some(a) = copy.metadata.annotations.as_mut() {
+        a.remove(HASH_ANNOTATION);
+    }
+    // Serializing k8s-openapi types cannot fail (no maps with non-string keys).
+    let json = serde_json::to_vec(&copy).unwrap_or_default();
+    let digest = Sha256::digest(&json);
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn hash_of(ds: &DaemonSet) -> Option<&str> {
+    ds.metadata.annotations.as_ref()?.get(HASH_ANNOTATION).map(String::as_str)
+}
+
+/// Adds "not on nodes labelled `kip.eclipse.dev/agent=cri`" to the user's node affinity. Terms of
+/// `requiredDuringScheduling…` are ORed, so the exclusion goes into every term.
+pub fn exclude_agent_nodes(affinity: Option<Affinity>) -> Affinity {
+    let exclusion = NodeSelectorRequirement {
+        key: AGENT_LABEL.into(),
+        operator: "NotIn".into(),
+        values: Some(vec![AGENT_LABEL_VALUE.into()]),
+    };
+    let mut affinity = affinity.unwrap_or_default();
+    let node = affinity.node_affinity.get_or_insert_with(NodeAffinity::default);
+    let required = node.required_during_scheduling_ignored_during_execution.get_or_insert_with(|| NodeSelector { node_selector_terms: vec![] });
+    if required.node_selector_terms.is_empty() {
+        required.node_selector_terms.push(NodeSelectorTerm::default());
+    }
+    for term in &mut required.node_selector_terms {
+        term.match_expressions.get_or_insert_with(Vec::new).push(exclusion.clone());
+    }
+    affinity
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{validate, RawConfig};
+
+    fn config(pairs: &[(&str, &str)]) -> KipConfig {
+        let raw: RawConfig = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        validate(&raw).unwrap()
+    }
+
+    fn owner() -> OwnerReference {
+        OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: "Deployment".into(),
+            name: "kip-coordinator".into(),
+            uid: "0a1b2c3d-0000-4000-8000-000000000001".into(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        }
+    }
+
+    /// Compares with `tests/golden/NAME.yaml`; `KIP_UPDATE_GOLDEN=1` rewrites it (then review the diff).
+    fn golden(name: &str, ds: &DaemonSet) {
+        let yaml = serde_saphyr::to_string(ds).unwrap();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(format!("{name}.yaml"));
+        if std::env::var_os("KIP_UPDATE_GOLDEN").is_some() {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &yaml).unwrap();
+        }
+        let want = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (KIP_UPDATE_GOLDEN=1 writes it)", path.display()));
+        assert_eq!(yaml, want, "{name}: generated DaemonSet differs from {}", path.display());
+    }
+
+    #[test]
+    fn cri_mode_has_no_daemonset() {
+        assert!(fallback_daemonset(&config(&[("IMAGES", "a=busybox"), ("KIP_MODE", "cri")]), &Options::default()).is_none());
+    }
+
+    #[test]
+    fn daemonset_mode_matches_kip_layout() {
+        let c = config(&[("IMAGES", "java11=quay.io/eclipse/che-java11-maven:next;theia=quay.io/eclipse/che-theia:next"), ("KIP_MODE", "daemonset")]);
+        let ds = fallback_daemonset(&c, &Options { openshift: false, owner: Some(owner()) }).unwrap();
+        golden("daemonset-mode", &ds);
+        let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        assert_eq!(pod.termination_grace_period_seconds, Some(1));
+        assert!(pod.affinity.is_none(), "daemonset mode adds no exclusion");
+        assert_eq!(pod.containers.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), vec!["java11", "theia"]);
+        assert_eq!(pod.containers[0].command.as_deref(), Some(&["/kip/sleep".to_string(), "720h".to_string()][..]));
+    }
+
+    #[test]
+    fn auto_mode_excludes_agent_nodes_and_merges_user_affinity() {
+        let c = config(&[
+            ("IMAGES", "a=busybox"),
+            ("AFFINITY", r#"{"nodeAffinity":{"requiredDuringSchedulingIgnoredDuringExecution":{"nodeSelectorTerms":[{"matchExpressions":[{"key":"role","operator":"In","values":["worker"]}]},{"matchFields":[{"key":"metadata.name","operator":"In","values":["n9"]}]}]}}}"#),
+            ("NODE_SELECTOR", r#"{"kubernetes.io/os":"linux"}"#),
+            ("TOLERATIONS", r#"[{"operator":"Exists"}]"#),
+            ("IMAGE_PULL_SECRETS", "regcred;other"),
+            ("DAEMONSET_ANNOTATIONS", r#"{"team":"ide"}"#),
+            ("CACHING_MEMORY_REQUEST", "5Mi"),
+            ("CACHING_MEMORY_LIMIT", "5Mi"),
+        ]);
+        let ds = fallback_daemonset(&c, &Options { openshift: false, owner: Some(owner()) }).unwrap();
+        golden("auto-mode-all-options", &ds);
+        let terms = &ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap().affinity.as_ref().unwrap().node_affinity.as_ref().unwrap()
+            .required_during_scheduling_ignored_during_execution.as_ref().unwrap().node_selector_terms;
+        assert_eq!(terms.len(), 2);
+        for t in terms {
+            assert!(t.match_expressions.as_ref().unwrap().iter().any(|e| e.key == AGENT_LABEL && e.operator == "NotIn"), "{t:?}");
+        }
+    }
+
+    #[test]
+    fn auto_mode_without_user_affinity_and_openshift_leaves_uids_out() {
+        let c = config(&[("IMAGES", "a=busybox")]);
+        let ds = fallback_daemonset(&c, &Options { openshift: true, owner: None }).unwrap();
+        golden("auto-mode-openshift", &ds);
+        let sc = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap().security_context.clone().unwrap();
+        assert_eq!((sc.run_as_user, sc.run_as_group, sc.run_as_non_root), (None, None, Some(true)));
+    }
+
+    #[test]
+    fn hash_changes_with_the_spec_only() {
+        let c = config(&[("IMAGES", "a=busybox")]);
+        let a = fallback_daemonset(&c, &Options::default()).unwrap();
+        let b = fallback_daemonset(&c, &Options::default()).unwrap();
+        assert_eq!(hash_of(&a), hash_of(&b));
+        let c2 = config(&[("IMAGES", "a=busybox;b=nginx")]);
+        let d = fallback_daemonset(&c2, &Options::default()).unwrap();
+        assert_ne!(hash_of(&a), hash_of(&d));
+        assert_eq!(hash_of(&a).map(str::len), Some(16));
+    }
+}

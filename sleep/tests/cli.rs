@@ -1,0 +1,79 @@
+//! kip-sleep as a process: usage errors, sleeping, SIGTERM/SIGINT ending it at once, --copy-to.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kip-sleep");
+
+#[test]
+fn wrong_usage_prints_usage_and_exits_2() {
+    for args in [vec![], vec!["1h", "2h"], vec!["forever"], vec!["--copy-to"], vec!["--bogus", "x"]] {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("usage: kip-sleep DURATION"), "{args:?}: {err}");
+    }
+    let out = Command::new(BIN).arg("forever").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("kip-sleep: `forever` is not a duration"));
+}
+
+#[test]
+fn sleeps_for_the_duration() {
+    let started = Instant::now();
+    let status = Command::new(BIN).arg("300ms").status().unwrap();
+    let elapsed = started.elapsed();
+    assert!(status.success());
+    assert!(elapsed >= Duration::from_millis(300) && elapsed < Duration::from_secs(3), "{elapsed:?}");
+}
+
+/// Waits until the child waits for SIGTERM/SIGINT (so a signal is received, not fatal): the
+/// kernel shows it in `sigtimedwait`, during which the waited signals do not appear as blocked.
+fn wait_until_waiting_for_signals(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+        if wchan.contains("sigtimedwait") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "kip-sleep never waited for SIGTERM/SIGINT (wchan {wchan})");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn ends_at_once_on(signal: i32) {
+    let mut child = Command::new(BIN).arg("720h").stdout(Stdio::null()).spawn().unwrap();
+    wait_until_waiting_for_signals(child.id());
+    let sent = Instant::now();
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+    let status = child.wait().unwrap();
+    let took = sent.elapsed();
+    assert_eq!(status.code(), Some(0), "signal {signal}: {status:?}");
+    assert!(took < Duration::from_millis(100), "signal {signal} took {took:?}");
+}
+
+#[test]
+fn sigterm_ends_it_at_once_with_status_0() {
+    ends_at_once_on(libc::SIGTERM);
+}
+
+#[test]
+fn sigint_ends_it_at_once_with_status_0() {
+    ends_at_once_on(libc::SIGINT);
+}
+
+#[test]
+fn copy_to_copies_the_executable_with_mode_0755() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("sleep");
+    let status = Command::new(BIN).args(["--copy-to", target.to_str().unwrap()]).status().unwrap();
+    assert!(status.success());
+    let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o755);
+    assert_eq!(std::fs::read(&target).unwrap(), std::fs::read(BIN).unwrap());
+    assert!(Command::new(&target).arg("10ms").status().unwrap().success(), "the copy runs");
+    let out = Command::new(BIN).args(["--copy-to", "/nonexistent/dir/sleep"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot copy itself to /nonexistent/dir/sleep"));
+}
