@@ -33,6 +33,7 @@ struct ConnectedGuard {
 impl Drop for ConnectedGuard {
     fn drop(&mut self) {
         self.hub.metrics.agents_connected.dec();
+        self.hub.node_stream(&self.node, false);
         tracing::info!(node = %self.node, "agent disconnected");
     }
 }
@@ -50,6 +51,7 @@ impl Coordinator for CoordinatorService {
         }
         tracing::info!(node = %req.node_name, agent_version = %req.agent_version, "agent connected");
         self.hub.metrics.agents_connected.inc();
+        self.hub.node_stream(&req.node_name, true);
         let guard = ConnectedGuard { hub: self.hub.clone(), node: req.node_name };
         // WatchStream yields the current value first, then each new one (skipping stale ones).
         let updates = tokio_stream::wrappers::WatchStream::new(self.hub.subscribe()).map(move |published| {

@@ -40,9 +40,28 @@ pub struct NodeEntry {
     pub received_at: SystemTime,
 }
 
+/// Whether a node's agent is connected, and since when (for the label grace period).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Liveness {
+    pub node: String,
+    pub runtime_available: bool,
+    pub connected: bool,
+    /// When `connected` last changed.
+    pub since: SystemTime,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Connection {
+    open_streams: u32,
+    since: SystemTime,
+}
+
 pub struct Hub {
     list: watch::Sender<Arc<Published>>,
     nodes: RwLock<BTreeMap<String, NodeEntry>>,
+    connections: RwLock<BTreeMap<String, Connection>>,
+    /// Bumped whenever a node connects, disconnects or reports.
+    nodes_changed: watch::Sender<u64>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -52,7 +71,13 @@ impl Hub {
         metrics.config_generation.set(1);
         metrics.images_desired.set(first.config.images.len() as i64);
         let (list, _) = watch::channel(first.clone());
-        let hub = Arc::new(Self { list, nodes: RwLock::new(BTreeMap::new()), metrics });
+        let hub = Arc::new(Self {
+            list,
+            nodes: RwLock::new(BTreeMap::new()),
+            connections: RwLock::new(BTreeMap::new()),
+            nodes_changed: watch::channel(0).0,
+            metrics,
+        });
         hub.refresh_image_metrics(&first);
         hub
     }
@@ -63,6 +88,42 @@ impl Hub {
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
         self.list.subscribe()
+    }
+
+    pub fn subscribe_nodes(&self) -> watch::Receiver<u64> {
+        self.nodes_changed.subscribe()
+    }
+
+    /// A Watch stream of `node` opened (`open`) or closed.
+    pub fn node_stream(&self, node: &str, open: bool) {
+        if let Ok(mut c) = self.connections.write() {
+            let conn = c.entry(node.to_string()).or_insert(Connection { open_streams: 0, since: SystemTime::now() });
+            let was_connected = conn.open_streams > 0;
+            conn.open_streams = if open { conn.open_streams + 1 } else { conn.open_streams.saturating_sub(1) };
+            if was_connected != (conn.open_streams > 0) {
+                conn.since = SystemTime::now();
+            }
+        }
+        self.nodes_changed.send_modify(|v| *v += 1);
+    }
+
+    /// Per known node: runtime availability (from its report) and connection state.
+    pub fn liveness(&self) -> Vec<Liveness> {
+        let nodes = self.nodes();
+        let conns = self.connections.read().map(|c| c.clone()).unwrap_or_default();
+        let names: std::collections::BTreeSet<&String> = nodes.keys().chain(conns.keys()).collect();
+        names
+            .into_iter()
+            .map(|n| {
+                let conn = conns.get(n);
+                Liveness {
+                    node: n.clone(),
+                    runtime_available: nodes.get(n).is_some_and(|e| e.report.runtime.as_ref().is_some_and(|r| r.available)),
+                    connected: conn.is_some_and(|c| c.open_streams > 0),
+                    since: conn.map_or(SystemTime::UNIX_EPOCH, |c| c.since),
+                }
+            })
+            .collect()
     }
 
     /// Publishes `config` as a new generation unless it equals the current one.
@@ -112,6 +173,7 @@ impl Hub {
             tracing::info!(node = %node, generation, cached, pinned, images = total, runtime_available = runtime, "node state changed");
         }
         self.refresh_image_metrics(&self.current());
+        self.nodes_changed.send_modify(|v| *v += 1);
     }
 
     pub fn nodes(&self) -> BTreeMap<String, NodeEntry> {

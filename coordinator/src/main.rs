@@ -40,6 +40,18 @@ struct Cli {
     #[arg(long, env = "KIP_CONFIG_RESYNC", value_name = "DURATION", default_value = "30s", value_parser = kip::duration::parse_duration)]
     config_resync: Duration,
 
+    /// How long a node keeps the agent label after its agent stopped reporting (auto mode)
+    #[arg(long, env = "KIP_NODE_LABEL_GRACE", value_name = "DURATION", default_value = "5m", value_parser = kip::duration::parse_duration)]
+    node_label_grace: Duration,
+
+    /// The coordinator's own Deployment: owner of the fallback DaemonSet and subject of Events
+    #[arg(long, env = "DEPLOYMENT_NAME", value_name = "NAME")]
+    deployment_name: Option<String>,
+
+    /// The coordinator's namespace (downward API metadata.namespace)
+    #[arg(long, env = "POD_NAMESPACE", value_name = "NAMESPACE")]
+    pod_namespace: Option<String>,
+
     /// Log format
     #[arg(long, env = "KIP_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -113,9 +125,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tokio::spawn(r.run(shutdown.clone()))
     });
 
+    let deployment = cli.deployment_name.clone().zip(cli.pod_namespace.clone()).map(|(name, ns)| (ns, name));
+    let fallback = tokio::spawn(kip_coordinator::fallback::start(hub.clone(), deployment, cli.node_label_grace, shutdown.clone()));
+
     wait_for_signal().await?;
     tracing::info!("shutting down");
     shutdown.cancel();
+    let _ = fallback.await;
     if let Some(r) = reloader {
         let _ = r.await;
     }

@@ -1,0 +1,178 @@
+//! The fallback controller against a mocked Kubernetes API server (kube-rs's tower-test
+//! pattern): every request is checked — method, path, query, content type, body — and the
+//! absence of requests when nothing changed.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt as _;
+use kip_coordinator::config::{validate, KipConfig, RawConfig};
+use kip_coordinator::daemonset::{self, Options};
+use kip_coordinator::fallback::{DsOutcome, Fallback};
+use kube::client::Body;
+use serde_json::{json, Value};
+use tower_test::mock::{pair, Handle};
+
+type ApiHandle = Handle<Request<Body>, Response<Body>>;
+
+const DS_PATH: &str = "/apis/apps/v1/namespaces/k8s-image-puller/daemonsets/kubernetes-image-puller";
+
+fn config(pairs: &[(&str, &str)]) -> KipConfig {
+    let mut raw: RawConfig = BTreeMap::from([("IMAGES".to_string(), "a=busybox;b=nginx".to_string())]);
+    raw.extend(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    validate(&raw).unwrap()
+}
+
+fn mocked() -> (Fallback, ApiHandle) {
+    let (service, handle) = pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    (Fallback::new(client, Options::default(), None), handle)
+}
+
+/// Takes the next request, checks method and path, returns its query and JSON body.
+async fn expect(handle: &mut ApiHandle, method: Method, path: &str, status: StatusCode, reply: Value) -> (String, Option<String>, Value) {
+    let (req, send) = handle.next_request().await.expect("a request");
+    assert_eq!((req.method(), req.uri().path()), (&method, path));
+    let query = req.uri().query().unwrap_or_default().to_string();
+    let content_type = req.headers().get(http::header::CONTENT_TYPE).map(|v| v.to_str().unwrap().to_string());
+    let bytes = req.into_body().collect().await.unwrap().to_bytes();
+    let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+    send.send_response(Response::builder().status(status).body(Body::from(serde_json::to_vec(&reply).unwrap())).unwrap());
+    (query, content_type, body)
+}
+
+fn not_found() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
+}
+
+async fn assert_no_more_requests(fb: Fallback, mut handle: ApiHandle) {
+    drop(fb);
+    assert!(handle.next_request().await.is_none(), "an unexpected request was sent");
+}
+
+#[tokio::test]
+async fn created_after_404_with_server_side_apply_then_nothing_when_unchanged() {
+    let (mut fb, mut handle) = mocked();
+    let cfg = config(&[]);
+    let desired = daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap();
+    let desired_json = serde_json::to_value(&desired).unwrap();
+    let api = tokio::spawn(async move {
+        expect(&mut handle, Method::GET, DS_PATH, StatusCode::NOT_FOUND, not_found()).await;
+        let (query, ct, body) = expect(&mut handle, Method::PATCH, DS_PATH, StatusCode::CREATED, desired_json.clone()).await;
+        assert!(query.contains("fieldManager=kip"), "{query}");
+        assert!(query.contains("force=true"), "{query}");
+        assert_eq!(ct.as_deref(), Some("application/apply-patch+yaml"));
+        assert_eq!(body, desired_json, "the applied object is the generated DaemonSet");
+        handle
+    });
+    assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Created);
+    let handle = api.await.unwrap();
+    // Same config: no request at all.
+    assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Unchanged);
+    assert_no_more_requests(fb, handle).await;
+}
+
+#[tokio::test]
+async fn an_existing_daemonset_with_the_same_hash_is_left_alone_and_a_changed_spec_is_applied() {
+    let (mut fb, mut handle) = mocked();
+    let cfg = config(&[]);
+    let current = serde_json::to_value(daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
+    let changed_cfg = config(&[("IMAGES", "a=busybox;b=nginx;c=redis")]);
+    let changed = serde_json::to_value(daemonset::fallback_daemonset(&changed_cfg, &Options::default()).unwrap()).unwrap();
+    let api = tokio::spawn({
+        let (current, changed) = (current.clone(), changed.clone());
+        async move {
+            expect(&mut handle, Method::GET, DS_PATH, StatusCode::OK, current.clone()).await;
+            expect(&mut handle, Method::GET, DS_PATH, StatusCode::OK, current).await;
+            let (_, _, body) = expect(&mut handle, Method::PATCH, DS_PATH, StatusCode::OK, changed.clone()).await;
+            assert_eq!(body["spec"]["template"]["spec"]["containers"].as_array().unwrap().len(), 3);
+            handle
+        }
+    });
+    assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Unchanged, "found with the same hash: no apply");
+    assert_eq!(fb.sync_daemonset(&changed_cfg).await.unwrap(), DsOutcome::Updated);
+    let handle = api.await.unwrap();
+    assert_no_more_requests(fb, handle).await;
+}
+
+#[tokio::test]
+async fn the_health_check_recreates_a_missing_daemonset() {
+    let (mut fb, mut handle) = mocked();
+    let cfg = config(&[]);
+    let desired = serde_json::to_value(daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
+    let api = tokio::spawn(async move {
+        expect(&mut handle, Method::GET, DS_PATH, StatusCode::NOT_FOUND, not_found()).await;
+        expect(&mut handle, Method::PATCH, DS_PATH, StatusCode::CREATED, desired.clone()).await;
+        // Deleted behind kip's back: the health check sees the 404 and applies again.
+        expect(&mut handle, Method::GET, DS_PATH, StatusCode::NOT_FOUND, not_found()).await;
+        let (query, _, _) = expect(&mut handle, Method::PATCH, DS_PATH, StatusCode::CREATED, desired.clone()).await;
+        assert!(query.contains("fieldManager=kip"));
+        // Present and unchanged: only the GET.
+        let mut with_status = desired.clone();
+        with_status["status"] = json!({"currentNumberScheduled": 3, "desiredNumberScheduled": 3, "numberMisscheduled": 0, "numberReady": 2});
+        expect(&mut handle, Method::GET, DS_PATH, StatusCode::OK, with_status).await;
+        handle
+    });
+    assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Created);
+    assert_eq!(fb.check_health(&cfg).await.unwrap(), DsOutcome::Created);
+    assert_eq!(fb.check_health(&cfg).await.unwrap(), DsOutcome::Unchanged);
+    let handle = api.await.unwrap();
+    assert_no_more_requests(fb, handle).await;
+}
+
+#[tokio::test]
+async fn cri_mode_deletes_only_kips_own_daemonset_once() {
+    let (mut fb, mut handle) = mocked();
+    let cfg = config(&[("KIP_MODE", "cri")]);
+    let ours = serde_json::to_value(daemonset::fallback_daemonset(&config(&[]), &Options::default()).unwrap()).unwrap();
+    let api = tokio::spawn(async move {
+        expect(&mut handle, Method::GET, DS_PATH, StatusCode::OK, ours).await;
+        expect(&mut handle, Method::DELETE, DS_PATH, StatusCode::OK, json!({"kind": "Status", "apiVersion": "v1", "status": "Success"})).await;
+        handle
+    });
+    assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Deleted);
+    assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Unchanged);
+    let handle = api.await.unwrap();
+    assert_no_more_requests(fb, handle).await;
+
+    // A DaemonSet of that name that kip did not create is not touched.
+    let (mut fb, mut handle) = mocked();
+    let api = tokio::spawn(async move {
+        let foreign = json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "kubernetes-image-puller", "namespace": "k8s-image-puller"}});
+        expect(&mut handle, Method::GET, DS_PATH, StatusCode::OK, foreign).await;
+        handle
+    });
+    assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Unchanged);
+    let handle = api.await.unwrap();
+    assert_no_more_requests(fb, handle).await;
+}
+
+#[tokio::test]
+async fn node_labels_are_patched_only_where_they_change() {
+    let (mut fb, mut handle) = mocked();
+    let api = tokio::spawn(async move {
+        let (query, _, _) = expect(
+            &mut handle,
+            Method::GET,
+            "/api/v1/nodes",
+            StatusCode::OK,
+            json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": [
+                {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": {"name": "old-node"}}
+            ]}),
+        )
+        .await;
+        assert!(query.contains("labelSelector=kip.eclipse.dev%2Fagent%3Dcri"), "{query}");
+        let node = |name: &str| json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}});
+        let (_, ct, body) = expect(&mut handle, Method::PATCH, "/api/v1/nodes/new-node", StatusCode::OK, node("new-node")).await;
+        assert_eq!(ct.as_deref(), Some("application/merge-patch+json"));
+        assert_eq!(body, json!({"metadata": {"labels": {"kip.eclipse.dev/agent": "cri"}}}));
+        let (_, _, body) = expect(&mut handle, Method::PATCH, "/api/v1/nodes/old-node", StatusCode::OK, node("old-node")).await;
+        assert_eq!(body, json!({"metadata": {"labels": {"kip.eclipse.dev/agent": null}}}), "removal is a null in a merge patch");
+        handle
+    });
+    let desired: BTreeSet<String> = ["new-node".to_string()].into();
+    fb.sync_labels(&desired).await.unwrap();
+    let handle = api.await.unwrap();
+    fb.sync_labels(&desired).await.unwrap();
+    assert_no_more_requests(fb, handle).await;
+}
