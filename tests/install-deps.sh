@@ -14,6 +14,8 @@ have umoci || need+=(umoci)
 have skopeo || need+=(skopeo)
 have curl || need+=(curl)
 have python3 || need+=(python3)
+have file || need+=(file)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 
 if [ ${#need[@]} -gt 0 ]; then
   [ "$(id -u)" = 0 ] || { echo "install-deps: need root to install: ${need[*]}" >&2; exit 1; }
@@ -23,3 +25,11 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 # The Debian packages start no service we rely on: every test runs its own containerd and registry.
+
+# Python tools in a venv of their own (Debian's Python refuses system-wide pip installs).
+TOOLS=${KIP_TOOLS_DIR:-/opt/kip-tools}
+if [ ! -x "$TOOLS/venv/bin/kubernetes-validate" ]; then
+  echo "install-deps: installing kubernetes-validate into $TOOLS/venv" >&2
+  python3 -m venv "$TOOLS/venv"
+  "$TOOLS/venv/bin/pip" install --quiet kubernetes-validate
+fi

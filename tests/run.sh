@@ -12,6 +12,10 @@ echo "==> node e2e (real containerd, real registries)" >&2
 bash tests/e2e/node.sh
 echo "==> coordinator + agents e2e (real processes, three containerds)" >&2
 bash tests/e2e/coordinator.sh
+echo "==> kip-sleep e2e (static build, FROM-scratch containers on a real containerd)" >&2
+bash tests/e2e/sleep.sh
+echo "==> manifests against the Kubernetes schema" >&2
+bash tests/validate-manifests.sh
 echo "==> local demo smoke run" >&2
 KIP_DEMO_EXIT=1 bash deploy/local/demo.sh
 echo "==> all tests passed" >&2
