@@ -1,26 +1,115 @@
 #!/usr/bin/env bash
-# Validates every manifest kip generates or ships against the Kubernetes schema of several
-# Kubernetes versions with `kubernetes-validate --strict` (unknown fields are errors).
+# Checks every manifest kip generates or ships: `helm lint` and `helm template` of the chart with
+# several values files (defaults, a KIP user's values file unchanged, every feature on, cri mode),
+# the OpenShift templates with their parameters substituted, and the fallback DaemonSets the
+# coordinator generates; each document through `kubernetes-validate --strict` for several
+# Kubernetes versions, and each rendered ConfigMap through `kip-coordinator --check-config`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOOLS=${KIP_TOOLS_DIR:-/opt/kip-tools}
 KV="$TOOLS/venv/bin/kubernetes-validate"
-[ -x "$KV" ] || { echo "validate-manifests: $KV missing (tests/install-deps.sh)" >&2; exit 1; }
+HELM="$TOOLS/helm/helm"
+PY="$TOOLS/venv/bin/python"
+COORD=${KIP_COORDINATOR_BIN:-target/debug/kip-coordinator}
+for t in "$KV" "$HELM" "$COORD"; do [ -x "$t" ] || { echo "validate-manifests: $t missing (tests/install-deps.sh, cargo build)" >&2; exit 1; }; done
 VERSIONS=(${KIP_K8S_VERSIONS:-1.29.0 1.33.0})
+WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT
 
-validate() { # validate FILE...
-  local v
+validate() { # validate FILE...: every resource, every version; CRD kinds are checked by check_monitors
+  local v out
   for v in "${VERSIONS[@]}"; do
-    "$KV" --strict --quiet -k "$v" "$@" || { echo "validate-manifests: $* invalid for Kubernetes $v" >&2; return 1; }
+    if ! out=$("$KV" --strict -k "$v" "$@" 2>&1); then
+      echo "$out" >&2
+      echo "validate-manifests: $* invalid for Kubernetes $v" >&2
+      return 1
+    fi
+    if grep -v "monitoring.coreos.com" <<<"$out" | grep -q "WARN"; then
+      echo "$out" >&2
+      echo "validate-manifests: $* has a resource without a schema" >&2
+      return 1
+    fi
   done
 }
 
 # The check must be able to fail: a DaemonSet with an unknown field is refused.
-bad=$(mktemp); trap 'rm -f "$bad"' EXIT
-sed 's/terminationGracePeriodSeconds:/terminationGracePeriodSecond:/' coordinator/tests/golden/daemonset-mode.yaml > "$bad"
-if "$KV" --strict --quiet -k "${VERSIONS[0]}" "$bad" >/dev/null 2>&1; then
+sed 's/terminationGracePeriodSeconds:/terminationGracePeriodSecond:/' coordinator/tests/golden/daemonset-mode.yaml > "$WORK/bad.yaml"
+if "$KV" --strict -k "${VERSIONS[0]}" "$WORK/bad.yaml" >/dev/null 2>&1; then
   echo "validate-manifests: kubernetes-validate accepted an unknown field; the check proves nothing" >&2
   exit 1
+fi
+
+# check_configmap RENDERED.yaml: the ConfigMap the chart renders is one the coordinator accepts.
+check_configmap() {
+  local dir="$WORK/cm-$(basename "$1" .yaml)"
+  mkdir -p "$dir"
+  "$PY" - "$1" "$dir" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+cms = [d for d in docs if d["kind"] == "ConfigMap"]
+assert len(cms) == 1, f"expected one ConfigMap, found {len(cms)}"
+for key, value in cms[0]["data"].items():
+    open(f"{sys.argv[2]}/{key}", "w").write(value)
+PY
+  "$COORD" --check-config --config-dir "$dir"
+}
+
+# check_monitors RENDERED.yaml: ServiceMonitor/PodMonitor select what the chart labels.
+check_monitors() {
+  "$PY" - "$1" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+by_kind = {}
+for d in docs:
+    by_kind.setdefault(d["kind"], []).append(d)
+def subset(sel, labels): return all(labels.get(k) == v for k, v in sel.items())
+for sm in by_kind.get("ServiceMonitor", []):
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    svcs = [s for s in by_kind["Service"] if subset(sm["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])]
+    assert len(svcs) == 1, "ServiceMonitor must select the coordinator Service"
+    ports = {p["name"] for p in svcs[0]["spec"]["ports"]}
+    assert all(e["port"] in ports for e in sm["spec"]["endpoints"]), "ServiceMonitor port not on the Service"
+for pm in by_kind.get("PodMonitor", []):
+    ds = [d for d in by_kind["DaemonSet"] if subset(pm["spec"]["selector"]["matchLabels"], d["spec"]["template"]["metadata"]["labels"])]
+    assert len(ds) == 1, "PodMonitor must select the agent pods"
+    ports = {p["name"] for c in ds[0]["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+    assert all(e["port"] in ports for e in pm["spec"]["podMetricsEndpoints"]), "PodMonitor port not on the pods"
+print(f"monitors ok: {len(by_kind.get('ServiceMonitor', []))} ServiceMonitor, {len(by_kind.get('PodMonitor', []))} PodMonitor")
+PY
+}
+
+echo "==> helm chart" >&2
+"$HELM" lint --strict deploy/helm >&2
+for values in "" deploy/helm/ci/*.yaml; do
+  name=$(basename "${values:-defaults}" .yaml)
+  out="$WORK/helm-$name.yaml"
+  "$HELM" lint --quiet deploy/helm ${values:+-f "$values"} >/dev/null
+  "$HELM" template kip deploy/helm -n kip ${values:+-f "$values"} --api-versions monitoring.coreos.com/v1 > "$out"
+  echo "helm template ($name): $(grep -c '^kind:' "$out") resources" >&2
+  validate "$out"
+  check_configmap "$out"
+  check_monitors "$out"
+done
+# Without the prometheus-operator CRDs no monitor is rendered, even when enabled.
+"$HELM" template kip deploy/helm -n kip -f deploy/helm/ci/all-features-values.yaml > "$WORK/no-crd.yaml"
+if grep -q 'kind: \(ServiceMonitor\|PodMonitor\)' "$WORK/no-crd.yaml"; then echo "monitors rendered without their CRDs" >&2; exit 1; fi
+# values.schema.json rejects wrong types at install time.
+if "$HELM" template kip deploy/helm --set agent.maxParallelPulls=lots >/dev/null 2>&1; then
+  echo "values.schema.json accepted agent.maxParallelPulls=lots" >&2; exit 1
+fi
+if "$HELM" template kip deploy/helm --set mode=sometimes >/dev/null 2>&1; then
+  echo "values.schema.json accepted mode=sometimes" >&2; exit 1
+fi
+
+if [ -d deploy/openshift ]; then
+  echo "==> OpenShift templates" >&2
+  for t in deploy/openshift/*.yaml; do
+    out="$WORK/openshift-$(basename "$t")"
+    "$PY" tests/openshift-process.py "$t" > "$out"
+    echo "$t: $(grep -c '^kind:' "$out") objects" >&2
+    validate "$out"
+  done
+  "$PY" tests/openshift-process.py deploy/openshift/configmap.yaml > "$WORK/os-cm.yaml"
+  check_configmap "$WORK/os-cm.yaml"
 fi
 
 echo "==> fallback DaemonSets generated by the coordinator (golden files)" >&2

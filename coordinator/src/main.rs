@@ -52,6 +52,10 @@ struct Cli {
     #[arg(long, env = "POD_NAMESPACE", value_name = "NAMESPACE")]
     pod_namespace: Option<String>,
 
+    /// Validate the configuration, print a summary and exit (0 when valid)
+    #[arg(long)]
+    check_config: bool,
+
     /// Log format
     #[arg(long, env = "KIP_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -80,6 +84,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let env: HashMap<String, String> = std::env::vars().collect();
     let raw = config::read_sources(cli.config_dir.as_deref(), &env)?;
     let config = config::validate(&raw)?;
+    if cli.check_config {
+        println!(
+            "configuration valid: {} images, mode {}, DaemonSet {}/{}: {}",
+            config.images.len(),
+            config.mode.as_str(),
+            config.namespace,
+            config.daemonset_name,
+            config.images
+        );
+        return Ok(());
+    }
     tracing::info!(images = config.images.len(), list = %config.images, "configuration valid");
 
     let metrics = Arc::new(Metrics::new());

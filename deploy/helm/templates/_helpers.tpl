@@ -1,0 +1,39 @@
+{{/* Labels on everything the chart creates. */}}
+{{- define "kip.labels" -}}
+app.kubernetes.io/name: kip
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "kip.selector" -}}
+app.kubernetes.io/name: kip
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "kip.image" -}}
+{{ printf "%s:%v" .Values.image.repository .Values.image.tag }}
+{{- end -}}
+
+{{/* The coordinator's Service (and gRPC address for agents). */}}
+{{- define "kip.coordinatorService" -}}
+{{ .Values.deploymentName }}
+{{- end -}}
+
+{{/* configMap.imagePullSecrets (`a;b`) as a list of names. */}}
+{{- define "kip.pullSecrets" -}}
+{{- $names := list -}}
+{{- range (splitList ";" (toString .Values.configMap.imagePullSecrets)) -}}
+{{- $n := trim . -}}
+{{- if $n }}{{ $names = append $names $n }}{{ end -}}
+{{- end -}}
+{{ toJson $names }}
+{{- end -}}
+
+{{/* KIP's values file has `priorityClassName: {}`: only a non-empty string counts. */}}
+{{- define "kip.priorityClassName" -}}
+{{- if and (kindIs "string" .) (ne . "") }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- end -}}
