@@ -12,8 +12,8 @@ echo "==> node e2e (real containerd, real registries)" >&2
 bash tests/e2e/node.sh
 echo "==> coordinator + agents e2e (real processes, three containerds)" >&2
 bash tests/e2e/coordinator.sh
-echo "==> kip-sleep e2e (static build, FROM-scratch containers on a real containerd)" >&2
-bash tests/e2e/sleep.sh
+echo "==> image e2e (static binaries, image without Docker, FROM-scratch containers on a real containerd)" >&2
+bash tests/e2e/image.sh
 echo "==> manifests against the Kubernetes schema" >&2
 bash tests/validate-manifests.sh
 echo "==> local demo smoke run" >&2
