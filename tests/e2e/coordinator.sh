@@ -78,6 +78,34 @@ json_check "$COORD_URL/status" "[(i['name'], i['nodes_cached'], i['nodes_pinned'
 metric_is "$COORD_URL" kip_agents_connected 3 || fail "kip_agents_connected != 3"
 metric_is "$COORD_URL" 'kip_image_nodes_pinned{name="alpha",image="'"$A"'"}' 3 || fail "kip_image_nodes_pinned alpha != 3"
 
+log "a real Prometheus scrapes the coordinator and the three agents"
+PROM="http://127.0.0.1:$(free_port)"
+mkdir -p "$KIP_WORK/prometheus"
+{
+  echo "global: {scrape_interval: 1s, evaluation_interval: 1s}"
+  echo "rule_files: ['$PWD/deploy/prometheus/kip-rules.yaml']"
+  echo "scrape_configs:"
+  echo "  - job_name: kip-coordinator"
+  echo "    static_configs: [{targets: ['127.0.0.1:$HTTP']}]"
+  echo "  - job_name: kip-agent"
+  echo "    static_configs:"
+  for n in "${NODES[@]}"; do echo "      - {targets: ['127.0.0.1:${APORT[$n]}'], labels: {node: '$n'}}"; done
+} > "$KIP_WORK/prometheus/prometheus.yml"
+promtool check config "$KIP_WORK/prometheus/prometheus.yml" >/dev/null || fail "prometheus config"
+prometheus --config.file "$KIP_WORK/prometheus/prometheus.yml" --storage.tsdb.path "$KIP_WORK/prometheus/data" \
+  --web.listen-address "${PROM#http://}" >> "$KIP_WORK/prometheus/log" 2>&1 &
+KIP_PIDS+=($!)
+wait_for 60 "Prometheus: all 4 targets up" json_check "$PROM/api/v1/targets" \
+  "sorted((t['labels']['job'], t['health']) for t in d['data']['activeTargets']) == [('kip-agent', 'up')] * 3 + [('kip-coordinator', 'up')]"
+wait_for 30 "Prometheus: kip_images_cached equals the list's length (2) on every node" json_check "$PROM/api/v1/query?query=kip_images_cached" \
+  "sorted((r['metric']['node'], r['value'][1]) for r in d['data']['result']) == [('node-1', '2'), ('node-2', '2'), ('node-3', '2')]"
+json_check "$PROM/api/v1/query?query=kip_image_nodes_pinned" "sorted((r['metric']['name'], r['value'][1]) for r in d['data']['result']) == [('alpha', '3'), ('beta', '3')]" \
+  || fail "Prometheus: kip_image_nodes_pinned"
+json_check "$PROM/api/v1/rules" "sum(len(g['rules']) for g in d['data']['groups']) == 6" || fail "Prometheus did not load kip's alerting rules"
+# promtool check metrics only knows the classic text format; Prometheus itself parses OpenMetrics:
+json_check "$PROM/api/v1/query?query=kip_build_info" "sorted(r['metric']['component'] for r in d['data']['result']) == ['agent'] * 3 + ['coordinator']" \
+  || fail "Prometheus: kip_build_info of every component"
+
 log "ConfigMap change: beta -> gamma reaches every node"
 write_configmap "$CM" "IMAGES=alpha=$A;gamma=$C;" "CACHING_INTERVAL_HOURS=1" "KIP_CHECK_INTERVAL=1s" "NODE_SELECTOR={}"
 wait_for 30 "generation 2 with alpha and gamma on every node" status_has 2 "alpha gamma"
