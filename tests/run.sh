@@ -14,8 +14,14 @@ echo "==> coordinator + agents e2e (real processes, three containerds)" >&2
 bash tests/e2e/coordinator.sh
 echo "==> image e2e (static binaries, image without Docker, FROM-scratch containers on a real containerd)" >&2
 bash tests/e2e/image.sh
-echo "==> manifests against the Kubernetes schema" >&2
+echo "==> helm lint/template, OpenShift templates, manifests against the Kubernetes schema" >&2
 bash tests/validate-manifests.sh
+echo "==> Prometheus rules (promtool check + unit tests)" >&2
+promtool check rules deploy/prometheus/kip-rules.yaml
+(cd deploy/prometheus && promtool test rules kip-rules.test.yaml)
+bash tests/check-dashboard.sh
+echo "==> shellcheck" >&2
+shellcheck -x tests/*.sh tests/e2e/*.sh deploy/local/demo.sh deploy/image/*.sh .ci/run
 echo "==> local demo smoke run" >&2
 KIP_DEMO_EXIT=1 bash deploy/local/demo.sh
 echo "==> all tests passed" >&2

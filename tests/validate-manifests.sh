@@ -12,7 +12,7 @@ HELM="$TOOLS/helm/helm"
 PY="$TOOLS/venv/bin/python"
 COORD=${KIP_COORDINATOR_BIN:-target/debug/kip-coordinator}
 for t in "$KV" "$HELM" "$COORD"; do [ -x "$t" ] || { echo "validate-manifests: $t missing (tests/install-deps.sh, cargo build)" >&2; exit 1; }; done
-VERSIONS=(${KIP_K8S_VERSIONS:-1.29.0 1.33.0})
+read -r -a VERSIONS <<< "${KIP_K8S_VERSIONS:-1.29.0 1.33.0}"
 WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT
 
 validate() { # validate FILE...: every resource, every version; CRD kinds are checked by check_monitors
@@ -40,7 +40,8 @@ fi
 
 # check_configmap RENDERED.yaml: the ConfigMap the chart renders is one the coordinator accepts.
 check_configmap() {
-  local dir="$WORK/cm-$(basename "$1" .yaml)"
+  local dir
+  dir="$WORK/cm-$(basename "$1" .yaml)"
   mkdir -p "$dir"
   "$PY" - "$1" "$dir" <<'PY'
 import sys, yaml

@@ -31,7 +31,7 @@ kip_cleanup() {
   done
   if [ -n "$KIP_WORK" ] && [ -d "$KIP_WORK" ]; then
     # containerd may leave snapshot mounts behind when killed mid-unpack.
-    grep -o " $KIP_WORK[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+    grep -o " ${KIP_WORK}[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
     if [ -n "${KIP_KEEP_WORKDIR:-}" ]; then log "kept $KIP_WORK"; else rm -rf "$KIP_WORK"; fi
   fi
 }

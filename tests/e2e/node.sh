@@ -163,10 +163,10 @@ log "bad input: malformed IMAGES and an unreachable socket"
 set +e
 out=$("$AGENT" --cri-socket "$CONTAINERD_SOCK" --images "ok=$MULTI;broken" --once 2>&1); rc=$?
 set -e
-[ "$rc" -ne 0 ] && [[ $out == *"IMAGES entry 2 \`broken\`: expected \`name=image\`"* ]] || fail "malformed IMAGES: rc=$rc $out"
+if [ "$rc" -eq 0 ] || [[ $out != *"IMAGES entry 2 \`broken\`: expected \`name=image\`"* ]]; then fail "malformed IMAGES: rc=$rc $out"; fi
 set +e
 out=$("$AGENT" --cri-socket "$KIP_WORK/nothing.sock" --images "ok=$MULTI" --once 2>&1); rc=$?
 set -e
-[ "$rc" -ne 0 ] && [[ $out == *"CRI socket $KIP_WORK/nothing.sock does not answer Version"* ]] || fail "unreachable socket: rc=$rc $out"
+if [ "$rc" -eq 0 ] || [[ $out != *"CRI socket $KIP_WORK/nothing.sock does not answer Version"* ]]; then fail "unreachable socket: rc=$rc $out"; fi
 
 log "node e2e passed"

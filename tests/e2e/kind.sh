@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# kind end-to-end test, for machines with Docker, kind, kubectl, helm, jq and internet (it cannot
+# run on kip's CI machines, which have no Docker engine; .github/workflows/kind-e2e.yml runs it).
+# Creates a 3-node kind cluster, builds and loads kip's image, installs the chart, and checks on
+# every node with `crictl images -o json` (through `docker exec`) that the images are present and
+# pinned. Then checks the fallback: on one worker the agent gets no runtime socket, so in auto
+# mode that node loses the agent label and the classic sleep DaemonSet runs there, and only there.
+# KIP_KIND_KEEP=1 keeps the cluster.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+CLUSTER=${KIP_KIND_CLUSTER:-kip-e2e}
+IMAGE=kip:kind-e2e
+NS=kip
+IMAGES="busybox=docker.io/library/busybox:1.36;pause=registry.k8s.io/pause:3.10;"
+NAMES=(docker.io/library/busybox:1.36 registry.k8s.io/pause:3.10)
+
+log() { printf '==> %s\n' "$*" >&2; }
+fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
+for tool in docker kind kubectl helm jq; do
+  command -v "$tool" >/dev/null || fail "$tool is required"
+done
+
+cleanup() {
+  if [ -z "${KIP_KIND_KEEP:-}" ]; then kind delete cluster --name "$CLUSTER" >/dev/null 2>&1 || true; fi
+}
+trap cleanup EXIT
+
+log "kind cluster $CLUSTER (1 control plane, 2 workers)"
+kind create cluster --name "$CLUSTER" --wait 120s --config - <<'KIND'
+kind: Cluster
+apiVersion: kind.x-k8s.io/v1alpha4
+nodes:
+  - role: control-plane
+  - role: worker
+  - role: worker
+KIND
+
+log "build and load $IMAGE"
+docker build -f deploy/image/Dockerfile -t "$IMAGE" .
+kind load docker-image "$IMAGE" --name "$CLUSTER"
+
+log "helm install"
+helm install kip deploy/helm -n "$NS" --create-namespace \
+  --set image.repository=kip --set image.tag=kind-e2e --set image.pullPolicy=Never \
+  --set-string configMap.images="$IMAGES" --set agent.checkInterval=5s --wait --timeout 5m
+kubectl -n "$NS" rollout status deployment/kubernetes-image-puller --timeout 120s
+kubectl -n "$NS" rollout status daemonset/kubernetes-image-puller-agent --timeout 300s
+
+# pinned_on NODE REF: crictl on the node reports the image present and pinned.
+pinned_on() {
+  docker exec "$1" crictl images -o json |
+    jq -e --arg ref "$2" '[.images[] | select(.repoTags | index($ref)) | .pinned] | any' >/dev/null
+}
+wait_until() { # wait_until SECONDS DESCRIPTION COMMAND...
+  local secs=$1 what=$2 deadline
+  shift 2
+  deadline=$((SECONDS + secs))
+  until "$@"; do
+    [ "$SECONDS" -lt "$deadline" ] || fail "timed out waiting for $what"
+    sleep 2
+  done
+}
+
+mapfile -t NODES < <(kind get nodes --name "$CLUSTER")
+log "every node has the images, pinned (crictl images -o json)"
+for node in "${NODES[@]}"; do
+  for ref in "${NAMES[@]}"; do
+    wait_until 300 "$ref pinned on $node" pinned_on "$node" "$ref"
+  done
+  echo "$node: ${NAMES[*]} present and pinned"
+done
+
+log "fallback: the agent on one worker gets no runtime socket"
+WORKER=$(kubectl get nodes -o name -l '!node-role.kubernetes.io/control-plane' | head -n 1 | cut -d/ -f2)
+# The regular agents stay off that node...
+kubectl -n "$NS" patch daemonset kubernetes-image-puller-agent --type merge -p "$(jq -n --arg n "$WORKER" '{spec: {template: {spec: {affinity: {nodeAffinity: {requiredDuringSchedulingIgnoredDuringExecution: {nodeSelectorTerms: [{matchFields: [{key: "metadata.name", operator: "NotIn", values: [$n]}]}]}}}}}}}')"
+# ...and a copy of the agent runs there with a socket path that does not exist.
+kubectl -n "$NS" get daemonset kubernetes-image-puller-agent -o json | jq --arg n "$WORKER" '
+  .metadata = {name: "kip-agent-nosocket", namespace: .metadata.namespace}
+  | .spec.selector.matchLabels["kip-e2e"] = "nosocket"
+  | .spec.template.metadata.labels["kip-e2e"] = "nosocket"
+  | .spec.template.spec.affinity = {nodeAffinity: {requiredDuringSchedulingIgnoredDuringExecution: {nodeSelectorTerms: [{matchFields: [{key: "metadata.name", operator: "In", values: [$n]}]}]}}}
+  | .spec.template.spec.containers[0].env |= map(if .name == "KIP_CRI_SOCKET" then .value = "/run/kip-no-runtime/containerd.sock" else . end)
+  | .spec.template.spec.volumes |= map(if .name == "runtime-socket" then .hostPath.path = "/run/kip-no-runtime" else . end)
+  | .spec.template.spec.containers[0].volumeMounts |= map(if .name == "runtime-socket" then .mountPath = "/run/kip-no-runtime" else . end)
+  | del(.status)' | kubectl apply -f -
+
+label_of() { kubectl get node "$1" -o json | jq -r '.metadata.labels["kip.eclipse.dev/agent"] // "none"'; }
+no_label() { [ "$(label_of "$WORKER")" = none ]; }
+# The coordinator drops the label after its grace period (5m by default).
+wait_until 600 "$WORKER to lose the agent label" no_label
+for node in $(kubectl get nodes -o name | cut -d/ -f2); do
+  [ "$node" = "$WORKER" ] && continue
+  [ "$(label_of "$node")" = cri ] || fail "$node lost its agent label"
+done
+fallback_nodes() {
+  kubectl -n "$NS" get pods -l app.kubernetes.io/name=kip-sleep -o json | jq -r '[.items[] | select(.status.phase == "Running") | .spec.nodeName] | unique | join(",")'
+}
+only_on_worker() { [ "$(fallback_nodes)" = "$WORKER" ]; }
+wait_until 300 "the fallback sleep DaemonSet running on $WORKER only" only_on_worker
+pod=$(kubectl -n "$NS" get pods -l app.kubernetes.io/name=kip-sleep -o jsonpath='{.items[0].metadata.name}')
+kubectl -n "$NS" get pod "$pod" -o json | jq -e '[.spec.containers[].command == ["/kip/sleep", "720h"]] | all' >/dev/null || fail "fallback containers do not run /kip/sleep 720h"
+kubectl -n "$NS" get pod "$pod" -o json | jq -e '.spec.initContainers[0].name == "copy-sleep"' >/dev/null || fail "no copy-sleep initContainer"
+log "kind e2e passed"
