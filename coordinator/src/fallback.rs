@@ -205,6 +205,11 @@ impl Fallback {
         Ok(())
     }
 
+    /// True when this process has labelled nodes that may need the label taken back.
+    pub fn has_labelled_nodes(&self) -> bool {
+        self.labelled.as_ref().is_some_and(|l| !l.is_empty())
+    }
+
     /// Records an Event on the coordinator's Deployment; failures to record are only logged.
     pub async fn record(&self, type_: EventType, reason: &str, action: &str, note: String) {
         let Some((recorder, reference)) = &self.events else { return };
@@ -219,7 +224,8 @@ impl Fallback {
 pub async fn run(mut fb: Fallback, hub: Arc<Hub>, grace: Duration, shutdown: CancellationToken) {
     let mut lists = hub.subscribe();
     let mut nodes = hub.subscribe_nodes();
-    let mut next_health = tokio::time::Instant::now();
+    // The first pass creates or checks the DaemonSet; the health check comes an interval later.
+    let mut next_health: Option<tokio::time::Instant> = None;
     let mut retry = crate::backoff();
     loop {
         let published = hub.current();
@@ -230,19 +236,36 @@ pub async fn run(mut fb: Fallback, hub: Arc<Hub>, grace: Duration, shutdown: Can
             tracing::error!(error = %e, daemonset = %config.daemonset_name, "applying the fallback DaemonSet failed");
             fb.record(EventType::Warning, "DaemonSetApplyFailed", "Apply", format!("applying DaemonSet {}: {e}", config.daemonset_name)).await;
         }
-        let desired = if config.mode == Mode::Auto { agent_nodes(&hub.liveness(), SystemTime::now(), grace) } else { BTreeSet::new() };
-        if let Err(e) = fb.sync_labels(&desired).await {
+        // Labels matter in auto mode only (and outside it the chart grants no access to nodes);
+        // labels set earlier in this process are taken back when the mode changes.
+        let labels = if config.mode == Mode::Auto {
+            Some(agent_nodes(&hub.liveness(), SystemTime::now(), grace))
+        } else {
+            fb.has_labelled_nodes().then(BTreeSet::new)
+        };
+        let labelled = match &labels {
+            Some(desired) => fb.sync_labels(desired).await,
+            None => Ok(()),
+        };
+        if let Err(e) = labelled {
             failed = true;
             tracing::error!(error = %e, "updating agent node labels failed");
             fb.record(EventType::Warning, "NodeLabelFailed", "Label", format!("updating node label {AGENT_LABEL}: {e}")).await;
         }
-        if tokio::time::Instant::now() >= next_health {
-            if let Err(e) = fb.check_health(config).await {
-                failed = true;
-                tracing::error!(error = %e, "fallback DaemonSet health check failed");
+        let interval = Duration::from_secs(u64::from(config.caching_interval_hours) * 3600);
+        let now = tokio::time::Instant::now();
+        match next_health {
+            Some(due) if now >= due => {
+                if let Err(e) = fb.check_health(config).await {
+                    failed = true;
+                    tracing::error!(error = %e, "fallback DaemonSet health check failed");
+                }
+                next_health = Some(now + interval);
             }
-            next_health = tokio::time::Instant::now() + Duration::from_secs(u64::from(config.caching_interval_hours) * 3600);
+            Some(_) => {}
+            None => next_health = Some(now + interval),
         }
+        let next_health_due = next_health.unwrap_or(now + interval);
         let wait = if failed {
             retry.next().unwrap_or(Duration::from_secs(60))
         } else {
@@ -255,7 +278,7 @@ pub async fn run(mut fb: Fallback, hub: Arc<Hub>, grace: Duration, shutdown: Can
             _ = lists.changed() => {}
             _ = nodes.changed() => {}
             _ = tokio::time::sleep(wait) => {}
-            _ = tokio::time::sleep_until(next_health) => {}
+            _ = tokio::time::sleep_until(next_health_due) => {}
         }
     }
 }

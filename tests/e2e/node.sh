@@ -140,6 +140,16 @@ id_record=$(records_of "$BYDIGEST" | grep '^sha256:')
 is_pinned_by_kip "$id_record" || fail "image ID record $id_record shared with a listed image was unpinned"
 kill -TERM "$AGENT_PID"; wait "$AGENT_PID" || fail "agent exited non-zero on SIGTERM"
 
+log "--remove-unlisted: an image kip pinned that left the list is deleted"
+"$AGENT" --cri-socket "$CONTAINERD_SOCK" --images "multi=$MULTI; bydigest=$BYDIGEST" --remove-unlisted \
+  --listen "127.0.0.1:$PORT" --check-interval 1s >> "$KIP_WORK/agent.log" 2>&1 &
+AGENT_PID=$!
+KIP_PIDS+=("$AGENT_PID")
+wait_for 30 "$PRIVATE to be removed" bash -c "! ctr --address '$CONTAINERD_SOCK' -n k8s.io images ls -q | grep -qxF '$PRIVATE'"
+ref_present "$MULTI" || fail "--remove-unlisted removed a listed image"
+ref_present "$OTHER" || fail "--remove-unlisted removed an image kip never pinned"
+kill -TERM "$AGENT_PID"; wait "$AGENT_PID" || fail "agent exited non-zero on SIGTERM"
+
 log "a wrong password: clear error naming the image, no secret anywhere"
 BAD="$KIP_WORK/bad-secrets"
 write_pull_secret "$BAD" regcred "$PRIV" kip 'Wr0ng-pa55-xyzzy'
