@@ -5,18 +5,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
+pub use kip::process::LogFormat;
 
 use kip::images::ImageList;
 use kip::duration::parse_duration;
 
 use crate::reconcile::Policy;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
 
 #[derive(Debug, Parser)]
 #[command(name = "kip-agent", version, about = "Keeps a list of container images cached and pinned on this node through its CRI socket")]

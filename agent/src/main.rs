@@ -8,7 +8,8 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use kip_agent::agent::{self, Agent, ListSource, Runtime};
 use kip_agent::follow;
-use kip_agent::cli::{Cli, LogFormat};
+use kip::process::{init_logging, wait_for_signal};
+use kip_agent::cli::Cli;
 use kip_agent::http::{self, Readiness};
 use kip_agent::metrics::Metrics;
 use tokio_util::sync::CancellationToken;
@@ -24,15 +25,6 @@ async fn main() -> ExitCode {
             eprintln!("kip-agent: error: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
     }
 }
 
@@ -111,7 +103,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     agent.reports = reports;
     let worker = tokio::spawn(agent.run(shutdown.clone()));
 
-    wait_for_signal().await?;
+    wait_for_signal().await.context("installing the SIGTERM/SIGINT handlers")?;
     tracing::info!("shutting down");
     shutdown.cancel();
     let _ = tokio::join!(worker, server);
@@ -129,17 +121,6 @@ async fn connect_runtime(cli: &Cli) -> anyhow::Result<Runtime> {
         tracing::warn!(runtime = %rt.info.name, "no pinning API for this runtime; images are kept by pulling them again when they disappear");
     }
     Ok(rt)
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
 }
 
 fn print_summary(outcomes: &[agent::OnceOutcome]) -> ExitCode {

@@ -9,16 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
+use kip::process::{init_logging, wait_for_signal, LogFormat};
 use kip::http;
 use kip_coordinator::{config, grpc::CoordinatorService, hub::Hub, metrics::Metrics, reload::ConfigReloader};
 use tokio_util::sync::CancellationToken;
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
 
 #[derive(Debug, Parser)]
 #[command(name = "kip-coordinator", version, about = "Validates the KIP configuration and publishes the image list to kip agents")]
@@ -64,12 +59,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
+    init_logging(cli.log_format);
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -143,7 +133,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let deployment = cli.deployment_name.clone().zip(cli.pod_namespace.clone()).map(|(name, ns)| (ns, name));
     let fallback = tokio::spawn(kip_coordinator::fallback::start(hub.clone(), deployment, cli.node_label_grace, shutdown.clone()));
 
-    wait_for_signal().await?;
+    wait_for_signal().await.context("installing the SIGTERM/SIGINT handlers")?;
     tracing::info!("shutting down");
     shutdown.cancel();
     let _ = fallback.await;
@@ -152,16 +142,5 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let _ = http_server.await;
     grpc.await.context("gRPC server task")?.context("gRPC server")?;
-    Ok(())
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
     Ok(())
 }

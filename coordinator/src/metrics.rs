@@ -1,7 +1,7 @@
 //! The coordinator's Prometheus metrics: the published list, config reloads, connected
 //! agents, and per image the number of nodes that have it.
 
-use prometheus_client::encoding::{text::encode, EncodeLabelSet};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -68,10 +68,7 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
-        out
+        kip::process::render_metrics(&self.registry)
     }
 }
 
