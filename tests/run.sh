@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Runs every test: unit and integration tests of the workspace, then the end-to-end tests
-# against a real containerd and registries (root needed), then a smoke run of the local demo.
+# Runs every test (as root, on Debian): installs what is missing, then the unit and integration
+# tests of the workspace, the end-to-end tests against a real containerd and registries, the
+# manifest, Prometheus and shell checks, and a smoke run of the local demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+bash tests/install-deps.sh
 
 echo "==> cargo build" >&2
 cargo build --workspace --locked --all-targets
