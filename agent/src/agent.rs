@@ -205,12 +205,13 @@ impl Agent {
             ListSource::Coordinator(rx) => rx.borrow().clone().map(|u| (u.list.clone(), Some(u))),
         };
         if let Some((list, update)) = initial {
-            agent.set_list(list, update.as_ref().map_or(0, |u| u.generation), update.as_ref());
+            agent.set_list(list, update.as_ref());
         }
         agent
     }
 
-    fn set_list(&mut self, list: ImageList, generation: u64, update: Option<&ListUpdate>) {
+    /// Switches to `list`; `update` (from the coordinator) brings the generation and policy.
+    fn set_list(&mut self, list: ImageList, update: Option<&ListUpdate>) {
         for e in self.list.entries() {
             if !list.entries().contains(e) {
                 self.metrics.forget_image(&ImageLabels { name: e.name.clone(), image: e.image.clone() });
@@ -219,7 +220,7 @@ impl Agent {
         reconcile::sync_states(&mut self.states, &list);
         self.policy = update.map_or_else(|| self.base_policy.clone(), |u| u.apply_to(&self.base_policy));
         self.list = list;
-        self.generation = generation;
+        self.generation = update.map_or(0, |u| u.generation);
         self.list_known = true;
     }
 
@@ -267,7 +268,7 @@ impl Agent {
                     Err(e) => tracing::error!(error = %e, "pull task failed"),
                 },
                 Some(update) = Self::next_list(&mut self.source) => {
-                    self.set_list(update.list.clone(), update.generation, Some(&update));
+                    self.set_list(update.list.clone(), Some(&update));
                     // Check at once: new images are pulled and dropped ones unpinned now.
                     next_check = Instant::now();
                 }

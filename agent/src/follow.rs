@@ -3,12 +3,13 @@
 //! its images) and handed to the work loop. The stream is reopened with backoff when it breaks.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use kip::images::ImageList;
 use kip::v1::{self, coordinator_client::CoordinatorClient};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
@@ -136,6 +137,8 @@ pub struct Follower {
     pub node_name: String,
     pub state_dir: PathBuf,
     pub updates: watch::Sender<Option<ListUpdate>>,
+    /// Told each time a stream opens: a (restarted) coordinator needs the current report again.
+    pub connected: Arc<Notify>,
 }
 
 impl Follower {
@@ -173,6 +176,7 @@ impl Follower {
         let mut client = CoordinatorClient::new(self.channel.clone());
         let req = v1::WatchRequest { node_name: self.node_name.clone(), agent_version: env!("CARGO_PKG_VERSION").into() };
         let mut stream = client.watch(req).await.map_err(|s| (0, s))?.into_inner();
+        self.connected.notify_one();
         let mut received = 0;
         loop {
             match stream.message().await {
@@ -206,13 +210,25 @@ impl Follower {
     }
 }
 
-/// Sends the agent's report whenever it changes (never on a timer), retrying with backoff.
-pub async fn report_changes(channel: Channel, mut reports: watch::Receiver<v1::NodeReport>, shutdown: CancellationToken) {
+/// Sends the agent's report whenever it changes (never on a timer), and again whenever the
+/// Watch stream (re)connects, since a restarted coordinator knows nothing; retries with backoff.
+pub async fn report_changes(
+    channel: Channel,
+    mut reports: watch::Receiver<v1::NodeReport>,
+    connected: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
     let mut client = CoordinatorClient::new(channel);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             changed = reports.changed() => if changed.is_err() { return },
+            _ = connected.notified() => {
+                // Nothing to repeat before the first real report.
+                if reports.borrow().node_name.is_empty() {
+                    continue;
+                }
+            }
         }
         let mut backoff = reconcile::retry_backoff(Duration::from_millis(500), Duration::from_secs(30));
         loop {

@@ -61,10 +61,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             };
             let (updates, updates_rx) = tokio::sync::watch::channel(initial);
-            let follower = follow::Follower { channel: channel.clone(), url: url.clone(), node_name: node.clone(), state_dir: cli.state_dir.clone(), updates };
+            let connected = Arc::new(tokio::sync::Notify::new());
+            let follower = follow::Follower {
+                channel: channel.clone(),
+                url: url.clone(),
+                node_name: node.clone(),
+                state_dir: cli.state_dir.clone(),
+                updates,
+                connected: connected.clone(),
+            };
             tasks.push(tokio::spawn(follower.run(shutdown.clone())));
             let (report_tx, report_rx) = tokio::sync::watch::channel(kip::v1::NodeReport::default());
-            tasks.push(tokio::spawn(follow::report_changes(channel, report_rx, shutdown.clone())));
+            tasks.push(tokio::spawn(follow::report_changes(channel, report_rx, connected, shutdown.clone())));
             (ListSource::Coordinator(updates_rx), Some((node, report_tx)))
         }
         (None, Some(images)) => (ListSource::Fixed(images.clone()), None),

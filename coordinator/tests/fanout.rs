@@ -45,6 +45,7 @@ async fn a_list_change_reaches_50_agents_quickly() {
             node_name: format!("node-{i}"),
             state_dir: state.path().join(format!("node-{i}")),
             updates: tx,
+            connected: Arc::new(tokio::sync::Notify::new()),
         };
         tokio::spawn(follower.run(shutdown.clone()));
         receivers.push(rx);

@@ -150,4 +150,10 @@ start_coordinator
 wait_for 60 "all three agents reconnected" metric_is "$COORD_URL" kip_agents_connected 3
 wait_for 30 "all nodes report alpha and gamma to the new coordinator" status_has 1 "alpha gamma"
 
+log "coordinator restarted once more, same list and generation: agents report again on reconnect"
+kill -TERM "$COORD_PID"; wait "$COORD_PID" || fail "coordinator exited non-zero on SIGTERM"
+start_coordinator
+wait_for 60 "all three agents reconnected again" metric_is "$COORD_URL" kip_agents_connected 3
+wait_for 30 "all nodes in /status although nothing changed on them" status_has 1 "alpha gamma"
+
 log "coordinator e2e passed"
