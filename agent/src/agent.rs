@@ -11,13 +11,13 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use kip::images::{ImageEntry, ImageList};
 use kip::v1;
 
 use crate::auth::{Credentials, Keyring};
+use crate::cri::{CriClient, CriError, ImageInfo, RuntimeInfo};
 use crate::follow::ListUpdate;
-use crate::cri::{CriClient, CriError, RuntimeInfo};
 use crate::http::Readiness;
-use kip::images::{ImageEntry, ImageList};
 use crate::metrics::{ImageLabels, Metrics, PullLabels, ResultLabels, RESULT_FAILURE, RESULT_SUCCESS};
 use crate::pin::Pinner;
 use crate::reconcile::{self, Action, Observation, Policy, PullReason, States};
@@ -77,7 +77,11 @@ pub async fn observe_image(rt: &Runtime, reference: &str) -> Result<Observation,
         Some(p) => p.is_pinned(&refs).await.map_err(|source| ImageError::Pin { image: reference.into(), source })?,
         None => false,
     };
-    Ok(Observation { present: true, pinned, digest: info.digest_in(reference).map(str::to_string), refs })
+    Ok(present(&info, reference, refs, pinned))
+}
+
+fn present(info: &ImageInfo, reference: &str, refs: Vec<String>, pinned: bool) -> Observation {
+    Observation { present: true, pinned, digest: info.digest_in(reference).map(str::to_string), refs }
 }
 
 /// Pins every record of an image already present; returns the resulting observation.
@@ -95,7 +99,7 @@ pub async fn pin_image(rt: &Runtime, reference: &str, foreign: &[String]) -> Res
         }
         None => info.pinned,
     };
-    Ok(Observation { present: true, pinned, digest: info.digest_in(reference).map(str::to_string), refs })
+    Ok(present(&info, reference, refs, pinned))
 }
 
 /// Records of `reference` that someone other than kip has pinned (empty when absent).
