@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 
 bash tests/install-deps.sh
 
+echo "==> cargo fmt --check; clippy with -D warnings and the workspace lints" >&2
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo build" >&2
 cargo build --workspace --locked --all-targets
 echo "==> cargo test" >&2

@@ -23,7 +23,7 @@ validate() { # validate FILE...: every resource, every version; CRD kinds are ch
       echo "validate-manifests: $* invalid for Kubernetes $v" >&2
       return 1
     fi
-    if grep -v "monitoring.coreos.com" <<<"$out" | grep -q "WARN"; then
+    if grep -v "monitoring.coreos.com" <<<"$out" | grep "WARN" >/dev/null; then # not -q: no SIGPIPE
       echo "$out" >&2
       echo "validate-manifests: $* has a resource without a schema" >&2
       return 1

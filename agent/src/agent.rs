@@ -61,9 +61,13 @@ impl ImageError {
 
 /// Credentials for the image's registry from the mounted pull secrets (read on every pull,
 /// so rotated secrets are used without a restart).
-pub fn credentials_for(secrets_dir: Option<&std::path::Path>, entry: &ImageEntry) -> Result<Option<Credentials>, ImageError> {
+pub fn credentials_for(
+    secrets_dir: Option<&std::path::Path>,
+    entry: &ImageEntry,
+) -> Result<Option<Credentials>, ImageError> {
     let Some(dir) = secrets_dir else { return Ok(None) };
-    let keyring = Keyring::load(dir).map_err(|source| ImageError::Secrets { image: entry.reference.clone(), source })?;
+    let keyring =
+        Keyring::load(dir).map_err(|source| ImageError::Secrets { image: entry.reference.clone(), source })?;
     Ok(keyring.for_registry(&entry.registry).cloned())
 }
 
@@ -91,7 +95,8 @@ pub async fn pin_image(rt: &Runtime, reference: &str, foreign: &[String]) -> Res
     let refs = info.refs_of(reference);
     let pinned = match &rt.pinner {
         Some(p) => {
-            let changed = p.pin(&refs, foreign).await.map_err(|source| ImageError::Pin { image: reference.into(), source })?;
+            let changed =
+                p.pin(&refs, foreign).await.map_err(|source| ImageError::Pin { image: reference.into(), source })?;
             if changed > 0 {
                 tracing::info!(image = reference, records = changed, "pinned");
             }
@@ -106,17 +111,27 @@ pub async fn pin_image(rt: &Runtime, reference: &str, foreign: &[String]) -> Res
 async fn foreign_pins(rt: &Runtime, reference: &str) -> Result<Vec<String>, ImageError> {
     let Some(pinner) = &rt.pinner else { return Ok(vec![]) };
     let Some(info) = rt.cri.image_status(reference).await? else { return Ok(vec![]) };
-    pinner.pinned_by_others(&info.refs_of(reference)).await.map_err(|source| ImageError::Pin { image: reference.into(), source })
+    pinner
+        .pinned_by_others(&info.refs_of(reference))
+        .await
+        .map_err(|source| ImageError::Pin { image: reference.into(), source })
 }
 
 /// One pull attempt followed by the pin. Error text is scrubbed of the credentials used.
-pub async fn pull_and_pin(rt: &Runtime, secrets_dir: Option<&std::path::Path>, entry: &ImageEntry, timeout: Duration) -> Result<Observation, ImageError> {
+pub async fn pull_and_pin(
+    rt: &Runtime,
+    secrets_dir: Option<&std::path::Path>,
+    entry: &ImageEntry,
+    timeout: Duration,
+) -> Result<Observation, ImageError> {
     let creds = credentials_for(secrets_dir, entry)?;
     let auth = creds.as_ref().map(Credentials::to_cri);
     let foreign = foreign_pins(rt, &entry.reference).await?;
     if let Err(e) = rt.cri.pull(&entry.reference, auth, timeout).await {
         return Err(match (e, &creds) {
-            (CriError::Call { op, image, code, message }, Some(c)) => CriError::Call { op, image, code, message: c.redact(&message) },
+            (CriError::Call { op, image, code, message }, Some(c)) => {
+                CriError::Call { op, image, code, message: c.redact(&message) }
+            }
             (e, _) => e,
         }
         .into());
@@ -186,7 +201,10 @@ impl Agent {
     pub fn new(rt: Runtime, source: ListSource, policy: Policy, metrics: Arc<Metrics>, ready: Readiness) -> Self {
         metrics
             .runtime_info
-            .get_or_create(&crate::metrics::RuntimeLabels { runtime: rt.info.name.clone(), version: rt.info.version.clone() })
+            .get_or_create(&crate::metrics::RuntimeLabels {
+                runtime: rt.info.name.clone(),
+                version: rt.info.version.clone(),
+            })
             .set(1);
         let mut agent = Self {
             rt,
@@ -263,7 +281,8 @@ impl Agent {
                 self.start_due_work(&mut pulls).await;
             }
             self.publish_state();
-            let wake = reconcile::next_wake(&self.list, &self.states, &self.policy).map_or(next_check, |t| t.min(next_check));
+            let wake =
+                reconcile::next_wake(&self.list, &self.states, &self.policy).map_or(next_check, |t| t.min(next_check));
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep_until(wake) => {}
@@ -330,7 +349,9 @@ impl Agent {
                     Err(e) => tracing::warn!(image = %reference, error = %e, "pinning failed"),
                 },
                 Action::Pull { reference, reason } => {
-                    let Some(entry) = self.list.entries().iter().find(|e| e.reference == reference).cloned() else { continue };
+                    let Some(entry) = self.list.entries().iter().find(|e| e.reference == reference).cloned() else {
+                        continue;
+                    };
                     if let Some(s) = self.states.get_mut(&reference) {
                         s.pull_started();
                     }
@@ -349,9 +370,15 @@ impl Agent {
     fn finish_pull(&mut self, done: PullDone) {
         let PullDone { reference, reason, elapsed, result } = done;
         let result_label = if result.is_ok() { RESULT_SUCCESS } else { RESULT_FAILURE };
-        self.metrics.image_pull_duration.get_or_create(&ResultLabels { result: result_label }).observe(elapsed.as_secs_f64());
+        self.metrics
+            .image_pull_duration
+            .get_or_create(&ResultLabels { result: result_label })
+            .observe(elapsed.as_secs_f64());
         for l in self.labels_for(&reference) {
-            self.metrics.image_pulls.get_or_create(&PullLabels { name: l.name, image: l.image, result: result_label }).inc();
+            self.metrics
+                .image_pulls
+                .get_or_create(&PullLabels { name: l.name, image: l.image, result: result_label })
+                .inc();
         }
         let policy = self.policy.clone();
         let Some(state) = self.states.get_mut(&reference) else { return };
@@ -439,7 +466,11 @@ impl Agent {
                 available: self.cri_up,
                 name: self.rt.info.name.clone(),
                 version: self.rt.info.version.clone(),
-                error: if self.cri_up { String::new() } else { format!("runtime not reachable on {}", self.rt.cri.socket().display()) },
+                error: if self.cri_up {
+                    String::new()
+                } else {
+                    format!("runtime not reachable on {}", self.rt.cri.socket().display())
+                },
             }),
             generation: self.generation,
             images: self
@@ -471,7 +502,12 @@ pub struct OnceOutcome {
 
 /// Caches and pins every listed image once, with a few retries per image; removes kip's pins
 /// from images no longer listed. Used by `--once`.
-pub async fn run_once(rt: &Runtime, list: &ImageList, secrets_dir: Option<&std::path::Path>, policy: &Policy) -> Vec<OnceOutcome> {
+pub async fn run_once(
+    rt: &Runtime,
+    list: &ImageList,
+    secrets_dir: Option<&std::path::Path>,
+    policy: &Policy,
+) -> Vec<OnceOutcome> {
     let semaphore = Arc::new(tokio::sync::Semaphore::new(policy.max_parallel_pulls.max(1)));
     let mut tasks = JoinSet::new();
     for (index, entry) in list.entries().iter().cloned().enumerate() {

@@ -39,10 +39,10 @@ pub struct Credentials {
 }
 
 impl Credentials {
-    pub fn to_cri(&self) -> k8s_cri::v1::AuthConfig {
+    pub fn to_cri(&self) -> kip::cri::AuthConfig {
         // server_address stays empty: containerd drops credentials whose server_address
         // is not a URL with the registry's host (RUNTIME-NOTES).
-        k8s_cri::v1::AuthConfig {
+        kip::cri::AuthConfig {
             username: self.username.clone(),
             password: self.password.expose().to_string(),
             identity_token: self.identity_token.expose().to_string(),
@@ -126,7 +126,8 @@ impl Keyring {
         }
         let mut keyring = Keyring::default();
         for file in files {
-            let text = std::fs::read_to_string(&file).map_err(|source| AuthError::ReadDir { dir: file.clone(), source })?;
+            let text =
+                std::fs::read_to_string(&file).map_err(|source| AuthError::ReadDir { dir: file.clone(), source })?;
             keyring.add_file(&file, &text)?;
         }
         Ok(keyring)
@@ -182,10 +183,7 @@ fn resolve_entry(file: &Path, registry: &str, entry: DockerAuthEntry) -> Result<
 pub fn normalize_registry(key: &str) -> String {
     let key = key.trim().to_ascii_lowercase();
     let key = key.as_str();
-    let without_scheme = key
-        .strip_prefix("https://")
-        .or_else(|| key.strip_prefix("http://"))
-        .unwrap_or(key);
+    let without_scheme = key.strip_prefix("https://").or_else(|| key.strip_prefix("http://")).unwrap_or(key);
     let host = without_scheme.split('/').next().unwrap_or_default().to_string();
     match host.as_str() {
         "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" | "docker.io" => "docker.io".into(),
@@ -203,7 +201,13 @@ mod tests {
 
     #[test]
     fn docker_hub_aliases_normalize_to_docker_io() {
-        for k in ["https://index.docker.io/v1/", "index.docker.io", "registry-1.docker.io", "docker.io", "https://registry.hub.docker.com"] {
+        for k in [
+            "https://index.docker.io/v1/",
+            "index.docker.io",
+            "registry-1.docker.io",
+            "docker.io",
+            "https://registry.hub.docker.com",
+        ] {
             assert_eq!(normalize_registry(k), "docker.io", "{k}");
         }
         assert_eq!(normalize_registry("HTTPS://Quay.io/"), "quay.io");
@@ -213,7 +217,10 @@ mod tests {
     #[test]
     fn dockerconfigjson_with_auth_field_and_hub_alias() {
         let mut k = Keyring::default();
-        let json = format!(r#"{{"auths":{{"https://index.docker.io/v1/":{{"auth":"{}"}},"quay.io":{{"username":"q","password":"qp"}}}}}}"#, b64("hubuser:hub:pass"));
+        let json = format!(
+            r#"{{"auths":{{"https://index.docker.io/v1/":{{"auth":"{}"}},"quay.io":{{"username":"q","password":"qp"}}}}}}"#,
+            b64("hubuser:hub:pass")
+        );
         k.add_file(Path::new("/s/a/.dockerconfigjson"), &json).unwrap();
         let hub = k.for_registry("docker.io").unwrap();
         assert_eq!(hub.username, "hubuser");
@@ -229,7 +236,11 @@ mod tests {
     #[test]
     fn legacy_dockercfg_has_no_auths_wrapper() {
         let mut k = Keyring::default();
-        k.add_file(Path::new("/s/.dockercfg"), &format!(r#"{{"127.0.0.1:5000":{{"auth":"{}","email":"x@y"}}}}"#, b64("u:p"))).unwrap();
+        k.add_file(
+            Path::new("/s/.dockercfg"),
+            &format!(r#"{{"127.0.0.1:5000":{{"auth":"{}","email":"x@y"}}}}"#, b64("u:p")),
+        )
+        .unwrap();
         assert_eq!(k.for_registry("127.0.0.1:5000").unwrap().username, "u");
     }
 
@@ -238,8 +249,13 @@ mod tests {
         let mut k = Keyring::default();
         let err = k.add_file(Path::new("/s/a/.dockerconfigjson"), "{not json").unwrap_err();
         assert!(err.to_string().starts_with("pull secret /s/a/.dockerconfigjson: invalid JSON"), "{err}");
-        let err = k.add_file(Path::new("/s/a/config.json"), r#"{"auths":{"r.io":{"auth":"c2VjcmV0LW5vLWNvbG9u"}}}"#).unwrap_err();
-        assert_eq!(err.to_string(), "pull secret /s/a/config.json: registry `r.io`: `auth` is not base64 `user:password`");
+        let err = k
+            .add_file(Path::new("/s/a/config.json"), r#"{"auths":{"r.io":{"auth":"c2VjcmV0LW5vLWNvbG9u"}}}"#)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "pull secret /s/a/config.json: registry `r.io`: `auth` is not base64 `user:password`"
+        );
         assert!(!err.to_string().contains("secret-no-colon"));
     }
 

@@ -8,13 +8,17 @@ use std::time::Duration;
 use clap::Parser;
 pub use kip::process::LogFormat;
 
-use kip::images::ImageList;
 use kip::duration::parse_duration;
+use kip::images::ImageList;
 
 use crate::reconcile::Policy;
 
 #[derive(Debug, Parser)]
-#[command(name = "kip-agent", version, about = "Keeps a list of container images cached and pinned on this node through its CRI socket")]
+#[command(
+    name = "kip-agent",
+    version,
+    about = "Keeps a list of container images cached and pinned on this node through its CRI socket"
+)]
 #[command(group(clap::ArgGroup::new("list-source").args(["images", "coordinator"]).required(true)))]
 pub struct Cli {
     /// The runtime's CRI socket [default: the first that exists of /run/containerd/containerd.sock,
@@ -112,7 +116,16 @@ mod tests {
         assert_eq!(cli.policy().max_parallel_pulls, 3);
         let cli = Cli::try_parse_from(["kip-agent", "--images", "a=busybox", "--caching-interval-hours", "5"]).unwrap();
         assert_eq!(cli.policy().refresh_interval, Duration::from_secs(5 * 3600));
-        let cli = Cli::try_parse_from(["kip-agent", "--images", "a=busybox", "--caching-interval-hours", "5", "--refresh-interval", "10m"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "kip-agent",
+            "--images",
+            "a=busybox",
+            "--caching-interval-hours",
+            "5",
+            "--refresh-interval",
+            "10m",
+        ])
+        .unwrap();
         assert_eq!(cli.policy().refresh_interval, Duration::from_secs(600), "the explicit flag wins");
     }
 
@@ -120,12 +133,24 @@ mod tests {
     fn exactly_one_list_source() {
         let err = Cli::try_parse_from(["kip-agent"]).unwrap_err().to_string();
         assert!(err.contains("--images") && err.contains("--coordinator"), "{err}");
-        let err = Cli::try_parse_from(["kip-agent", "--images", "a=b", "--coordinator", "http://c:50051", "--node-name", "n"]).unwrap_err().to_string();
+        let err = Cli::try_parse_from([
+            "kip-agent",
+            "--images",
+            "a=b",
+            "--coordinator",
+            "http://c:50051",
+            "--node-name",
+            "n",
+        ])
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("cannot be used with"), "{err}");
         let cli = Cli::try_parse_from(["kip-agent", "--coordinator", "http://c:50051", "--node-name", "n1"]).unwrap();
         assert_eq!((cli.coordinator.as_deref(), cli.node_name.as_deref()), (Some("http://c:50051"), Some("n1")));
         assert_eq!(cli.state_dir, PathBuf::from("/var/lib/kip"));
-        let err = Cli::try_parse_from(["kip-agent", "--coordinator", "http://c:50051", "--once", "--node-name", "n"]).unwrap_err().to_string();
+        let err = Cli::try_parse_from(["kip-agent", "--coordinator", "http://c:50051", "--once", "--node-name", "n"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--once"), "{err}");
     }
 
@@ -133,9 +158,13 @@ mod tests {
     fn bad_values_name_the_flag() {
         let err = Cli::try_parse_from(["kip-agent", "--images", "a=busybox;b"]).unwrap_err().to_string();
         assert!(err.contains("--images") && err.contains("IMAGES entry 2 `b`: expected `name=image`"), "{err}");
-        let err = Cli::try_parse_from(["kip-agent", "--images", "a=busybox", "--pull-timeout", "forever"]).unwrap_err().to_string();
+        let err = Cli::try_parse_from(["kip-agent", "--images", "a=busybox", "--pull-timeout", "forever"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--pull-timeout"), "{err}");
-        let err = Cli::try_parse_from(["kip-agent", "--images", "a=busybox", "--max-parallel-pulls", "0"]).unwrap_err().to_string();
+        let err = Cli::try_parse_from(["kip-agent", "--images", "a=busybox", "--max-parallel-pulls", "0"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--max-parallel-pulls"), "{err}");
     }
 }

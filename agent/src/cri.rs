@@ -6,18 +6,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use k8s_cri::v1::{
-    image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient, AuthConfig,
-    ImageSpec, ImageStatusRequest, PodSandboxConfig, PodSandboxMetadata, PullImageRequest, VersionRequest,
+use kip::cri::{
+    image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient, AuthConfig, ImageSpec,
+    ImageStatusRequest, PodSandboxConfig, PodSandboxMetadata, PullImageRequest, VersionRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
 /// Where the common runtimes put their CRI socket, in the order they are tried.
-pub const DEFAULT_SOCKETS: [&str; 3] = [
-    "/run/containerd/containerd.sock",
-    "/run/k3s/containerd/containerd.sock",
-    "/var/run/crio/crio.sock",
-];
+pub const DEFAULT_SOCKETS: [&str; 3] =
+    ["/run/containerd/containerd.sock", "/run/k3s/containerd/containerd.sock", "/var/run/crio/crio.sock"];
 
 /// How long the start-up `Version` probe may take before the socket counts as not answering.
 const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -143,14 +140,14 @@ impl CriClient {
     /// `None` when the image is absent (CRI answers with an empty image, not an error).
     pub async fn image_status(&self, image: &str) -> Result<Option<ImageInfo>, CriError> {
         let req = ImageStatusRequest { image: Some(image_spec(image)), verbose: false };
-        let resp = self
-            .images
-            .clone()
-            .image_status(req)
-            .await
-            .map_err(|s| call_error("ImageStatus", image, &s))?
-            .into_inner();
-        Ok(resp.image.map(|i| ImageInfo { id: i.id, repo_tags: i.repo_tags, repo_digests: i.repo_digests, pinned: i.pinned }))
+        let resp =
+            self.images.clone().image_status(req).await.map_err(|s| call_error("ImageStatus", image, &s))?.into_inner();
+        Ok(resp.image.map(|i| ImageInfo {
+            id: i.id,
+            repo_tags: i.repo_tags,
+            repo_digests: i.repo_digests,
+            pinned: i.pinned,
+        }))
     }
 
     /// Pulls `image`, giving up after `timeout` (dropping the call cancels the pull).
@@ -165,7 +162,7 @@ impl CriClient {
     }
 
     pub async fn remove(&self, image: &str) -> Result<(), CriError> {
-        let req = k8s_cri::v1::RemoveImageRequest { image: Some(image_spec(image)) };
+        let req = kip::cri::RemoveImageRequest { image: Some(image_spec(image)) };
         self.images.clone().remove_image(req).await.map_err(|s| call_error("RemoveImage", image, &s))?;
         Ok(())
     }
@@ -219,7 +216,10 @@ mod tests {
             pinned: false,
         };
         assert_eq!(info.refs_of("h:5000/r/x:1"), vec!["h:5000/r/x:1", "h:5000/r/x@sha256:bbb", "sha256:aaa"]);
-        assert_eq!(info.refs_of("h:5000/r/other@sha256:ccc"), vec!["h:5000/r/other:2", "h:5000/r/other@sha256:ccc", "sha256:aaa"]);
+        assert_eq!(
+            info.refs_of("h:5000/r/other@sha256:ccc"),
+            vec!["h:5000/r/other:2", "h:5000/r/other@sha256:ccc", "sha256:aaa"]
+        );
         assert_eq!(info.digest_in("h:5000/r/x:1"), Some("sha256:bbb"));
         assert_eq!(info.digest_in("h:5000/r/none:1"), None);
     }

@@ -34,7 +34,11 @@ impl ListUpdate {
         let p = &self.policy;
         let secs = |s: u64, own: Duration| if s > 0 { Duration::from_secs(s) } else { own };
         Policy {
-            max_parallel_pulls: if p.max_parallel_pulls > 0 { p.max_parallel_pulls as usize } else { base.max_parallel_pulls },
+            max_parallel_pulls: if p.max_parallel_pulls > 0 {
+                p.max_parallel_pulls as usize
+            } else {
+                base.max_parallel_pulls
+            },
             refresh_interval: secs(p.refresh_interval_seconds, base.refresh_interval),
             check_interval: secs(p.check_interval_seconds, base.check_interval),
             pull_timeout: secs(p.pull_timeout_seconds, base.pull_timeout),
@@ -83,7 +87,8 @@ pub fn load_state(dir: &Path) -> Result<Option<ListUpdate>, StateError> {
     };
     let invalid = |reason: String| StateError::Invalid { file: file.clone(), reason };
     let saved: SavedList = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-    let list = ImageList::from_pairs(saved.images.iter().map(|i| (i.name.as_str(), i.image.as_str()))).map_err(|e| invalid(e.to_string()))?;
+    let list = ImageList::from_pairs(saved.images.iter().map(|i| (i.name.as_str(), i.image.as_str())))
+        .map_err(|e| invalid(e.to_string()))?;
     Ok(Some(ListUpdate {
         generation: saved.generation,
         list,
@@ -102,13 +107,19 @@ pub fn save_state(dir: &Path, update: &ListUpdate) -> Result<(), StateError> {
     let io = |source| StateError::Io { file: file.clone(), source };
     let saved = SavedList {
         generation: update.generation,
-        images: update.list.entries().iter().map(|e| SavedImage { name: e.name.clone(), image: e.image.clone() }).collect(),
+        images: update
+            .list
+            .entries()
+            .iter()
+            .map(|e| SavedImage { name: e.name.clone(), image: e.image.clone() })
+            .collect(),
         max_parallel_pulls: update.policy.max_parallel_pulls,
         refresh_interval_seconds: update.policy.refresh_interval_seconds,
         check_interval_seconds: update.policy.check_interval_seconds,
         pull_timeout_seconds: update.policy.pull_timeout_seconds,
     };
-    let text = serde_json::to_string_pretty(&saved).map_err(|e| StateError::Invalid { file: file.clone(), reason: e.to_string() })?;
+    let text = serde_json::to_string_pretty(&saved)
+        .map_err(|e| StateError::Invalid { file: file.clone(), reason: e.to_string() })?;
     std::fs::create_dir_all(dir).map_err(io)?;
     let tmp = dir.join(format!("{STATE_FILE}.tmp"));
     {
@@ -174,7 +185,8 @@ impl Follower {
     /// Follows one stream to its end; returns how many updates it delivered.
     async fn follow_stream(&self) -> Result<usize, (usize, tonic::Status)> {
         let mut client = CoordinatorClient::new(self.channel.clone());
-        let req = v1::WatchRequest { node_name: self.node_name.clone(), agent_version: env!("CARGO_PKG_VERSION").into() };
+        let req =
+            v1::WatchRequest { node_name: self.node_name.clone(), agent_version: env!("CARGO_PKG_VERSION").into() };
         let mut stream = client.watch(req).await.map_err(|s| (0, s))?.into_inner();
         self.connected.notify_one();
         let mut received = 0;
@@ -257,7 +269,12 @@ mod tests {
         v1::ImageListUpdate {
             generation,
             images: images.iter().map(|(n, i)| v1::Image { name: n.to_string(), image: i.to_string() }).collect(),
-            policy: Some(v1::PullPolicy { max_parallel_pulls: 7, refresh_interval_seconds: 7200, check_interval_seconds: 0, pull_timeout_seconds: 0 }),
+            policy: Some(v1::PullPolicy {
+                max_parallel_pulls: 7,
+                refresh_interval_seconds: 7200,
+                check_interval_seconds: 0,
+                pull_timeout_seconds: 0,
+            }),
         }
     }
 

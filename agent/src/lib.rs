@@ -1,5 +1,7 @@
 //! kip-agent: keeps a list of images cached and pinned on one node through its CRI socket.
 
+#![forbid(unsafe_code)]
+
 pub mod agent;
 pub mod auth;
 pub mod cli;

@@ -1,15 +1,17 @@
 //! `kip-agent` entry point: parse the command line, connect to the runtime, then either
 //! cache everything once (`--once`) or keep doing it until SIGTERM/SIGINT.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use kip_agent::agent::{self, Agent, ListSource, Runtime};
-use kip_agent::follow;
 use kip::process::{init_logging, wait_for_signal};
+use kip_agent::agent::{self, Agent, ListSource, Runtime};
 use kip_agent::cli::Cli;
+use kip_agent::follow;
 use kip_agent::http::{self, Readiness};
 use kip_agent::metrics::Metrics;
 use tokio_util::sync::CancellationToken;
@@ -40,18 +42,26 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
     let ready = Readiness::starting();
-    let listener = tokio::net::TcpListener::bind(cli.listen).await.with_context(|| format!("cannot listen on {} (--listen)", cli.listen))?;
+    let listener = tokio::net::TcpListener::bind(cli.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", cli.listen))?;
     tracing::info!(addr = %cli.listen, "serving /metrics, /healthz, /readyz");
-    let server = tokio::spawn(kip::http::serve(listener, http::router(metrics.clone(), ready.clone()), shutdown.clone()));
+    let server =
+        tokio::spawn(kip::http::serve(listener, http::router(metrics.clone(), ready.clone()), shutdown.clone()));
 
     let mut tasks = Vec::new();
     let (source, reports) = match (&cli.coordinator, &cli.images) {
         (Some(url), _) => {
             let node = cli.node_name.clone().context("--node-name (NODE_NAME) is required with --coordinator")?;
-            let channel = follow::coordinator_channel(url).with_context(|| format!("--coordinator `{url}` is not a usable URL"))?;
+            let channel = follow::coordinator_channel(url)
+                .with_context(|| format!("--coordinator `{url}` is not a usable URL"))?;
             let initial = match follow::load_state(&cli.state_dir) {
                 Ok(Some(saved)) => {
-                    tracing::info!(generation = saved.generation, images = saved.list.len(), "working with the list saved in the state directory until the coordinator answers");
+                    tracing::info!(
+                        generation = saved.generation,
+                        images = saved.list.len(),
+                        "working with the list saved in the state directory until the coordinator answers"
+                    );
                     Some(saved)
                 }
                 Ok(None) => None,
@@ -90,7 +100,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ready.set(Some(format!("{e}")));
                 tx.send_replace(kip::v1::NodeReport {
                     node_name: node.clone(),
-                    runtime: Some(kip::v1::RuntimeState { available: false, error: e.to_string(), ..Default::default() }),
+                    runtime: Some(kip::v1::RuntimeState {
+                        available: false,
+                        error: e.to_string(),
+                        ..Default::default()
+                    }),
                     agent_version: env!("CARGO_PKG_VERSION").into(),
                     ..Default::default()
                 });
@@ -144,7 +158,10 @@ fn print_summary(outcomes: &[agent::OnceOutcome]) -> ExitCode {
         .iter()
         .filter_map(|o| match &o.result {
             Err(e) => Some(format!("image `{}` ({}): {e}", o.entry.name, o.entry.image)),
-            Ok(obs) if !obs.pinned => Some(format!("image `{}` ({}): cached but not pinned (the runtime has no pinning API)", o.entry.name, o.entry.image)),
+            Ok(obs) if !obs.pinned => Some(format!(
+                "image `{}` ({}): cached but not pinned (the runtime has no pinning API)",
+                o.entry.name, o.entry.image
+            )),
             Ok(_) => None,
         })
         .collect();

@@ -70,7 +70,11 @@ impl Metrics {
         };
         registry.register("kip_images_desired", "Images in the current list", m.images_desired.clone());
         registry.register("kip_images_cached", "Listed images present on the node", m.images_cached.clone());
-        registry.register("kip_images_pinned", "Listed images pinned against garbage collection", m.images_pinned.clone());
+        registry.register(
+            "kip_images_pinned",
+            "Listed images pinned against garbage collection",
+            m.images_pinned.clone(),
+        );
         registry.register("kip_image_cached", "1 when the listed image is present on the node", m.image_cached.clone());
         registry.register("kip_image_pinned", "1 when the listed image is pinned", m.image_pinned.clone());
         registry.register("kip_image_pulls", "Pulls attempted, by image and result", m.image_pulls.clone());
@@ -80,7 +84,11 @@ impl Metrics {
             Unit::Seconds,
             m.image_pull_duration.clone(),
         );
-        registry.register("kip_image_repulls", "Cached images that disappeared and were pulled again", m.image_repulls.clone());
+        registry.register(
+            "kip_image_repulls",
+            "Cached images that disappeared and were pulled again",
+            m.image_repulls.clone(),
+        );
         registry.register("kip_cri_up", "1 when the runtime answers on its CRI socket", m.cri_up.clone());
         registry.register("kip_runtime", "Container runtime behind the CRI socket", m.runtime_info.clone());
         registry.register(
@@ -121,7 +129,9 @@ mod tests {
         let m = Metrics::new();
         let l = ImageLabels { name: "a".into(), image: "busybox".into() };
         m.image_cached.get_or_create(&l).set(1);
-        m.image_pulls.get_or_create(&PullLabels { name: "a".into(), image: "busybox".into(), result: RESULT_SUCCESS }).inc();
+        m.image_pulls
+            .get_or_create(&PullLabels { name: "a".into(), image: "busybox".into(), result: RESULT_SUCCESS })
+            .inc();
         m.image_pull_duration.get_or_create(&ResultLabels { result: RESULT_SUCCESS }).observe(1.5);
         let text = m.render();
         for needle in [

@@ -4,7 +4,9 @@
 
 use std::collections::HashMap;
 
-use containerd_client::services::v1::{images_client::ImagesClient, GetImageRequest, Image, ListImagesRequest, UpdateImageRequest};
+use kip::containerd::services::images::v1::{
+    images_client::ImagesClient, GetImageRequest, Image, ListImagesRequest, UpdateImageRequest,
+};
 use tonic::transport::Channel;
 
 pub const PIN_LABEL: &str = "io.cri-containerd.pinned";
@@ -134,7 +136,8 @@ impl Pinner {
     }
 
     async fn set_labels(&self, name: &str, pin: &str, owner: &str) -> Result<(), PinError> {
-        let labels = HashMap::from([(PIN_LABEL.to_string(), pin.to_string()), (OWNER_LABEL.to_string(), owner.to_string())]);
+        let labels =
+            HashMap::from([(PIN_LABEL.to_string(), pin.to_string()), (OWNER_LABEL.to_string(), owner.to_string())]);
         let req = UpdateImageRequest {
             image: Some(Image { name: name.to_string(), labels, ..Default::default() }),
             // Never send an empty mask: containerd would replace the whole record, target included.

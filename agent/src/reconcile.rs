@@ -260,7 +260,10 @@ mod tests {
         sync_states(&mut states, &l);
         let now = Instant::now();
         let actions = plan(&l, &states, now, &policy(2));
-        assert_eq!(actions, vec![pull("docker.io/r/a:1", PullReason::Missing), pull("docker.io/r/b:1", PullReason::Missing)]);
+        assert_eq!(
+            actions,
+            vec![pull("docker.io/r/a:1", PullReason::Missing), pull("docker.io/r/b:1", PullReason::Missing)]
+        );
         states.get_mut("docker.io/r/a:1").unwrap().pull_started();
         let actions = plan(&l, &states, now, &policy(2));
         assert_eq!(actions, vec![pull("docker.io/r/b:1", PullReason::Missing)], "one slot left, a is in flight");

@@ -197,7 +197,10 @@ pub fn validate(raw: &RawConfig) -> Result<KipConfig, ConfigError> {
     ] {
         if let (Some((rq, rp)), Some((lq, lp))) = (req, lim) {
             if rp > lp {
-                err(req_var, format!("`{}` is greater than {lim_var} `{}`: a request may not exceed its limit", rq.0, lq.0));
+                err(
+                    req_var,
+                    format!("`{}` is greater than {lim_var} `{}`: a request may not exceed its limit", rq.0, lq.0),
+                );
             }
         }
     }
@@ -334,7 +337,6 @@ fn check_dns_subdomain(v: &str) -> Result<(), String> {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -399,13 +401,19 @@ mod tests {
         let e = validate(&raw(&[])).unwrap_err();
         assert_eq!(e.0[0].to_string(), "IMAGES: not set: give the images to cache as `name=image;name=image;`");
         assert_eq!(errors(&[("IMAGES", "a=busybox;nginx")]), vec!["IMAGES: entry 2 `nginx`: expected `name=image`"]);
-        assert_eq!(errors(&[("IMAGES", "a=busybox;a=nginx")]), vec!["IMAGES: entry 2 `a=nginx`: the name `a` is used more than once"]);
+        assert_eq!(
+            errors(&[("IMAGES", "a=busybox;a=nginx")]),
+            vec!["IMAGES: entry 2 `a=nginx`: the name `a` is used more than once"]
+        );
     }
 
     #[test]
     fn interval_must_be_a_positive_integer() {
         for bad in ["0", "-1", "1.5", "one"] {
-            assert_eq!(errors(&[("CACHING_INTERVAL_HOURS", bad)]), vec![format!("CACHING_INTERVAL_HOURS: `{bad}` is not a positive whole number of hours")]);
+            assert_eq!(
+                errors(&[("CACHING_INTERVAL_HOURS", bad)]),
+                vec![format!("CACHING_INTERVAL_HOURS: `{bad}` is not a positive whole number of hours")]
+            );
         }
         assert!(errors(&[("CACHING_INTERVAL_HOURS", " 12\n")]).is_empty());
     }
@@ -418,7 +426,10 @@ mod tests {
         for bad in ["10MB", "ten", "inf", "nan", "", "1.2.3", "Mi"] {
             assert!(parse_quantity(bad).is_err(), "{bad}");
         }
-        assert_eq!(errors(&[("CACHING_MEMORY_LIMIT", "20MB")]), vec!["CACHING_MEMORY_LIMIT: `20MB` is not a Kubernetes quantity (like 10Mi, 512M, 0.5 or 200m)"]);
+        assert_eq!(
+            errors(&[("CACHING_MEMORY_LIMIT", "20MB")]),
+            vec!["CACHING_MEMORY_LIMIT: `20MB` is not a Kubernetes quantity (like 10Mi, 512M, 0.5 or 200m)"]
+        );
         assert_eq!(errors(&[("CACHING_CPU_REQUEST", "-1")]), vec!["CACHING_CPU_REQUEST: `-1` is negative"]);
     }
 
@@ -444,7 +455,10 @@ mod tests {
         assert_eq!(errors(&[("AFFINITY", r#"{"nodeAffinty":{}}"#)]), vec!["AFFINITY: unknown field `nodeAffinty`"]);
         let e = errors(&[("TOLERATIONS", r#"{"key":"a"}"#)]);
         assert!(e[0].starts_with("TOLERATIONS: invalid JSON: invalid type: map, expected a sequence"), "{e:?}");
-        assert_eq!(errors(&[("TOLERATIONS", r#"[{"key":"a","efect":"NoSchedule"}]"#)]), vec!["TOLERATIONS: unknown field `0.efect`"]);
+        assert_eq!(
+            errors(&[("TOLERATIONS", r#"[{"key":"a","efect":"NoSchedule"}]"#)]),
+            vec!["TOLERATIONS: unknown field `0.efect`"]
+        );
         let e = errors(&[("DAEMONSET_ANNOTATIONS", "[]")]);
         assert!(e[0].starts_with("DAEMONSET_ANNOTATIONS: invalid JSON"), "{e:?}");
         assert!(errors(&[("AFFINITY", "{} trailing")])[0].starts_with("AFFINITY: invalid JSON: trailing characters"));
@@ -455,16 +469,28 @@ mod tests {
         assert_eq!(errors(&[("DAEMONSET_NAME", "Bad_Name")]), vec!["DAEMONSET_NAME: `Bad_Name` is not a valid name (lowercase letters, digits, `-` and `.`, at most 253 characters)"]);
         assert_eq!(errors(&[("NAMESPACE", "a.b")]).len(), 1);
         assert_eq!(errors(&[("IMAGE_PULL_SECRETS", "ok;Not OK")]), vec!["IMAGE_PULL_SECRETS: secret name `Not OK` is not a valid name (lowercase letters, digits, `-` and `.`, at most 253 characters)"]);
-        assert_eq!(errors(&[("KIP_IMAGE", "bad image!")]), vec!["KIP_IMAGE: `bad image!` is not a valid image reference: invalid reference format"]);
+        assert_eq!(
+            errors(&[("KIP_IMAGE", "bad image!")]),
+            vec!["KIP_IMAGE: `bad image!` is not a valid image reference: invalid reference format"]
+        );
     }
 
     #[test]
     fn policy_overrides() {
-        let c = validate(&raw(&[("IMAGES", "a=b"), ("KIP_MAX_PARALLEL_PULLS", "5"), ("KIP_CHECK_INTERVAL", "30s"), ("KIP_PULL_TIMEOUT", "10m")])).unwrap();
+        let c = validate(&raw(&[
+            ("IMAGES", "a=b"),
+            ("KIP_MAX_PARALLEL_PULLS", "5"),
+            ("KIP_CHECK_INTERVAL", "30s"),
+            ("KIP_PULL_TIMEOUT", "10m"),
+        ]))
+        .unwrap();
         assert_eq!(c.policy.max_parallel_pulls, Some(5));
         assert_eq!(c.policy.check_interval, Some(Duration::from_secs(30)));
         assert_eq!(c.policy.pull_timeout, Some(Duration::from_secs(600)));
-        assert_eq!(errors(&[("KIP_MAX_PARALLEL_PULLS", "0")]), vec!["KIP_MAX_PARALLEL_PULLS: `0` is not a positive whole number"]);
+        assert_eq!(
+            errors(&[("KIP_MAX_PARALLEL_PULLS", "0")]),
+            vec!["KIP_MAX_PARALLEL_PULLS: `0` is not a positive whole number"]
+        );
         assert_eq!(errors(&[("KIP_CHECK_INTERVAL", "often")]).len(), 1);
     }
 
@@ -473,13 +499,20 @@ mod tests {
         assert_eq!(validate(&raw(&[("IMAGES", "a=b")])).unwrap().mode, Mode::Auto);
         assert_eq!(validate(&raw(&[("IMAGES", "a=b"), ("KIP_MODE", "daemonset")])).unwrap().mode, Mode::Daemonset);
         assert_eq!(validate(&raw(&[("IMAGES", "a=b"), ("KIP_MODE", "cri")])).unwrap().mode, Mode::Cri);
-        assert_eq!(errors(&[("KIP_MODE", "fallback")]), vec!["KIP_MODE: `fallback` is not one of auto, cri, daemonset"]);
+        assert_eq!(
+            errors(&[("KIP_MODE", "fallback")]),
+            vec!["KIP_MODE: `fallback` is not one of auto, cri, daemonset"]
+        );
     }
 
     #[test]
     fn every_error_is_reported_at_once() {
-        let e = validate(&raw(&[("IMAGES", "x"), ("CACHING_INTERVAL_HOURS", "0"), ("NODE_SELECTOR", "[")])).unwrap_err();
-        assert_eq!(e.0.iter().map(|f| f.var).collect::<Vec<_>>(), vec!["IMAGES", "CACHING_INTERVAL_HOURS", "NODE_SELECTOR"]);
+        let e =
+            validate(&raw(&[("IMAGES", "x"), ("CACHING_INTERVAL_HOURS", "0"), ("NODE_SELECTOR", "[")])).unwrap_err();
+        assert_eq!(
+            e.0.iter().map(|f| f.var).collect::<Vec<_>>(),
+            vec!["IMAGES", "CACHING_INTERVAL_HOURS", "NODE_SELECTOR"]
+        );
         assert!(e.to_string().starts_with("invalid configuration: IMAGES: entry 1 `x`"), "{e}");
     }
 
@@ -492,8 +525,10 @@ mod tests {
         std::fs::write(ts.join("IMAGES"), "a=from-dir\n").unwrap();
         std::os::unix::fs::symlink(&ts, dir.path().join("..data")).unwrap();
         std::os::unix::fs::symlink("..data/IMAGES", dir.path().join("IMAGES")).unwrap();
-        let env: HashMap<String, String> =
-            [("IMAGES", "a=from-env"), ("NAMESPACE", "from-env"), ("PATH", "/bin")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: HashMap<String, String> = [("IMAGES", "a=from-env"), ("NAMESPACE", "from-env"), ("PATH", "/bin")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let raw = read_sources(Some(dir.path()), &env).unwrap();
         assert_eq!(raw.get("IMAGES").map(String::as_str), Some("a=from-dir\n"));
         assert_eq!(raw.get("NAMESPACE").map(String::as_str), Some("from-env"));

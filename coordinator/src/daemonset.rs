@@ -147,7 +147,10 @@ pub fn fallback_daemonset(config: &KipConfig, opts: &Options) -> Option<DaemonSe
                     containers,
                     volumes: Some(vec![Volume {
                         name: KIP_VOLUME.into(),
-                        empty_dir: Some(EmptyDirVolumeSource { size_limit: Some(Quantity("50Mi".into())), ..Default::default() }),
+                        empty_dir: Some(EmptyDirVolumeSource {
+                            size_limit: Some(Quantity("50Mi".into())),
+                            ..Default::default()
+                        }),
                         ..Default::default()
                     }]),
                     ..Default::default()
@@ -188,7 +191,9 @@ pub fn exclude_agent_nodes(affinity: Option<Affinity>) -> Affinity {
     };
     let mut affinity = affinity.unwrap_or_default();
     let node = affinity.node_affinity.get_or_insert_with(NodeAffinity::default);
-    let required = node.required_during_scheduling_ignored_during_execution.get_or_insert_with(|| NodeSelector { node_selector_terms: vec![] });
+    let required = node
+        .required_during_scheduling_ignored_during_execution
+        .get_or_insert_with(|| NodeSelector { node_selector_terms: vec![] });
     if required.node_selector_terms.is_empty() {
         required.node_selector_terms.push(NodeSelectorTerm::default());
     }
@@ -227,18 +232,24 @@ mod tests {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(&path, &yaml).unwrap();
         }
-        let want = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (KIP_UPDATE_GOLDEN=1 writes it)", path.display()));
+        let want = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (KIP_UPDATE_GOLDEN=1 writes it)", path.display()));
         assert_eq!(yaml, want, "{name}: generated DaemonSet differs from {}", path.display());
     }
 
     #[test]
     fn cri_mode_has_no_daemonset() {
-        assert!(fallback_daemonset(&config(&[("IMAGES", "a=busybox"), ("KIP_MODE", "cri")]), &Options::default()).is_none());
+        assert!(
+            fallback_daemonset(&config(&[("IMAGES", "a=busybox"), ("KIP_MODE", "cri")]), &Options::default()).is_none()
+        );
     }
 
     #[test]
     fn daemonset_mode_matches_kip_layout() {
-        let c = config(&[("IMAGES", "java11=quay.io/eclipse/che-java11-maven:next;theia=quay.io/eclipse/che-theia:next"), ("KIP_MODE", "daemonset")]);
+        let c = config(&[
+            ("IMAGES", "java11=quay.io/eclipse/che-java11-maven:next;theia=quay.io/eclipse/che-theia:next"),
+            ("KIP_MODE", "daemonset"),
+        ]);
         let ds = fallback_daemonset(&c, &Options { openshift: false, owner: Some(owner()) }).unwrap();
         golden("daemonset-mode", &ds);
         let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
@@ -252,7 +263,10 @@ mod tests {
     fn auto_mode_excludes_agent_nodes_and_merges_user_affinity() {
         let c = config(&[
             ("IMAGES", "a=busybox"),
-            ("AFFINITY", r#"{"nodeAffinity":{"requiredDuringSchedulingIgnoredDuringExecution":{"nodeSelectorTerms":[{"matchExpressions":[{"key":"role","operator":"In","values":["worker"]}]},{"matchFields":[{"key":"metadata.name","operator":"In","values":["n9"]}]}]}}}"#),
+            (
+                "AFFINITY",
+                r#"{"nodeAffinity":{"requiredDuringSchedulingIgnoredDuringExecution":{"nodeSelectorTerms":[{"matchExpressions":[{"key":"role","operator":"In","values":["worker"]}]},{"matchFields":[{"key":"metadata.name","operator":"In","values":["n9"]}]}]}}}"#,
+            ),
             ("NODE_SELECTOR", r#"{"kubernetes.io/os":"linux"}"#),
             ("TOLERATIONS", r#"[{"operator":"Exists"}]"#),
             ("IMAGE_PULL_SECRETS", "regcred;other"),
@@ -262,11 +276,30 @@ mod tests {
         ]);
         let ds = fallback_daemonset(&c, &Options { openshift: false, owner: Some(owner()) }).unwrap();
         golden("auto-mode-all-options", &ds);
-        let terms = &ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap().affinity.as_ref().unwrap().node_affinity.as_ref().unwrap()
-            .required_during_scheduling_ignored_during_execution.as_ref().unwrap().node_selector_terms;
+        let terms = &ds
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .affinity
+            .as_ref()
+            .unwrap()
+            .node_affinity
+            .as_ref()
+            .unwrap()
+            .required_during_scheduling_ignored_during_execution
+            .as_ref()
+            .unwrap()
+            .node_selector_terms;
         assert_eq!(terms.len(), 2);
         for t in terms {
-            assert!(t.match_expressions.as_ref().unwrap().iter().any(|e| e.key == AGENT_LABEL && e.operator == "NotIn"), "{t:?}");
+            assert!(
+                t.match_expressions.as_ref().unwrap().iter().any(|e| e.key == AGENT_LABEL && e.operator == "NotIn"),
+                "{t:?}"
+            );
         }
     }
 

@@ -98,7 +98,9 @@ impl Fallback {
                     });
                     reference = Some(d.object_ref(&()));
                 }
-                Err(e) => tracing::warn!(deployment = %name, namespace = %namespace, error = %e, "cannot read the coordinator's Deployment; the DaemonSet gets no owner and no Events are recorded"),
+                Err(e) => {
+                    tracing::warn!(deployment = %name, namespace = %namespace, error = %e, "cannot read the coordinator's Deployment; the DaemonSet gets no owner and no Events are recorded")
+                }
             }
         }
         tracing::info!(openshift, owner = owner.is_some(), "fallback controller ready");
@@ -114,7 +116,10 @@ impl Fallback {
                 return Ok(DsOutcome::Unchanged);
             }
             let existing = api.get_opt(name).await?;
-            let ours = existing.as_ref().and_then(|d| d.metadata.labels.as_ref()).is_some_and(|l| l.get(MANAGED_BY.0).map(String::as_str) == Some(MANAGED_BY.1));
+            let ours = existing
+                .as_ref()
+                .and_then(|d| d.metadata.labels.as_ref())
+                .is_some_and(|l| l.get(MANAGED_BY.0).map(String::as_str) == Some(MANAGED_BY.1));
             self.known = Known::Absent;
             if ours {
                 api.delete(name, &DeleteParams::default()).await?;
@@ -132,7 +137,13 @@ impl Fallback {
     }
 
     /// Applies `desired` unless `existing` already carries its hash.
-    async fn converge(&mut self, api: &Api<DaemonSet>, config: &KipConfig, desired: DaemonSet, existing: Option<DaemonSet>) -> Result<DsOutcome, kube::Error> {
+    async fn converge(
+        &mut self,
+        api: &Api<DaemonSet>,
+        config: &KipConfig,
+        desired: DaemonSet,
+        existing: Option<DaemonSet>,
+    ) -> Result<DsOutcome, kube::Error> {
         let hash = daemonset::hash_of(&desired).unwrap_or_default().to_string();
         if existing.as_ref().and_then(daemonset::hash_of) == Some(hash.as_str()) {
             self.known = Known::Applied(hash);
@@ -156,7 +167,13 @@ impl Fallback {
         match &existing {
             None => {
                 tracing::warn!(daemonset = %config.daemonset_name, "the fallback DaemonSet is missing; recreating it");
-                self.record(EventType::Warning, "DaemonSetMissing", "Recreate", format!("DaemonSet {} was missing and is recreated", config.daemonset_name)).await;
+                self.record(
+                    EventType::Warning,
+                    "DaemonSetMissing",
+                    "Recreate",
+                    format!("DaemonSet {} was missing and is recreated", config.daemonset_name),
+                )
+                .await;
             }
             Some(ds) => {
                 let status = ds.status.clone().unwrap_or_default();
@@ -178,7 +195,9 @@ impl Fallback {
             }
         };
         let mut now_labelled = labelled.clone();
-        for (node, add) in desired.difference(&labelled).map(|n| (n, true)).chain(labelled.difference(desired).map(|n| (n, false))) {
+        for (node, add) in
+            desired.difference(&labelled).map(|n| (n, true)).chain(labelled.difference(desired).map(|n| (n, false)))
+        {
             let value = if add { serde_json::json!(AGENT_LABEL_VALUE) } else { serde_json::Value::Null };
             let patch = serde_json::json!({"metadata": {"labels": {AGENT_LABEL: value}}});
             match nodes.patch(node, &PatchParams::default(), &Patch::Merge(&patch)).await {
@@ -234,7 +253,13 @@ pub async fn run(mut fb: Fallback, hub: Arc<Hub>, grace: Duration, shutdown: Can
         if let Err(e) = fb.sync_daemonset(config).await {
             failed = true;
             tracing::error!(error = %e, daemonset = %config.daemonset_name, "applying the fallback DaemonSet failed");
-            fb.record(EventType::Warning, "DaemonSetApplyFailed", "Apply", format!("applying DaemonSet {}: {e}", config.daemonset_name)).await;
+            fb.record(
+                EventType::Warning,
+                "DaemonSetApplyFailed",
+                "Apply",
+                format!("applying DaemonSet {}: {e}", config.daemonset_name),
+            )
+            .await;
         }
         // Labels matter in auto mode only (and outside it the chart grants no access to nodes);
         // labels set earlier in this process are taken back when the mode changes.
@@ -250,7 +275,13 @@ pub async fn run(mut fb: Fallback, hub: Arc<Hub>, grace: Duration, shutdown: Can
         if let Err(e) = labelled {
             failed = true;
             tracing::error!(error = %e, "updating agent node labels failed");
-            fb.record(EventType::Warning, "NodeLabelFailed", "Label", format!("updating node label {AGENT_LABEL}: {e}")).await;
+            fb.record(
+                EventType::Warning,
+                "NodeLabelFailed",
+                "Label",
+                format!("updating node label {AGENT_LABEL}: {e}"),
+            )
+            .await;
         }
         let interval = Duration::from_secs(u64::from(config.caching_interval_hours) * 3600);
         let now = tokio::time::Instant::now();
@@ -309,7 +340,12 @@ mod tests {
     use super::*;
 
     fn live(node: &str, runtime: bool, connected: bool, since_secs_ago: u64, now: SystemTime) -> Liveness {
-        Liveness { node: node.into(), runtime_available: runtime, connected, since: now - Duration::from_secs(since_secs_ago) }
+        Liveness {
+            node: node.into(),
+            runtime_available: runtime,
+            connected,
+            since: now - Duration::from_secs(since_secs_ago),
+        }
     }
 
     #[test]

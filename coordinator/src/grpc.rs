@@ -4,8 +4,8 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use kip::v1::{self, coordinator_server::Coordinator};
 use futures_util::StreamExt as _;
+use kip::v1::{self, coordinator_server::Coordinator};
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};

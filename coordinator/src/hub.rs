@@ -23,7 +23,13 @@ impl Published {
         let p = &self.config.policy;
         v1::ImageListUpdate {
             generation: self.generation,
-            images: self.config.images.entries().iter().map(|e| v1::Image { name: e.name.clone(), image: e.image.clone() }).collect(),
+            images: self
+                .config
+                .images
+                .entries()
+                .iter()
+                .map(|e| v1::Image { name: e.name.clone(), image: e.image.clone() })
+                .collect(),
             policy: Some(v1::PullPolicy {
                 max_parallel_pulls: p.max_parallel_pulls.unwrap_or(0),
                 refresh_interval_seconds: u64::from(self.config.caching_interval_hours) * 3600,
@@ -118,7 +124,9 @@ impl Hub {
                 let conn = conns.get(n);
                 Liveness {
                     node: n.clone(),
-                    runtime_available: nodes.get(n).is_some_and(|e| e.report.runtime.as_ref().is_some_and(|r| r.available)),
+                    runtime_available: nodes
+                        .get(n)
+                        .is_some_and(|e| e.report.runtime.as_ref().is_some_and(|r| r.available)),
                     connected: conn.is_some_and(|c| c.open_streams > 0),
                     since: conn.map_or(SystemTime::UNIX_EPOCH, |c| c.since),
                 }
@@ -135,8 +143,10 @@ impl Hub {
         }
         let next = Arc::new(Published { generation: current.generation + 1, config });
         let (old, new) = (&current.config.images, &next.config.images);
-        let added: Vec<&str> = new.entries().iter().filter(|e| !old.entries().contains(e)).map(|e| e.name.as_str()).collect();
-        let removed: Vec<&str> = old.entries().iter().filter(|e| !new.entries().contains(e)).map(|e| e.name.as_str()).collect();
+        let added: Vec<&str> =
+            new.entries().iter().filter(|e| !old.entries().contains(e)).map(|e| e.name.as_str()).collect();
+        let removed: Vec<&str> =
+            old.entries().iter().filter(|e| !new.entries().contains(e)).map(|e| e.name.as_str()).collect();
         tracing::info!(
             generation = next.generation,
             images = new.len(),
@@ -189,7 +199,9 @@ impl Hub {
             .entries()
             .iter()
             .map(|e| {
-                let states = nodes.values().filter_map(|n| n.report.images.iter().find(|i| i.name == e.name && i.image == e.image));
+                let states = nodes
+                    .values()
+                    .filter_map(|n| n.report.images.iter().find(|i| i.name == e.name && i.image == e.image));
                 let (cached, pinned) = states.fold((0, 0), |(c, p), s| (c + s.cached as i64, p + s.pinned as i64));
                 (ImageLabels { name: e.name.clone(), image: e.image.clone() }, cached, pinned)
             })
@@ -260,7 +272,13 @@ mod tests {
             generation: 1,
             images: images
                 .iter()
-                .map(|(n, i, c, p)| v1::ImageState { name: n.to_string(), image: i.to_string(), cached: *c, pinned: *p, ..Default::default() })
+                .map(|(n, i, c, p)| v1::ImageState {
+                    name: n.to_string(),
+                    image: i.to_string(),
+                    cached: *c,
+                    pinned: *p,
+                    ..Default::default()
+                })
                 .collect(),
             agent_version: "test".into(),
         }

@@ -1,6 +1,8 @@
 //! kip-coordinator: validates the KIP configuration, publishes the image list to agents over
 //! gRPC (`kip.v1`), and aggregates their reports.
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod daemonset;
 pub mod fallback;

@@ -1,6 +1,8 @@
 //! `kip-coordinator` entry point: validate the configuration (exit non-zero naming the bad
 //! variable), then serve the gRPC API and the HTTP endpoints until SIGTERM/SIGINT.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,13 +12,17 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use kip::process::{init_logging, wait_for_signal, LogFormat};
 use kip::http;
+use kip::process::{init_logging, wait_for_signal, LogFormat};
 use kip_coordinator::{config, grpc::CoordinatorService, hub::Hub, metrics::Metrics, reload::ConfigReloader};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
-#[command(name = "kip-coordinator", version, about = "Validates the KIP configuration and publishes the image list to kip agents")]
+#[command(
+    name = "kip-coordinator",
+    version,
+    about = "Validates the KIP configuration and publishes the image list to kip agents"
+)]
 struct Cli {
     /// Directory with one file per configuration key (a mounted ConfigMap); watched for changes.
     /// Keys without a file are read from the environment.
@@ -94,12 +100,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let grpc_listener = tokio::net::TcpListener::bind(cli.grpc_listen)
         .await
         .with_context(|| format!("cannot listen on {} (--grpc-listen)", cli.grpc_listen))?;
-    let http_listener =
-        tokio::net::TcpListener::bind(cli.listen).await.with_context(|| format!("cannot listen on {} (--listen)", cli.listen))?;
+    let http_listener = tokio::net::TcpListener::bind(cli.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", cli.listen))?;
     tracing::info!(grpc = %cli.grpc_listen, http = %cli.listen, "serving");
 
     let grpc = {
-        let service = kip::v1::coordinator_server::CoordinatorServer::new(CoordinatorService::new(hub.clone(), shutdown.clone()));
+        let service =
+            kip::v1::coordinator_server::CoordinatorServer::new(CoordinatorService::new(hub.clone(), shutdown.clone()));
         let shutdown = shutdown.clone();
         tokio::spawn(
             tonic::transport::Server::builder()
@@ -107,9 +115,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(10)))
                 .add_service(service)
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), async move {
-                    shutdown.cancelled().await
-                }),
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                    async move { shutdown.cancelled().await },
+                ),
         )
     };
     let router: http::Router = {
@@ -131,7 +140,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     });
 
     let deployment = cli.deployment_name.clone().zip(cli.pod_namespace.clone()).map(|(name, ns)| (ns, name));
-    let fallback = tokio::spawn(kip_coordinator::fallback::start(hub.clone(), deployment, cli.node_label_grace, shutdown.clone()));
+    let fallback =
+        tokio::spawn(kip_coordinator::fallback::start(hub.clone(), deployment, cli.node_label_grace, shutdown.clone()));
 
     wait_for_signal().await.context("installing the SIGTERM/SIGINT handlers")?;
     tracing::info!("shutting down");

@@ -42,7 +42,11 @@ impl Metrics {
             image_nodes_cached: Family::default(),
             image_nodes_pinned: Family::default(),
         };
-        registry.register("kip_config_generation", "Generation of the published image list", m.config_generation.clone());
+        registry.register(
+            "kip_config_generation",
+            "Generation of the published image list",
+            m.config_generation.clone(),
+        );
         registry.register("kip_config_reloads", "Configuration changes published", m.config_reloads.clone());
         registry.register(
             "kip_config_reload_errors",
@@ -57,8 +61,16 @@ impl Metrics {
             "Nodes whose agent reports no usable CRI socket",
             m.nodes_runtime_unavailable.clone(),
         );
-        registry.register("kip_image_nodes_cached", "Nodes that have the listed image cached", m.image_nodes_cached.clone());
-        registry.register("kip_image_nodes_pinned", "Nodes that have the listed image pinned", m.image_nodes_pinned.clone());
+        registry.register(
+            "kip_image_nodes_cached",
+            "Nodes that have the listed image cached",
+            m.image_nodes_cached.clone(),
+        );
+        registry.register(
+            "kip_image_nodes_pinned",
+            "Nodes that have the listed image pinned",
+            m.image_nodes_pinned.clone(),
+        );
         registry.register(
             "kip_build",
             "kip-coordinator build information",

@@ -1,6 +1,8 @@
 //! A list change reaches 50 connected agents: a real coordinator gRPC server on loopback and 50
 //! real agent-side followers (`kip_agent::follow::Follower`, which also persist the list).
-//! The assertion is generous (2 s); the benchmark reports the real figure.
+//! The wait is bounded only to catch a lost update (no timing claim: the benchmark measures it).
+
+#![allow(clippy::unwrap_used)] // a test: an unwrap that fails is a failed test
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,18 +21,21 @@ fn config_with(images: &str) -> config::KipConfig {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_list_change_reaches_50_agents_quickly() {
+async fn a_list_change_reaches_50_agents() {
     let shutdown = CancellationToken::new();
     let hub = Hub::new(config_with("a=busybox;b=nginx"), Arc::new(Metrics::new()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let service = kip::v1::coordinator_server::CoordinatorServer::new(CoordinatorService::new(hub.clone(), shutdown.clone()));
+    let service =
+        kip::v1::coordinator_server::CoordinatorServer::new(CoordinatorService::new(hub.clone(), shutdown.clone()));
     let server = {
         let shutdown = shutdown.clone();
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(service)
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move { shutdown.cancelled().await }),
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+                    shutdown.cancelled().await
+                }),
         )
     };
 
@@ -50,15 +55,14 @@ async fn a_list_change_reaches_50_agents_quickly() {
         tokio::spawn(follower.run(shutdown.clone()));
         receivers.push(rx);
     }
-    wait_for_generation(&mut receivers, 1, Duration::from_secs(20)).await;
+    wait_for_generation(&mut receivers, 1, Duration::from_secs(60)).await;
     assert_eq!(hub.metrics.agents_connected.get(), AGENTS as i64);
 
     let started = Instant::now();
     assert_eq!(hub.publish(config_with("a=busybox;c=quay.io/x/c:1")), Some(2));
-    wait_for_generation(&mut receivers, 2, Duration::from_secs(10)).await;
+    wait_for_generation(&mut receivers, 2, Duration::from_secs(60)).await;
     let elapsed = started.elapsed();
     println!("list change reached {AGENTS} agents in {:.1} ms", elapsed.as_secs_f64() * 1000.0);
-    assert!(elapsed < Duration::from_secs(2), "took {elapsed:?}");
     for rx in &receivers {
         let update = rx.borrow().clone().unwrap();
         assert_eq!(update.list.to_string(), "a=busybox;c=quay.io/x/c:1;");

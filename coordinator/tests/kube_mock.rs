@@ -2,6 +2,8 @@
 //! pattern): every request is checked — method, path, query, content type, body — and the
 //! absence of requests when nothing changed.
 
+#![allow(clippy::unwrap_used)] // a test: an unwrap that fails is a failed test
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use http::{Method, Request, Response, StatusCode};
@@ -30,14 +32,22 @@ fn mocked() -> (Fallback, ApiHandle) {
 }
 
 /// Takes the next request, checks method and path, returns its query and JSON body.
-async fn expect(handle: &mut ApiHandle, method: Method, path: &str, status: StatusCode, reply: Value) -> (String, Option<String>, Value) {
+async fn expect(
+    handle: &mut ApiHandle,
+    method: Method,
+    path: &str,
+    status: StatusCode,
+    reply: Value,
+) -> (String, Option<String>, Value) {
     let (req, send) = handle.next_request().await.expect("a request");
     assert_eq!((req.method(), req.uri().path()), (&method, path));
     let query = req.uri().query().unwrap_or_default().to_string();
     let content_type = req.headers().get(http::header::CONTENT_TYPE).map(|v| v.to_str().unwrap().to_string());
     let bytes = req.into_body().collect().await.unwrap().to_bytes();
     let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
-    send.send_response(Response::builder().status(status).body(Body::from(serde_json::to_vec(&reply).unwrap())).unwrap());
+    send.send_response(
+        Response::builder().status(status).body(Body::from(serde_json::to_vec(&reply).unwrap())).unwrap(),
+    );
     (query, content_type, body)
 }
 
@@ -58,7 +68,8 @@ async fn created_after_404_with_server_side_apply_then_nothing_when_unchanged() 
     let desired_json = serde_json::to_value(&desired).unwrap();
     let api = tokio::spawn(async move {
         expect(&mut handle, Method::GET, DS_PATH, StatusCode::NOT_FOUND, not_found()).await;
-        let (query, ct, body) = expect(&mut handle, Method::PATCH, DS_PATH, StatusCode::CREATED, desired_json.clone()).await;
+        let (query, ct, body) =
+            expect(&mut handle, Method::PATCH, DS_PATH, StatusCode::CREATED, desired_json.clone()).await;
         assert!(query.contains("fieldManager=kip"), "{query}");
         assert!(query.contains("force=true"), "{query}");
         assert_eq!(ct.as_deref(), Some("application/apply-patch+yaml"));
@@ -78,7 +89,8 @@ async fn an_existing_daemonset_with_the_same_hash_is_left_alone_and_a_changed_sp
     let cfg = config(&[]);
     let current = serde_json::to_value(daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
     let changed_cfg = config(&[("IMAGES", "a=busybox;b=nginx;c=redis")]);
-    let changed = serde_json::to_value(daemonset::fallback_daemonset(&changed_cfg, &Options::default()).unwrap()).unwrap();
+    let changed =
+        serde_json::to_value(daemonset::fallback_daemonset(&changed_cfg, &Options::default()).unwrap()).unwrap();
     let api = tokio::spawn({
         let (current, changed) = (current.clone(), changed.clone());
         async move {
@@ -127,7 +139,14 @@ async fn cri_mode_deletes_only_kips_own_daemonset_once() {
     let ours = serde_json::to_value(daemonset::fallback_daemonset(&config(&[]), &Options::default()).unwrap()).unwrap();
     let api = tokio::spawn(async move {
         expect(&mut handle, Method::GET, DS_PATH, StatusCode::OK, ours).await;
-        expect(&mut handle, Method::DELETE, DS_PATH, StatusCode::OK, json!({"kind": "Status", "apiVersion": "v1", "status": "Success"})).await;
+        expect(
+            &mut handle,
+            Method::DELETE,
+            DS_PATH,
+            StatusCode::OK,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+        )
+        .await;
         handle
     });
     assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Deleted);
@@ -163,11 +182,17 @@ async fn node_labels_are_patched_only_where_they_change() {
         .await;
         assert!(query.contains("labelSelector=kip.eclipse.dev%2Fagent%3Dcri"), "{query}");
         let node = |name: &str| json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}});
-        let (_, ct, body) = expect(&mut handle, Method::PATCH, "/api/v1/nodes/new-node", StatusCode::OK, node("new-node")).await;
+        let (_, ct, body) =
+            expect(&mut handle, Method::PATCH, "/api/v1/nodes/new-node", StatusCode::OK, node("new-node")).await;
         assert_eq!(ct.as_deref(), Some("application/merge-patch+json"));
         assert_eq!(body, json!({"metadata": {"labels": {"kip.eclipse.dev/agent": "cri"}}}));
-        let (_, _, body) = expect(&mut handle, Method::PATCH, "/api/v1/nodes/old-node", StatusCode::OK, node("old-node")).await;
-        assert_eq!(body, json!({"metadata": {"labels": {"kip.eclipse.dev/agent": null}}}), "removal is a null in a merge patch");
+        let (_, _, body) =
+            expect(&mut handle, Method::PATCH, "/api/v1/nodes/old-node", StatusCode::OK, node("old-node")).await;
+        assert_eq!(
+            body,
+            json!({"metadata": {"labels": {"kip.eclipse.dev/agent": null}}}),
+            "removal is a null in a merge patch"
+        );
         handle
     });
     let desired: BTreeSet<String> = ["new-node".to_string()].into();

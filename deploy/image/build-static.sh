@@ -10,7 +10,7 @@ for bin in "${bins[@]}"; do
   # `cargo rustc` gives these flags to the final binary only: std links statically either way.
   cargo rustc --quiet --locked --release -p "$bin" --bin "$bin" -- -C target-feature=+crt-static -C strip=symbols
   cp "target/release/$bin" "target/static/$bin"
-  if ! file "target/static/$bin" | grep -Eq 'static(-pie)? linked|statically linked'; then
+  if ! [[ $(file "target/static/$bin") =~ static(-pie)?\ linked|statically\ linked ]]; then
     echo "build-static: target/static/$bin is not statically linked: $(file "target/static/$bin")" >&2
     exit 1
   fi

@@ -53,7 +53,7 @@ log "the coordinator's /status"
 curl -sf "http://127.0.0.1:$CPORT/status"
 
 if [ -n "${KIP_DEMO_EXIT:-}" ]; then
-  kctr images ls | grep -q 'kip.eclipse.dev/pinned-by=kip' || fail "demo: nothing pinned"
+  has_match "$(kctr images ls)" 'kip\.eclipse\.dev/pinned-by=kip' || fail "demo: nothing pinned"
   log "demo done"
   exit 0
 fi

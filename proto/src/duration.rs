@@ -4,7 +4,8 @@ use std::time::Duration;
 
 /// Parses a positive duration; zero is refused because every interval here must move time forward.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s.trim()).map_err(|e| format!("`{s}` is not a duration like 90s, 5m or 1h30m: {e}"))?;
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("`{s}` is not a duration like 90s, 5m or 1h30m: {e}"))?;
     if d.is_zero() {
         return Err(format!("`{s}`: the duration must be greater than zero"));
     }

@@ -43,7 +43,8 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: Cancellation
                     })
                 }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await
+            {
                 tracing::debug!(error = %e, "HTTP connection ended with an error");
             }
         });

@@ -3,7 +3,11 @@
 //! would otherwise ignore them and every pod would wait out its grace period). `--copy-to`
 //! copies the executable itself, so the initContainer needs no shell and the image no base.
 
+mod duration;
+
+use std::ffi::OsString;
 use std::io::Write as _;
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -14,16 +18,21 @@ const USAGE: &str = "usage: kip-sleep DURATION         sleep for DURATION (Go sy
 ";
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-        ["--copy-to", path] => match copy_self(Path::new(path)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("kip-sleep: cannot copy itself to {path}: {e}");
-                ExitCode::FAILURE
+    // Raw bytes: an argument that is not UTF-8 is a usage error, never a panic.
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+    match args.as_slice() {
+        [b"--copy-to", path] => {
+            let path = Path::new(std::ffi::OsStr::from_bytes(path));
+            match copy_self(path) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("kip-sleep: cannot copy itself to {}: {e}", path.display());
+                    ExitCode::FAILURE
+                }
             }
-        },
-        ["-h" | "--help"] => {
+        }
+        [b"-h" | b"--help"] => {
             print!("{USAGE}");
             ExitCode::SUCCESS
         }
@@ -44,12 +53,19 @@ fn usage_error(reason: &str) -> ExitCode {
 }
 
 /// Go's `time.ParseDuration` syntax. A negative duration sleeps not at all, as Go's `time.Sleep`.
-fn parse_go_duration(s: &str) -> Result<Duration, String> {
-    let nanos = go_parse_duration::parse_duration(s).map_err(|_| format!("`{s}` is not a duration (Go syntax: 720h, 1h30m, 1.5h, 300ms)"))?;
+fn parse_go_duration(s: &[u8]) -> Result<Duration, String> {
+    let nanos = duration::parse(s).map_err(|e| {
+        format!(
+            "`{}` is {} (Go syntax: 720h, 1h30m, 1.5h, 300ms)",
+            String::from_utf8_lossy(s).escape_debug(),
+            e.as_str()
+        )
+    })?;
     Ok(Duration::from_nanos(nanos.max(0).unsigned_abs()))
 }
 
 /// Blocks SIGTERM and SIGINT and waits for one of them or the end of `d`, whichever comes first.
+#[allow(unsafe_code)] // sigtimedwait has no safe wrapper in a well-kept crate; this is the only unsafe code
 fn sleep_until_signal(d: Duration) {
     let deadline = Instant::now().checked_add(d);
     // SAFETY: plain libc calls on a sigset_t we own; the process is single-threaded.
@@ -67,7 +83,10 @@ fn sleep_until_signal(d: Duration) {
             if remaining.is_zero() {
                 return;
             }
-            let ts = libc::timespec { tv_sec: remaining.as_secs() as libc::time_t, tv_nsec: remaining.subsec_nanos() as libc::c_long };
+            let ts = libc::timespec {
+                tv_sec: remaining.as_secs() as libc::time_t,
+                tv_nsec: remaining.subsec_nanos() as libc::c_long,
+            };
             let sig = libc::sigtimedwait(&set, std::ptr::null_mut(), &ts);
             if sig == libc::SIGTERM || sig == libc::SIGINT {
                 return;
@@ -92,16 +111,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn go_duration_syntax() {
-        assert_eq!(parse_go_duration("720h"), Ok(Duration::from_secs(720 * 3600)));
-        assert_eq!(parse_go_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_go_duration("1.5h"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_go_duration("300ms"), Ok(Duration::from_millis(300)));
-        assert_eq!(parse_go_duration("2us"), Ok(Duration::from_micros(2)));
-        assert_eq!(parse_go_duration("0"), Ok(Duration::ZERO));
-        assert_eq!(parse_go_duration("-5s"), Ok(Duration::ZERO), "negative sleeps not at all, as in Go");
-        for bad in ["", "10", "h", "1d", "forever", "1h30"] {
-            assert!(parse_go_duration(bad).is_err(), "{bad}");
-        }
+    fn sleeps_go_durations_and_negative_ones_not_at_all() {
+        assert_eq!(parse_go_duration(b"720h"), Ok(Duration::from_secs(720 * 3600)));
+        assert_eq!(parse_go_duration("1μs".as_bytes()), Ok(Duration::from_micros(1)));
+        assert_eq!(parse_go_duration(b"-5s"), Ok(Duration::ZERO), "negative sleeps not at all, as in Go");
+    }
+
+    #[test]
+    fn errors_quote_the_input_and_say_why() {
+        assert_eq!(
+            parse_go_duration(b"1d").unwrap_err(),
+            "`1d` is an unknown unit (use ns, us, µs, ms, s, m or h) (Go syntax: 720h, 1h30m, 1.5h, 300ms)"
+        );
+        assert!(parse_go_duration(b"\xff\n").unwrap_err().starts_with("`\u{fffd}\\n` is not a duration"));
     }
 }

@@ -1,5 +1,7 @@
 //! kip-sleep as a process: usage errors, sleeping, SIGTERM/SIGINT ending it at once, --copy-to.
 
+#![allow(clippy::unwrap_used)] // a test: an unwrap that fails is a failed test
+
 use std::os::unix::fs::PermissionsExt as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,12 +21,28 @@ fn wrong_usage_prints_usage_and_exits_2() {
 }
 
 #[test]
+fn any_go_duration_is_accepted_and_anything_else_is_a_usage_error_never_a_panic() {
+    // U+00B5 and U+03BC: the parser used before panicked on both (exit 101).
+    for ok in ["1µs", "1μs", "1ns", "+1ms", "-5s", "0", ".001s", "0h0m0.01s", "-1h2m3.5s"] {
+        assert_eq!(Command::new(BIN).arg(ok).status().unwrap().code(), Some(0), "{ok}");
+    }
+    use std::os::unix::ffi::OsStrExt as _;
+    let not_utf8 = std::ffi::OsStr::from_bytes(b"1\xb5s");
+    for bad in [std::ffi::OsStr::new("1d"), std::ffi::OsStr::new("3000000h"), std::ffi::OsStr::new("µs"), not_utf8] {
+        let out = Command::new(BIN).arg(bad).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("usage: kip-sleep DURATION"), "{bad:?}");
+    }
+}
+
+#[test]
 fn sleeps_for_the_duration() {
     let started = Instant::now();
     let status = Command::new(BIN).arg("300ms").status().unwrap();
     let elapsed = started.elapsed();
     assert!(status.success());
-    assert!(elapsed >= Duration::from_millis(300) && elapsed < Duration::from_secs(3), "{elapsed:?}");
+    // The lower bound is the claim; the upper one only catches "never woke up" (no timing test).
+    assert!(elapsed >= Duration::from_millis(300) && elapsed < Duration::from_secs(60), "{elapsed:?}");
 }
 
 /// Waits until the child waits for SIGTERM/SIGINT (so a signal is received, not fatal): the
@@ -46,11 +64,15 @@ fn ends_at_once_on(signal: i32) {
     wait_until_waiting_for_signals(child.id());
     let sent = Instant::now();
     // SAFETY: signalling our own child.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+    #[allow(unsafe_code)]
+    let sent_ok = unsafe { libc::kill(child.id() as i32, signal) } == 0;
+    assert!(sent_ok);
     let status = child.wait().unwrap();
     let took = sent.elapsed();
     assert_eq!(status.code(), Some(0), "signal {signal}: {status:?}");
-    assert!(took < Duration::from_millis(100), "signal {signal} took {took:?}");
+    // A 720h sleep that ended: the signal did it. The bound is loose on purpose (a busy CI
+    // machine); how fast it exits is measured by the benchmark, not asserted here.
+    assert!(took < Duration::from_secs(30), "signal {signal} took {took:?}");
 }
 
 #[test]

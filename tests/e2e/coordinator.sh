@@ -53,11 +53,11 @@ start_agent() {
   KIP_PIDS+=("${AGENT_PID[$n]}")
 }
 kctr_on() { local n=$1; shift; ctr --address "${SOCK[$n]}" -n k8s.io "$@"; }
-labels_on() { kctr_on "$1" images ls | awk -v r="$2" '$1 == r { print $NF }'; }
+labels_on() { local ls; ls=$(kctr_on "$1" images ls) && awk -v r="$2" '$1 == r { print $NF }' <<<"$ls"; }
 pinned_by_kip_on() { [[ ",$(labels_on "$1" "$2")," == *",kip.eclipse.dev/pinned-by=kip,"* && ",$(labels_on "$1" "$2")," == *",io.cri-containerd.pinned=pinned,"* ]]; }
-present_on() { kctr_on "$1" images ls -q | grep -qxF "$2"; }
+present_on() { local refs; refs=$(kctr_on "$1" images ls -q) && has_line "$refs" "$2"; }
 not_pinned_by_kip_on() { present_on "$1" "$2" && ! pinned_by_kip_on "$1" "$2"; }
-metric() { curl -sf "$1/metrics" | awk -v m="$2" '$1 == m { print $2 }'; }
+metric() { local m; m=$(curl -sf "$1/metrics") && awk -v m="$2" '$1 == m { print $2 }' <<<"$m"; }
 metric_is() { [ "$(metric "$1" "$2")" = "$3" ]; }
 # all nodes report generation G with every image in NAMES cached and pinned
 status_has() {
@@ -128,7 +128,10 @@ status_has 2 "alpha gamma" || fail "agents lost the last good list"
 
 log "coordinator down: agents keep their images"
 kill -TERM "$COORD_PID"; wait "$COORD_PID" || fail "coordinator exited non-zero on SIGTERM"
-mapfile -t recs < <(kctr_on node-1 images ls | awk -v r="$A" '$1 == r { print $3 }' | xargs -I{} sh -c "ctr --address '${SOCK[node-1]}' -n k8s.io images ls | awk -v d={} '\$3 == d { print \$1 }'")
+listing=$(kctr_on node-1 images ls)
+digest=$(awk -v r="$A" '$1 == r { print $3 }' <<<"$listing")
+mapfile -t recs < <(awk -v d="$digest" '$3 == d { print $1 }' <<<"$listing")
+[ -n "$digest" ] && [ "${#recs[@]}" -ge 2 ] || fail "no records of $A on node-1"
 kctr_on node-1 images rm "${recs[@]}" >/dev/null
 wait_for 30 "alpha back on node-1 without a coordinator" pinned_by_kip_on node-1 "$A"
 log "restart node-2's agent while the coordinator is down: the state dir keeps its list"

@@ -15,7 +15,7 @@ command -v file >/dev/null || fail "the file command is missing (apt-get install
 log "static binaries and the image (deploy/image/build-image.sh)"
 IMAGE_REF=$(deploy/image/build-image.sh e2e)
 for b in kip-agent kip-coordinator kip-sleep; do
-  file "target/static/$b" | grep -Eq 'static-pie linked|statically linked' || fail "$b is not static: $(file "target/static/$b")"
+  has_match "$(file "target/static/$b")" 'static-pie linked|statically linked' || fail "$b is not static: $(file "target/static/$b")"
   printf '%-16s %9d bytes, static\n' "$b" "$(stat -c %s "target/static/$b")"
 done
 SLEEP=target/static/kip-sleep
@@ -52,7 +52,8 @@ log "cached-image container: /kip/sleep 720h as PID 1, then SIGTERM"
 kctr run --rm --mount "$MOUNT" "$REG/kip/app:e2e" cached /kip/sleep 720h &
 run_pid=$!
 KIP_PIDS+=("$run_pid")
-wait_for 20 "the container to run" bash -c "ctr --address '$CONTAINERD_SOCK' -n k8s.io task ls | grep -q '^cached .*RUNNING'"
+running() { has_match "$(kctr task ls)" '^cached .*RUNNING'; }
+wait_for 20 "the container to run" running
 task_pid=$(kctr task ls | awk '$1 == "cached" { print $2 }')
 [ "$(awk '/^NSpid/ { print $NF }' "/proc/$task_pid/status")" = 1 ] || fail "kip-sleep is not PID 1 in its container"
 start=$(date +%s%N)
@@ -60,7 +61,9 @@ kctr task kill -s SIGTERM cached
 rc=0; wait "$run_pid" || rc=$?
 ms=$(( ($(date +%s%N) - start) / 1000000 ))
 [ "$rc" = 0 ] || fail "kip-sleep as PID 1 exited $rc on SIGTERM"
-[ "$ms" -lt 2000 ] || fail "SIGTERM took ${ms} ms"
+# Loose on purpose (a busy machine): the claim is "not the pod's grace period" (30 s); the
+# benchmark measures how fast.
+[ "$ms" -lt 10000 ] || fail "SIGTERM took ${ms} ms"
 echo "kip-sleep as PID 1 in a FROM-scratch container: SIGTERM -> exit 0 in ${ms} ms (ctr round trip included)"
 
 log "static coordinator and agent: gRPC by host name (static glibc resolves localhost)"

@@ -72,7 +72,8 @@ for node in "${NODES[@]}"; do
 done
 
 log "fallback: the agent on one worker gets no runtime socket"
-WORKER=$(kubectl get nodes -o name -l '!node-role.kubernetes.io/control-plane' | head -n 1 | cut -d/ -f2)
+mapfile -t WORKERS < <(kubectl get nodes -o name -l '!node-role.kubernetes.io/control-plane')
+WORKER=${WORKERS[0]#node/}
 # The regular agents stay off that node...
 kubectl -n "$NS" patch daemonset kubernetes-image-puller-agent --type merge -p "$(jq -n --arg n "$WORKER" '{spec: {template: {spec: {affinity: {nodeAffinity: {requiredDuringSchedulingIgnoredDuringExecution: {nodeSelectorTerms: [{matchFields: [{key: "metadata.name", operator: "NotIn", values: [$n]}]}]}}}}}}}')"
 # ...and a copy of the agent runs there with a socket path that does not exist.

@@ -36,6 +36,15 @@ kip_cleanup() {
   fi
 }
 
+# Checks match captured text, never `producer | grep -q`: under pipefail, grep's exit at the
+# first match kills the producer with SIGPIPE and the pipeline fails although the text was there.
+has_line() { # has_line TEXT LINE: LINE is one whole line of TEXT
+  [[ $'\n'$1$'\n' == *$'\n'"$2"$'\n'* ]]
+}
+has_match() { # has_match TEXT ERE: a line of TEXT matches the extended regular expression
+  grep -qE -- "$2" <<<"$1" # a here-string is written in full before grep starts: no SIGPIPE
+}
+
 wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
   local secs=$1 what=$2; shift 2
   local deadline=$((SECONDS + secs))
@@ -137,6 +146,8 @@ stop_containerd() {
 }
 
 kctr() { ctr --address "$CONTAINERD_SOCK" -n k8s.io "$@"; }
+# ref_present REF: containerd (CONTAINERD_SOCK) has an image record named REF.
+ref_present() { local refs; refs=$(kctr images ls -q) && has_line "$refs" "$1"; }
 
 # build_image LAYOUT TAG FILE_SPEC... : one layer per FILE_SPEC ("path=content" pairs, comma-separated).
 build_image() {

@@ -46,16 +46,16 @@ PRIVATE="$PRIV/kip-e2e/private:1"
 IMAGES="multi=$MULTI; scratch=$SCRATCH; bydigest=$BYDIGEST; other=$OTHER; private=$PRIVATE;"
 
 # ref_labels REF: the LABELS column of `ctr images ls` for exactly that record.
-ref_labels() { kctr images ls | awk -v r="$1" '$1 == r { print $NF }'; }
-ref_present() { kctr images ls -q | grep -qxF "$1"; }
+ref_labels() { local ls; ls=$(kctr images ls) && awk -v r="$1" '$1 == r { print $NF }' <<<"$ls"; }
 is_pinned_by_kip() {
   local l; l=$(ref_labels "$1")
   [[ ",$l," == *",io.cri-containerd.pinned=pinned,"* && ",$l," == *",kip.eclipse.dev/pinned-by=kip,"* ]]
 }
 # records_of REF: every record (tag, digest, ID) that points at the same manifest as REF.
 records_of() {
-  local digest; digest=$(kctr images ls | awk -v r="$1" '$1 == r { print $3 }')
-  [ -n "$digest" ] && kctr images ls | awk -v d="$digest" '$3 == d { print $1 }'
+  local ls digest; ls=$(kctr images ls) || return 1
+  digest=$(awk -v r="$1" '$1 == r { print $3 }' <<<"$ls")
+  [ -n "$digest" ] && awk -v d="$digest" '$3 == d { print $1 }' <<<"$ls"
 }
 
 log "an admin pinned $OTHER (pulled through the CRI) before kip managed it"
@@ -88,13 +88,13 @@ start_agent() {
   AGENT_PID=$!
   KIP_PIDS+=("$AGENT_PID")
 }
-metric() { curl -sf "http://127.0.0.1:$PORT/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
+metric() { local m; m=$(curl -sf "http://127.0.0.1:$PORT/metrics") && awk -v m="$1" '$1 == m { print $2 }' <<<"$m"; }
 metric_is() { [ "$(metric "$1")" = "$2" ]; }
 start_agent "$IMAGES"
 wait_for 30 "/readyz to answer 200" curl -sf "http://127.0.0.1:$PORT/readyz"
-curl -sf "http://127.0.0.1:$PORT/healthz" | grep -qx ok || fail "/healthz"
+[ "$(curl -sf "http://127.0.0.1:$PORT/healthz")" = ok ] || fail "/healthz"
 curl -sf "http://127.0.0.1:$PORT/metrics" > "$KIP_WORK/metrics.txt"
-curl -sfI "http://127.0.0.1:$PORT/metrics" | grep -qi '^content-type: application/openmetrics-text' || fail "/metrics content type"
+has_match "$(curl -sfI "http://127.0.0.1:$PORT/metrics")" '^[Cc]ontent-[Tt]ype: application/openmetrics-text' || fail "/metrics content type"
 for want in "kip_images_desired 5" "kip_images_cached 5" "kip_images_pinned 5" "kip_cri_up 1" \
   "kip_image_cached{name=\"private\",image=\"$PRIVATE\"} 1" "kip_image_pinned{name=\"multi\",image=\"$MULTI\"} 1"; do
   grep -qF "$want" "$KIP_WORK/metrics.txt" || { cat "$KIP_WORK/metrics.txt" >&2; fail "/metrics lacks '$want'"; }
@@ -119,7 +119,7 @@ wait_for 10 "$SCRATCH to be pinned again" is_pinned_by_kip "$SCRATCH"
 log "runtime restart is not fatal"
 stop_containerd
 wait_for 20 "kip_cri_up 0" metric_is kip_cri_up 0
-curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/readyz" | grep -qx 503 || fail "/readyz not 503 while the runtime is down"
+[ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/readyz")" = 503 ] || fail "/readyz not 503 while the runtime is down"
 kill -0 "$AGENT_PID" || fail "agent died when the runtime went away"
 run_containerd
 wait_for 60 "kip_cri_up 1 after restart" metric_is kip_cri_up 1
@@ -131,7 +131,8 @@ wait "$AGENT_PID" || fail "agent exited non-zero on SIGTERM"
 
 log "drop scratch and other from the list: kip removes its own pin only"
 start_agent "multi=$MULTI; bydigest=$BYDIGEST; private=$PRIVATE"
-wait_for 30 "$SCRATCH to lose kip's pin" bash -c "! ctr --address '$CONTAINERD_SOCK' -n k8s.io images ls | awk -v r='$SCRATCH' '\$1 == r' | grep -q pinned-by=kip"
+not_pinned_by_kip() { ref_present "$1" && ! is_pinned_by_kip "$1"; }
+wait_for 30 "$SCRATCH to lose kip's pin" not_pinned_by_kip "$SCRATCH"
 ref_present "$SCRATCH" || fail "unlisted $SCRATCH was deleted without --remove-unlisted"
 [[ $(ref_labels "$OTHER") == *io.cri-containerd.pinned=pinned* ]] || { kctr images ls >&2; grep -i other "$KIP_WORK/agent.log" | tail -5 >&2; fail "kip removed the admin's pin on $OTHER"; }
 # bydigest has the same content (same image ID) as scratch: its own records stay pinned.
@@ -145,7 +146,8 @@ log "--remove-unlisted: an image kip pinned that left the list is deleted"
   --listen "127.0.0.1:$PORT" --check-interval 1s >> "$KIP_WORK/agent.log" 2>&1 &
 AGENT_PID=$!
 KIP_PIDS+=("$AGENT_PID")
-wait_for 30 "$PRIVATE to be removed" bash -c "! ctr --address '$CONTAINERD_SOCK' -n k8s.io images ls -q | grep -qxF '$PRIVATE'"
+absent() { local refs; refs=$(kctr images ls -q) && ! has_line "$refs" "$1"; }
+wait_for 30 "$PRIVATE to be removed" absent "$PRIVATE"
 ref_present "$MULTI" || fail "--remove-unlisted removed a listed image"
 ref_present "$OTHER" || fail "--remove-unlisted removed an image kip never pinned"
 kill -TERM "$AGENT_PID"; wait "$AGENT_PID" || fail "agent exited non-zero on SIGTERM"
