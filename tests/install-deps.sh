@@ -51,3 +51,27 @@ if [ ! -x "$TOOLS/helm/helm" ]; then
   rm -rf "$tmp"
   "$TOOLS/helm/helm" version >/dev/null
 fi
+
+# Newer containerd side by side with the system's 1.6 (the runtime matrix): Debian trixie's 1.7.x
+# and sid's 2.x with their runc, downloaded through a sources list of their own and unpacked
+# with `dpkg -x` into $TOOLS/containerd-<suite>/ — never installed over the system package.
+fetch_debian_runtime() { # fetch_debian_runtime SUITE
+  local suite=$1 dest="$TOOLS/containerd-$1" apt_dir mirror pkg
+  [ -x "$dest/usr/bin/containerd" ] && [ -x "$dest/usr/sbin/runc" ] && return 0
+  echo "install-deps: fetching containerd and runc from Debian $suite into $dest" >&2
+  apt_dir=$(mktemp -d)
+  mirror=$(awk '/^URIs:/ && $2 ~ /debian\/?$/ { print $2; exit }' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  printf 'deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] %s %s main\n' \
+    "${mirror:-http://deb.debian.org/debian}" "$suite" > "$apt_dir/sources.list"
+  local apt_opts=(-o "Dir::Etc::sourcelist=$apt_dir/sources.list" -o Dir::Etc::sourceparts=- \
+    -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache::archives=$apt_dir/archives" -o APT::Get::List-Cleanup=0 \
+    -o APT::Sandbox::User=root)
+  mkdir -p "$apt_dir/lists/partial" "$apt_dir/archives/partial" "$dest"
+  apt-get "${apt_opts[@]}" update -qq
+  (cd "$apt_dir" && apt-get "${apt_opts[@]}" download "containerd/$suite" "runc/$suite" >/dev/null)
+  for pkg in "$apt_dir"/*.deb; do dpkg -x "$pkg" "$dest"; done
+  rm -rf "$apt_dir"
+  "$dest/usr/bin/containerd" --version >&2
+}
+fetch_debian_runtime trixie
+fetch_debian_runtime sid

@@ -15,47 +15,33 @@ use kip::images::{ImageEntry, ImageList};
 use kip::v1;
 
 use crate::auth::{Credentials, Keyring};
-use crate::cri::{CriClient, CriError, ImageInfo, RuntimeInfo};
+use crate::cri::{CriError, ImageInfo};
 use crate::follow::ListUpdate;
 use crate::http::Readiness;
 use crate::metrics::{ImageLabels, Metrics, PullLabels, ResultLabels, RESULT_FAILURE, RESULT_SUCCESS};
-use crate::pin::Pinner;
 use crate::reconcile::{self, Action, Observation, Policy, PullReason, States};
-
-/// The runtime behind the socket: CRI for images, containerd's native API for pins.
-#[derive(Clone, Debug)]
-pub struct Runtime {
-    pub cri: CriClient,
-    /// `None` when the runtime is not containerd: images are then kept by re-pulling only.
-    pub pinner: Option<Pinner>,
-    pub info: RuntimeInfo,
-}
-
-impl Runtime {
-    pub async fn connect(socket: &std::path::Path) -> Result<Self, CriError> {
-        let cri = CriClient::new(socket);
-        let info = cri.version().await?;
-        let pinner = (info.name == "containerd").then(|| Pinner::new(crate::cri::unix_channel(socket)));
-        Ok(Self { cri, pinner, info })
-    }
-}
+use crate::runtime::{Runtime, RuntimeError};
 
 /// Why one image could not be cached and pinned; names the image, never a secret.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("{0}")]
-    Cri(#[from] CriError),
-    #[error("pinning `{image}`: {source}")]
-    Pin { image: String, source: crate::pin::PinError },
+    Runtime(#[from] RuntimeError),
     #[error("pull secrets for `{image}`: {source}")]
     Secrets { image: String, source: crate::auth::AuthError },
     #[error("`{image}` was pulled but the runtime does not list it")]
     MissingAfterPull { image: String },
 }
 
+impl From<CriError> for ImageError {
+    fn from(e: CriError) -> Self {
+        ImageError::Runtime(e.into())
+    }
+}
+
 impl ImageError {
     fn is_runtime_down(&self) -> bool {
-        matches!(self, ImageError::Cri(e) if e.is_runtime_down())
+        matches!(self, ImageError::Runtime(e) if e.is_runtime_down())
     }
 }
 
@@ -71,91 +57,59 @@ pub fn credentials_for(
     Ok(keyring.for_registry(&entry.registry).cloned())
 }
 
-/// What the runtime shows of one image now, including whether every record is pinned.
-pub async fn observe_image(rt: &Runtime, reference: &str) -> Result<Observation, ImageError> {
-    let Some(info) = rt.cri.image_status(reference).await? else { return Ok(Observation::absent()) };
-    let refs = info.refs_of(reference);
-    let pinned = match &rt.pinner {
-        // Runtimes that report the pin (containerd >= 1.7) save the label lookups.
-        _ if info.pinned => true,
-        Some(p) => p.is_pinned(&refs).await.map_err(|source| ImageError::Pin { image: reference.into(), source })?,
-        None => false,
-    };
-    Ok(present(&info, reference, refs, pinned))
+/// What the runtime shows of one image now: one CRI `ImageStatus`, whose answer travels on in
+/// the observation (pull and pin use it instead of asking again).
+pub async fn observe_image<R: Runtime>(rt: &R, reference: &str) -> Result<Observation, ImageError> {
+    let Some(image) = rt.status(reference).await? else { return Ok(Observation::absent()) };
+    let pinned = rt.is_pinned(reference, &image).await?;
+    Ok(Observation::of(&image, reference, pinned))
 }
 
-fn present(info: &ImageInfo, reference: &str, refs: Vec<String>, pinned: bool) -> Observation {
-    Observation { present: true, pinned, digest: info.digest_in(reference).map(str::to_string), refs }
-}
-
-/// Pins every record of an image already present; returns the resulting observation.
-/// `foreign` lists records someone else had pinned before a pull (see [`crate::pin::Pinner::pin`]).
-pub async fn pin_image(rt: &Runtime, reference: &str, foreign: &[String]) -> Result<Observation, ImageError> {
-    let Some(info) = rt.cri.image_status(reference).await? else { return Ok(Observation::absent()) };
-    let refs = info.refs_of(reference);
-    let pinned = match &rt.pinner {
-        Some(p) => {
-            let changed =
-                p.pin(&refs, foreign).await.map_err(|source| ImageError::Pin { image: reference.into(), source })?;
-            if changed > 0 {
-                tracing::info!(image = reference, records = changed, "pinned");
-            }
-            true
+/// Pins a present image; a pin the runtime refuses leaves it cached and unpinned (the reason
+/// is the runtime's pin problem, reported apart), it does not fail the image.
+pub async fn pin_image<R: Runtime>(rt: &R, reference: &str, image: &ImageInfo) -> Observation {
+    let pinned = match rt.pin(reference, image).await {
+        Ok(pinned) => pinned,
+        Err(e) => {
+            tracing::warn!(image = reference, error = %e, "pinning failed; the image is kept by pulling it again if it disappears");
+            false
         }
-        None => info.pinned,
     };
-    Ok(present(&info, reference, refs, pinned))
-}
-
-/// Records of `reference` that someone other than kip has pinned (empty when absent).
-async fn foreign_pins(rt: &Runtime, reference: &str) -> Result<Vec<String>, ImageError> {
-    let Some(pinner) = &rt.pinner else { return Ok(vec![]) };
-    let Some(info) = rt.cri.image_status(reference).await? else { return Ok(vec![]) };
-    pinner
-        .pinned_by_others(&info.refs_of(reference))
-        .await
-        .map_err(|source| ImageError::Pin { image: reference.into(), source })
+    Observation::of(image, reference, pinned)
 }
 
 /// One pull attempt followed by the pin. Error text is scrubbed of the credentials used.
-pub async fn pull_and_pin(
-    rt: &Runtime,
+pub async fn pull_and_pin<R: Runtime>(
+    rt: &R,
     secrets_dir: Option<&std::path::Path>,
     entry: &ImageEntry,
     timeout: Duration,
+    known: Option<ImageInfo>,
 ) -> Result<Observation, ImageError> {
     let creds = credentials_for(secrets_dir, entry)?;
     let auth = creds.as_ref().map(Credentials::to_cri);
-    let foreign = foreign_pins(rt, &entry.reference).await?;
-    if let Err(e) = rt.cri.pull(&entry.reference, auth, timeout).await {
-        return Err(match (e, &creds) {
-            (CriError::Call { op, image, code, message }, Some(c)) => {
-                CriError::Call { op, image, code, message: c.redact(&message) }
-            }
-            (e, _) => e,
+    let pulled = match rt.pull(&entry.reference, known.as_ref(), auth, timeout).await {
+        Ok(image) => image,
+        Err(RuntimeError::Cri(CriError::Call { op, image, code, message })) => {
+            let message = creds.as_ref().map_or(message.clone(), |c| c.redact(&message));
+            return Err(CriError::Call { op, image, code, message }.into());
         }
-        .into());
-    }
-    let obs = pin_image(rt, &entry.reference, &foreign).await?;
-    if !obs.present {
-        return Err(ImageError::MissingAfterPull { image: entry.reference.clone() });
-    }
-    Ok(obs)
+        Err(e) => return Err(e.into()),
+    };
+    let Some(image) = pulled else { return Err(ImageError::MissingAfterPull { image: entry.reference.clone() }) };
+    Ok(pin_image(rt, &entry.reference, &image).await)
 }
 
-/// Removes kip's pins from records no listed image needs; with `remove` also deletes them.
-pub async fn unpin_unlisted(rt: &Runtime, states: &States, remove: bool) -> Result<(), ImageError> {
-    let Some(pinner) = &rt.pinner else { return Ok(()) };
-    let pin_err = |source| ImageError::Pin { image: "*".into(), source };
-    let stale = reconcile::refs_to_unpin(&pinner.kip_pinned_names().await.map_err(pin_err)?, states);
-    if stale.is_empty() {
+/// Removes kip's pins from everything no listed image needs; with `remove` also deletes it.
+pub async fn unpin_unlisted<R: Runtime>(rt: &R, states: &States, remove: bool) -> Result<(), ImageError> {
+    let released = rt.sync_pins(&reconcile::keep(states)).await?;
+    if released.is_empty() {
         return Ok(());
     }
-    let changed = pinner.unpin(&stale).await.map_err(pin_err)?;
-    tracing::info!(records = changed, refs = ?stale, "removed kip's pin from images no longer listed");
+    tracing::info!(refs = ?released, "removed kip's pin from images no longer listed");
     if remove {
-        for r in &stale {
-            rt.cri.remove(r).await?;
+        for r in &released {
+            rt.remove(r).await?;
             tracing::info!(image = %r, "removed unlisted image (--remove-unlisted)");
         }
     }
@@ -178,8 +132,8 @@ pub enum ListSource {
 }
 
 /// The long-running agent.
-pub struct Agent {
-    pub rt: Runtime,
+pub struct Agent<R: Runtime> {
+    pub rt: R,
     pub secrets_dir: Option<PathBuf>,
     pub metrics: Arc<Metrics>,
     pub ready: Readiness,
@@ -197,13 +151,13 @@ pub struct Agent {
     cri_up: bool,
 }
 
-impl Agent {
-    pub fn new(rt: Runtime, source: ListSource, policy: Policy, metrics: Arc<Metrics>, ready: Readiness) -> Self {
+impl<R: Runtime> Agent<R> {
+    pub fn new(rt: R, source: ListSource, policy: Policy, metrics: Arc<Metrics>, ready: Readiness) -> Self {
         metrics
             .runtime_info
             .get_or_create(&crate::metrics::RuntimeLabels {
-                runtime: rt.info.name.clone(),
-                version: rt.info.version.clone(),
+                runtime: rt.info().name.clone(),
+                version: rt.info().version.clone(),
             })
             .set(1);
         let mut agent = Self {
@@ -264,7 +218,8 @@ impl Agent {
         let mut next_check = Instant::now();
         loop {
             let now = Instant::now();
-            if now >= next_check {
+            let checked = now >= next_check;
+            if checked {
                 match self.check_images().await {
                     Ok(()) => {
                         runtime_backoff = reconcile::retry_backoff(Duration::from_secs(1), Duration::from_secs(30));
@@ -278,7 +233,9 @@ impl Agent {
                 }
             }
             if self.cri_up {
-                self.start_due_work(&mut pulls).await;
+                // Pins of present images are tried with each check, not on every wake-up: a
+                // runtime that refuses them is not asked again until the next check.
+                self.start_due_work(&mut pulls, checked).await;
             }
             self.publish_state();
             let wake =
@@ -305,6 +262,7 @@ impl Agent {
     /// Looks at every listed image; notices vanished ones; removes stale pins.
     async fn check_images(&mut self) -> Result<(), ImageError> {
         let refs: Vec<String> = self.states.keys().cloned().collect();
+        let mut all_seen = true;
         for reference in refs {
             match observe_image(&self.rt, &reference).await {
                 Ok(obs) => {
@@ -324,11 +282,15 @@ impl Agent {
                     self.set_cri_up(false);
                     return Err(e);
                 }
-                Err(e) => tracing::warn!(image = %reference, error = %e, "checking image failed"),
+                Err(e) => {
+                    all_seen = false;
+                    tracing::warn!(image = %reference, error = %e, "checking image failed");
+                }
             }
         }
         self.set_cri_up(true);
-        if !self.list_known {
+        // Without a list, or with an image not seen, its records could pass for unlisted.
+        if !self.list_known || !all_seen {
             return Ok(());
         }
         if let Err(e) = unpin_unlisted(&self.rt, &self.states, self.remove_unlisted).await {
@@ -337,29 +299,32 @@ impl Agent {
         Ok(())
     }
 
-    async fn start_due_work(&mut self, pulls: &mut JoinSet<PullDone>) {
+    async fn start_due_work(&mut self, pulls: &mut JoinSet<PullDone>, pins_due: bool) {
         for action in reconcile::plan(&self.list, &self.states, Instant::now(), &self.policy) {
             match action {
-                Action::Pin { reference } => match pin_image(&self.rt, &reference, &[]).await {
-                    Ok(obs) => {
-                        if let Some(s) = self.states.get_mut(&reference) {
-                            s.observe(obs);
-                        }
+                Action::Pin { reference } if pins_due => {
+                    let Some(image) = self.states.get(&reference).and_then(|s| s.seen.image.clone()) else {
+                        continue;
+                    };
+                    let obs = pin_image(&self.rt, &reference, &image).await;
+                    if let Some(s) = self.states.get_mut(&reference) {
+                        s.observe(obs);
                     }
-                    Err(e) => tracing::warn!(image = %reference, error = %e, "pinning failed"),
-                },
+                }
+                Action::Pin { .. } => {}
                 Action::Pull { reference, reason } => {
                     let Some(entry) = self.list.entries().iter().find(|e| e.reference == reference).cloned() else {
                         continue;
                     };
-                    if let Some(s) = self.states.get_mut(&reference) {
+                    let known = self.states.get_mut(&reference).and_then(|s| {
                         s.pull_started();
-                    }
+                        s.seen.image.clone()
+                    });
                     tracing::info!(image = %reference, reason = reason.as_str(), "pulling");
                     let (rt, dir, timeout) = (self.rt.clone(), self.secrets_dir.clone(), self.policy.pull_timeout);
                     pulls.spawn(async move {
                         let started = Instant::now();
-                        let result = pull_and_pin(&rt, dir.as_deref(), &entry, timeout).await;
+                        let result = pull_and_pin(&rt, dir.as_deref(), &entry, timeout, known).await;
                         PullDone { reference, reason, elapsed: started.elapsed(), result }
                     });
                 }
@@ -401,9 +366,9 @@ impl Agent {
     fn set_cri_up(&mut self, up: bool) {
         if up != self.cri_up {
             if up {
-                tracing::info!(socket = %self.rt.cri.socket().display(), "runtime reachable again");
+                tracing::info!(socket = %self.rt.socket().display(), "runtime reachable again");
             } else {
-                tracing::warn!(socket = %self.rt.cri.socket().display(), "runtime not reachable");
+                tracing::warn!(socket = %self.rt.socket().display(), "runtime not reachable");
             }
         }
         self.cri_up = up;
@@ -437,8 +402,12 @@ impl Agent {
         }
         m.images_cached.set(cached);
         m.images_pinned.set(pinned);
+        let pin_problem = self.rt.pin_problem();
+        m.pinning_available.set(pin_problem.is_none() as i64);
         self.ready.set(if !self.cri_up {
-            Some(format!("runtime not reachable on {}", self.rt.cri.socket().display()))
+            Some(format!("runtime not reachable on {}", self.rt.socket().display()))
+        } else if let Some(problem) = pin_problem.filter(|_| self.rt.can_pin()) {
+            Some(format!("pinning does not work: {problem}"))
         } else if !self.list_known {
             Some("waiting for the image list from the coordinator".into())
         } else if !never_cached.is_empty() {
@@ -464,13 +433,14 @@ impl Agent {
             node_name: node.to_string(),
             runtime: Some(v1::RuntimeState {
                 available: self.cri_up,
-                name: self.rt.info.name.clone(),
-                version: self.rt.info.version.clone(),
+                name: self.rt.info().name.clone(),
+                version: self.rt.info().version.clone(),
                 error: if self.cri_up {
                     String::new()
                 } else {
-                    format!("runtime not reachable on {}", self.rt.cri.socket().display())
+                    format!("runtime not reachable on {}", self.rt.socket().display())
                 },
+                pin_error: self.rt.pin_problem().unwrap_or_default(),
             }),
             generation: self.generation,
             images: self
@@ -502,8 +472,8 @@ pub struct OnceOutcome {
 
 /// Caches and pins every listed image once, with a few retries per image; removes kip's pins
 /// from images no longer listed. Used by `--once`.
-pub async fn run_once(
-    rt: &Runtime,
+pub async fn run_once<R: Runtime>(
+    rt: &R,
     list: &ImageList,
     secrets_dir: Option<&std::path::Path>,
     policy: &Policy,
@@ -516,10 +486,10 @@ pub async fn run_once(
             let result = async {
                 // The semaphore is never closed, so a permit always comes.
                 let _permit = sem.acquire_owned().await.ok();
-                if observe_image(&rt, &entry.reference).await?.present {
-                    return pin_image(&rt, &entry.reference, &[]).await;
+                if let Some(image) = observe_image(&rt, &entry.reference).await?.image {
+                    return Ok(pin_image(&rt, &entry.reference, &image).await);
                 }
-                let attempt = || pull_and_pin(&rt, dir.as_deref(), &entry, policy.pull_timeout);
+                let attempt = || pull_and_pin(&rt, dir.as_deref(), &entry, policy.pull_timeout, None);
                 attempt
                     .retry(ExponentialBuilder::default().with_min_delay(policy.retry_min).with_max_delay(policy.retry_max).with_jitter().with_max_times(2))
                     .notify(|e, delay| tracing::warn!(image = %entry.reference, error = %e, retry_in_ms = delay.as_millis() as u64, "pull failed; retrying"))
@@ -547,3 +517,6 @@ pub async fn run_once(
     }
     outcomes
 }
+
+#[cfg(test)]
+mod tests;

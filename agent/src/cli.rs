@@ -70,6 +70,14 @@ pub struct Cli {
     #[arg(long, env = "CACHING_INTERVAL_HOURS", value_name = "HOURS", hide = true, value_parser = clap::value_parser!(u32).range(1..))]
     pub caching_interval_hours: Option<u32>,
 
+    /// CRI-O's main configuration file (read for the admin's own pinned_images)
+    #[arg(long, env = "KIP_CRIO_CONFIG", value_name = "FILE", default_value = "/etc/crio/crio.conf")]
+    pub crio_config: PathBuf,
+
+    /// CRI-O's drop-in directory: kip writes its pinned_images drop-in here
+    #[arg(long, env = "KIP_CRIO_CONFIG_DIR", value_name = "DIR", default_value = "/etc/crio/crio.conf.d")]
+    pub crio_config_dir: PathBuf,
+
     /// Also delete (not only unpin) images kip pinned that left the list
     #[arg(long, env = "KIP_REMOVE_UNLISTED")]
     pub remove_unlisted: bool,
@@ -84,6 +92,10 @@ pub struct Cli {
 }
 
 impl Cli {
+    pub fn crio_paths(&self) -> crate::runtime::CrioPaths {
+        crate::runtime::CrioPaths { config: self.crio_config.clone(), config_dir: self.crio_config_dir.clone() }
+    }
+
     pub fn policy(&self) -> Policy {
         let refresh = self
             .refresh_interval

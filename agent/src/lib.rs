@@ -9,5 +9,5 @@ pub mod cri;
 pub mod follow;
 pub mod http;
 pub mod metrics;
-pub mod pin;
 pub mod reconcile;
+pub mod runtime;

@@ -9,11 +9,12 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Parser as _;
 use kip::process::{init_logging, wait_for_signal};
-use kip_agent::agent::{self, Agent, ListSource, Runtime};
+use kip_agent::agent::{self, Agent, ListSource};
 use kip_agent::cli::Cli;
 use kip_agent::follow;
 use kip_agent::http::{self, Readiness};
 use kip_agent::metrics::Metrics;
+use kip_agent::runtime::{NodeRuntime, Runtime as _};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
@@ -36,7 +37,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         let images = cli.images.clone().context("--once needs --images")?;
         let rt = connect_runtime(&cli).await?;
         let outcomes = agent::run_once(&rt, &images, cli.pull_secrets_dir.as_deref(), &policy).await;
-        return Ok(print_summary(&outcomes));
+        return Ok(print_summary(&outcomes, rt.pin_problem()));
     }
 
     let shutdown = CancellationToken::new();
@@ -135,17 +136,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn connect_runtime(cli: &Cli) -> anyhow::Result<Runtime> {
+async fn connect_runtime(cli: &Cli) -> anyhow::Result<NodeRuntime> {
     let socket = kip_agent::cri::find_socket(cli.cri_socket.as_deref())?;
-    let rt = Runtime::connect(&socket).await?;
-    tracing::info!(socket = %socket.display(), runtime = %rt.info.name, version = %rt.info.version, "connected to the runtime");
-    if rt.pinner.is_none() {
-        tracing::warn!(runtime = %rt.info.name, "no pinning API for this runtime; images are kept by pulling them again when they disappear");
+    let rt = NodeRuntime::connect(&socket, &cli.crio_paths()).await?;
+    tracing::info!(socket = %socket.display(), runtime = %rt.info().name, version = %rt.info().version, "connected to the runtime");
+    if let Some(problem) = rt.pin_problem() {
+        tracing::warn!(runtime = %rt.info().name, problem, "images are kept by pulling them again when they disappear");
     }
     Ok(rt)
 }
 
-fn print_summary(outcomes: &[agent::OnceOutcome]) -> ExitCode {
+fn print_summary(outcomes: &[agent::OnceOutcome], pin_problem: Option<String>) -> ExitCode {
     println!("{:<20} {:<8} {:<8} {:<73} IMAGE", "NAME", "CACHED", "PINNED", "DIGEST");
     for o in outcomes {
         let (cached, pinned, digest) = match &o.result {
@@ -159,8 +160,10 @@ fn print_summary(outcomes: &[agent::OnceOutcome]) -> ExitCode {
         .filter_map(|o| match &o.result {
             Err(e) => Some(format!("image `{}` ({}): {e}", o.entry.name, o.entry.image)),
             Ok(obs) if !obs.pinned => Some(format!(
-                "image `{}` ({}): cached but not pinned (the runtime has no pinning API)",
-                o.entry.name, o.entry.image
+                "image `{}` ({}): cached but not pinned ({})",
+                o.entry.name,
+                o.entry.image,
+                pin_problem.as_deref().unwrap_or("the runtime does not report the pin")
             )),
             Ok(_) => None,
         })

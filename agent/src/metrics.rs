@@ -48,6 +48,7 @@ pub struct Metrics {
     pub image_pull_duration: Family<ResultLabels, Histogram>,
     pub image_repulls: Family<ImageLabels, Counter>,
     pub cri_up: Gauge,
+    pub pinning_available: Gauge,
     pub runtime_info: Family<RuntimeLabels, Gauge>,
 }
 
@@ -65,6 +66,7 @@ impl Metrics {
             image_pull_duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.5, 2.0, 14))),
             image_repulls: Family::default(),
             cri_up: Gauge::default(),
+            pinning_available: Gauge::default(),
             runtime_info: Family::default(),
             registry: Registry::default(),
         };
@@ -90,6 +92,11 @@ impl Metrics {
             m.image_repulls.clone(),
         );
         registry.register("kip_cri_up", "1 when the runtime answers on its CRI socket", m.cri_up.clone());
+        registry.register(
+            "kip_pinning_available",
+            "1 when the runtime holds kip's pins; 0 when it cannot (the reason is in the log, /readyz and the node report)",
+            m.pinning_available.clone(),
+        );
         registry.register("kip_runtime", "Container runtime behind the CRI socket", m.runtime_info.clone());
         registry.register(
             "kip_build",

@@ -10,6 +10,9 @@ use tokio::time::Instant;
 
 use kip::images::{ImageEntry, ImageList};
 
+use crate::cri::ImageInfo;
+use crate::runtime::Keep;
+
 /// How the agent paces its work.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
@@ -53,11 +56,24 @@ pub struct Observation {
     /// Every record name of the image (tags, digests, ID): the ones to pin.
     pub refs: Vec<String>,
     pub digest: Option<String>,
+    /// The runtime's answer it came from, passed on to the pin and the next pull.
+    pub image: Option<ImageInfo>,
 }
 
 impl Observation {
     pub fn absent() -> Self {
-        Self { present: false, pinned: false, refs: vec![], digest: None }
+        Self { present: false, pinned: false, refs: vec![], digest: None, image: None }
+    }
+
+    /// A present image as the runtime described it.
+    pub fn of(image: &ImageInfo, reference: &str, pinned: bool) -> Self {
+        Self {
+            present: true,
+            pinned,
+            refs: image.refs_of(reference),
+            digest: image.digest_in(reference).map(str::to_string),
+            image: Some(image.clone()),
+        }
     }
 }
 
@@ -206,6 +222,20 @@ pub fn plan(list: &ImageList, states: &States, now: Instant, policy: &Policy) ->
     actions
 }
 
+/// What the listed images need kept pinned: their references, and every record the last check
+/// saw of them (an image ID shared with an unlisted image stays pinned for the listed one).
+pub fn keep(states: &States) -> Keep {
+    Keep {
+        references: states.keys().cloned().collect(),
+        records: states.values().flat_map(|s| s.seen.refs.iter().cloned()).collect(),
+    }
+}
+
+/// Records kip pinned that `keep` does not name: their pins are to be removed.
+pub fn to_release<'a>(kip_pinned: impl IntoIterator<Item = &'a str>, keep: &Keep) -> Vec<String> {
+    kip_pinned.into_iter().filter(|r| !keep.records.contains(*r)).map(str::to_string).collect()
+}
+
 /// The earliest moment a failed pull may be retried or a refresh falls due.
 pub fn next_wake(list: &ImageList, states: &States, policy: &Policy) -> Option<Instant> {
     list.entries()
@@ -227,12 +257,6 @@ pub fn next_wake(list: &ImageList, states: &States, policy: &Policy) -> Option<I
         .min()
 }
 
-/// Records kip pinned that no listed image needs any more: their pins are to be removed.
-pub fn refs_to_unpin(kip_pinned: &[String], states: &States) -> Vec<String> {
-    let keep: HashSet<&str> = states.values().flat_map(|s| s.seen.refs.iter().map(String::as_str)).collect();
-    kip_pinned.iter().filter(|r| !keep.contains(r.as_str())).cloned().collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,7 +266,13 @@ mod tests {
     }
 
     fn present(pinned: bool, refs: &[&str]) -> Observation {
-        Observation { present: true, pinned, refs: refs.iter().map(|r| r.to_string()).collect(), digest: None }
+        Observation {
+            present: true,
+            pinned,
+            refs: refs.iter().map(|r| r.to_string()).collect(),
+            digest: None,
+            image: None,
+        }
     }
 
     fn policy(parallel: usize) -> Policy {
@@ -340,8 +370,10 @@ mod tests {
         let mut states = States::new();
         sync_states(&mut states, &l);
         states.get_mut("docker.io/r/a:1").unwrap().observe(present(true, &["r/a:1", "sha256:shared"]));
-        let kip_pinned = vec!["r/a:1".to_string(), "sha256:shared".into(), "r/old:1".into(), "sha256:old".into()];
-        assert_eq!(refs_to_unpin(&kip_pinned, &states), vec!["r/old:1", "sha256:old"]);
+        let kip_pinned = ["r/a:1", "sha256:shared", "r/old:1", "sha256:old"];
+        let keep = keep(&states);
+        assert_eq!(keep.references, vec!["docker.io/r/a:1"]);
+        assert_eq!(to_release(kip_pinned, &keep), vec!["r/old:1", "sha256:old"]);
     }
 
     #[test]

@@ -90,11 +90,28 @@ YML
   printf -v "$var" '%s' "127.0.0.1:$port"
 }
 
+# The containerd to run: KIP_CONTAINERD=system (Debian bookworm's 1.6, the default), trixie (1.7.x)
+# or sid (2.x), the latter two unpacked by tests/install-deps.sh beside the system package.
+KIP_TOOLS=${KIP_TOOLS_DIR:-/opt/kip-tools}
+containerd_bin_dir() {
+  case ${KIP_CONTAINERD:-system} in
+    system) echo /usr/bin ;;
+    trixie | sid) echo "$KIP_TOOLS/containerd-$KIP_CONTAINERD/usr/bin" ;;
+    *) fail "KIP_CONTAINERD=$KIP_CONTAINERD: expected system, trixie or sid" ;;
+  esac
+}
+# containerd_major: 1 or 2, from `containerd --version` of the selected build.
+containerd_major() {
+  local v; v=$("$(containerd_bin_dir)/containerd" --version) || fail "no containerd in $(containerd_bin_dir)"
+  [[ $v =~ \ v?([0-9]+)\.[0-9]+ ]] || fail "cannot read containerd's version from: $v"
+  echo "${BASH_REMATCH[1]}"
+}
+
 # start_containerd REGISTRY... -> sets CONTAINERD_SOCK; plain-HTTP hosts.toml for each registry.
 # CONTAINERD_NAME (default "containerd") names its directory, for several on one machine.
 start_containerd() {
   local dir="$KIP_WORK/${CONTAINERD_NAME:-containerd}" reg
-  mkdir -p "$dir/certs.d"
+  mkdir -p "$dir/certs.d" "$dir/run"
   for reg in "$@"; do
     mkdir -p "$dir/certs.d/$reg"
     cat > "$dir/certs.d/$reg/hosts.toml" <<TOML
@@ -103,8 +120,9 @@ server = "http://$reg"
   capabilities = ["pull", "resolve"]
 TOML
   done
+  local major; major=$(containerd_major)
   cat > "$dir/config.toml" <<TOML
-version = 2
+version = $((major >= 2 ? 3 : 2))
 root = "$dir/root"
 state = "$dir/state"
 [grpc]
@@ -115,6 +133,22 @@ state = "$dir/state"
   address = ""
 [metrics]
   address = ""
+TOML
+  if [ "$major" -ge 2 ]; then
+    cat >> "$dir/config.toml" <<TOML
+[plugins.'io.containerd.internal.v1.opt']
+  path = "$dir/opt"
+[plugins.'io.containerd.grpc.v1.cri']
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+[plugins.'io.containerd.cri.v1.runtime'.cni]
+  bin_dirs = ["$dir/cni/bin"]
+  conf_dir = "$dir/cni/conf"
+[plugins.'io.containerd.cri.v1.images'.registry]
+  config_path = "$dir/certs.d"
+TOML
+  else
+    cat >> "$dir/config.toml" <<TOML
 [plugins."io.containerd.internal.v1.opt"]
   path = "$dir/opt"
 [plugins."io.containerd.grpc.v1.cri"]
@@ -126,17 +160,24 @@ state = "$dir/state"
   [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = "$dir/certs.d"
 TOML
+  fi
   CONTAINERD_SOCK="$dir/containerd.sock"
   CONTAINERD_CONFIG="$dir/config.toml"
   export CONTAINERD_SOCK CONTAINERD_CONFIG
   run_containerd
 }
 
+# Each containerd runs in a mount namespace of its own with a private /run (containerd >= 1.7
+# writes under /run), its version's directory first in PATH (shims, runc).
 run_containerd() {
-  containerd --config "$CONTAINERD_CONFIG" >> "$(dirname "$CONTAINERD_CONFIG")/log" 2>&1 &
+  local dir bin
+  dir=$(dirname "$CONTAINERD_CONFIG"); bin=$(containerd_bin_dir)
+  # shellcheck disable=SC2016 # expanded by the inner shell
+  PATH="$bin:${bin%/bin}/sbin:$PATH" unshare --mount --propagation private \
+    sh -c 'mount --bind "$1/run" /run && exec containerd --config "$1/config.toml"' _ "$dir" >> "$dir/log" 2>&1 &
   CONTAINERD_PID=$!
   KIP_PIDS+=("$CONTAINERD_PID")
-  wait_for 30 "containerd on $CONTAINERD_SOCK" ctr --address "$CONTAINERD_SOCK" version
+  wait_for 30 "containerd on $CONTAINERD_SOCK" "$bin/ctr" --address "$CONTAINERD_SOCK" version
 }
 
 stop_containerd() {
@@ -145,7 +186,7 @@ stop_containerd() {
   kill -9 "$CONTAINERD_PID" 2>/dev/null || true
 }
 
-kctr() { ctr --address "$CONTAINERD_SOCK" -n k8s.io "$@"; }
+kctr() { "$(containerd_bin_dir)/ctr" --address "$CONTAINERD_SOCK" -n k8s.io "$@"; }
 # ref_present REF: containerd (CONTAINERD_SOCK) has an image record named REF.
 ref_present() { local refs; refs=$(kctr images ls -q) && has_line "$refs" "$1"; }
 

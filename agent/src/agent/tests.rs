@@ -1,0 +1,228 @@
+//! The agent's loop driven against the fake runtime with paused time: every wait below
+//! advances tokio's clock instantly once the agent is idle, so intervals of minutes take no time
+//! and every assertion is about what happened, never about how fast.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::{sleep, Instant};
+use tokio_util::sync::CancellationToken;
+
+use kip::images::ImageList;
+use kip::v1;
+
+use super::{Agent, ListSource};
+use crate::follow::ListUpdate;
+use crate::http::Readiness;
+use crate::metrics::{ImageLabels, Metrics};
+use crate::reconcile::Policy;
+use crate::runtime::fake::{FakeRuntime, Pin};
+
+const CHECK: Duration = Duration::from_secs(10);
+const REFRESH: Duration = Duration::from_secs(300);
+
+const A: &str = "registry.example/r/a:1";
+const B: &str = "registry.example/r/b:1";
+const C: &str = "registry.example/r/c:1";
+const D: &str = "registry.example/r/d@sha256:dddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd";
+
+fn policy() -> Policy {
+    Policy {
+        max_parallel_pulls: 3,
+        pull_timeout: Duration::from_secs(60),
+        check_interval: CHECK,
+        refresh_interval: REFRESH,
+        retry_min: Duration::from_secs(2),
+        retry_max: Duration::from_secs(60),
+    }
+}
+
+fn list(images: &[(&str, &str)]) -> ImageList {
+    ImageList::from_pairs(images.iter().copied()).unwrap()
+}
+
+/// An agent on the fake runtime following a coordinator-like list channel.
+struct Node {
+    rt: FakeRuntime,
+    metrics: Arc<Metrics>,
+    ready: Readiness,
+    lists: watch::Sender<Option<ListUpdate>>,
+    reports: watch::Receiver<v1::NodeReport>,
+    generation: u64,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    fn start(rt: FakeRuntime, images: &[(&str, &str)]) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        let ready = Readiness::starting();
+        let first = ListUpdate { generation: 1, list: list(images), policy: v1::PullPolicy::default() };
+        let (lists, rx) = watch::channel(Some(first));
+        let (report_tx, reports) = watch::channel(v1::NodeReport::default());
+        let mut agent = Agent::new(rt.clone(), ListSource::Coordinator(rx), policy(), metrics.clone(), ready.clone());
+        agent.reports = Some(("node-1".into(), report_tx));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(agent.run(shutdown.clone()));
+        Self { rt, metrics, ready, lists, reports, generation: 1, shutdown, task }
+    }
+
+    fn publish(&mut self, images: &[(&str, &str)]) {
+        self.generation += 1;
+        let update = ListUpdate { generation: self.generation, list: list(images), policy: v1::PullPolicy::default() };
+        self.lists.send_replace(Some(update));
+    }
+
+    fn repulls(&self, name: &str, image: &str) -> u64 {
+        self.metrics.image_repulls.get_or_create(&ImageLabels { name: name.into(), image: image.into() }).get()
+    }
+
+    fn report_of(&self, name: &str) -> v1::ImageState {
+        let report = self.reports.borrow().clone();
+        report.images.into_iter().find(|i| i.name == name).unwrap()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn caches_and_pins_the_list_then_asks_once_per_image_per_check() {
+    let node = Node::start(FakeRuntime::default(), &[("a", A), ("b", B)]);
+    sleep(Duration::from_millis(1)).await;
+    for r in [A, B] {
+        assert_eq!(node.rt.pin_of(r), Some(Pin::Kip), "{r}");
+        assert_eq!(node.rt.pulls_of(r).len(), 1, "{r}");
+    }
+    assert_eq!(node.ready.get(), None, "ready once everything is cached and pinned");
+    assert_eq!((node.metrics.images_cached.get(), node.metrics.images_pinned.get()), (2, 2));
+    let calls_before = node.rt.state().status_calls;
+    sleep(CHECK * 3).await; // three more checks
+    assert_eq!(node.rt.state().status_calls - calls_before, 3 * 2, "one ImageStatus per image per check");
+    assert_eq!(node.rt.state().pulls.len(), 2, "nothing pulled again while present");
+    let report = node.report_of("a");
+    assert!(report.cached && report.pinned && report.digest.starts_with("sha256:"), "{report:?}");
+    node.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vanished_image_is_pulled_again_pinned_and_counted() {
+    let node = Node::start(FakeRuntime::default(), &[("a", A)]);
+    sleep(Duration::from_millis(1)).await;
+    node.rt.delete(A);
+    sleep(CHECK).await;
+    assert_eq!(node.rt.pulls_of(A).len(), 2);
+    assert_eq!(node.rt.pin_of(A), Some(Pin::Kip));
+    assert_eq!(node.repulls("a", A), 1);
+    node.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_pulls_are_retried_with_growing_delays_and_the_error_reported() {
+    let rt = FakeRuntime::default();
+    rt.fail_next_pulls(A, 4);
+    let node = Node::start(rt, &[("a", A)]);
+    sleep(Duration::from_millis(1)).await;
+    let report = node.report_of("a");
+    assert!(!report.cached && report.last_error.contains("registry said no"), "{report:?}");
+    assert!(node.ready.get().is_some_and(|r| r.contains("not cached yet: a")));
+    sleep(Duration::from_secs(120)).await;
+    let pulls = node.rt.pulls_of(A);
+    assert_eq!(pulls.len(), 5, "four failures, then success");
+    let gaps: Vec<Duration> = pulls.windows(2).map(|w| w[1] - w[0]).collect();
+    for (i, gap) in gaps.iter().enumerate() {
+        // Doubling from 2 s with jitter: at least 2 s × 2^i, capped at the maximum.
+        let floor = (Duration::from_secs(2) * 2u32.pow(i as u32)).min(Duration::from_secs(60));
+        assert!(*gap >= floor, "gap {i} = {gap:?} < {floor:?} (gaps {gaps:?})");
+    }
+    assert_eq!(node.rt.pin_of(A), Some(Pin::Kip));
+    assert!(node.report_of("a").last_error.is_empty(), "a success clears the error");
+    node.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn tags_are_pulled_again_each_refresh_interval_digests_never() {
+    let node = Node::start(FakeRuntime::default(), &[("a", A), ("d", D)]);
+    sleep(Duration::from_millis(1)).await;
+    node.rt.move_tag(A, &format!("sha256:{}", "e".repeat(64)));
+    sleep(REFRESH + CHECK).await;
+    assert_eq!(node.rt.pulls_of(A).len(), 2, "the tag was pulled again");
+    assert_eq!(node.rt.pulls_of(D).len(), 1, "the digest was not");
+    assert_eq!(node.report_of("a").digest, format!("sha256:{}", "e".repeat(64)), "the moved tag's new digest");
+    assert_eq!(node.repulls("a", A), 0, "a refresh is not a re-pull");
+    node.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_image_that_leaves_the_list_loses_kip_s_pin_only() {
+    let rt = FakeRuntime::default();
+    rt.add(C, Pin::Other); // an admin's pin on an image kip also lists
+    let mut node = Node::start(rt, &[("a", A), ("b", B), ("c", C)]);
+    sleep(Duration::from_millis(1)).await;
+    assert_eq!(node.rt.pin_of(C), Some(Pin::Other), "kip does not claim someone else's pin");
+    node.publish(&[("a", A)]);
+    sleep(Duration::from_millis(1)).await;
+    assert_eq!(node.rt.pin_of(B), Some(Pin::None), "kip's pin is gone at once");
+    assert_eq!(node.rt.pin_of(C), Some(Pin::Other), "the admin's pin stays");
+    assert_eq!(node.rt.pin_of(A), Some(Pin::Kip));
+    assert!(node.rt.state().removed.is_empty(), "unlisted images stay cached without --remove-unlisted");
+    assert_eq!(node.reports.borrow().generation, 2);
+    assert_eq!(node.reports.borrow().images.len(), 1);
+    node.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_runtime_going_away_is_reported_and_survived() {
+    let node = Node::start(FakeRuntime::default(), &[("a", A)]);
+    sleep(Duration::from_millis(1)).await;
+    node.rt.state().down = true;
+    node.rt.delete(A); // it comes back empty, as after a reinstall
+    sleep(CHECK).await;
+    assert_eq!(node.metrics.cri_up.get(), 0);
+    assert!(node.ready.get().is_some_and(|r| r.starts_with("runtime not reachable")), "{:?}", node.ready.get());
+    assert!(!node.reports.borrow().runtime.clone().unwrap().available);
+    node.rt.state().down = false;
+    sleep(Duration::from_secs(60)).await; // retried within the backoff's cap (30 s)
+    assert_eq!(node.metrics.cri_up.get(), 1);
+    assert_eq!(node.rt.pin_of(A), Some(Pin::Kip), "pulled and pinned again");
+    assert_eq!(node.ready.get(), None);
+    node.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_list_from_the_coordinator_applies_before_the_next_check() {
+    let mut node = Node::start(FakeRuntime::default(), &[("a", A)]);
+    sleep(Duration::from_millis(1)).await;
+    let published = Instant::now();
+    node.publish(&[("a", A), ("c", C)]);
+    sleep(Duration::from_millis(1)).await;
+    let pulls = node.rt.pulls_of(C);
+    assert_eq!(pulls.len(), 1);
+    assert!(pulls[0] - published < CHECK, "not left for the next check");
+    assert_eq!(node.rt.pin_of(C), Some(Pin::Kip));
+    node.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_runtime_that_refuses_pins_keeps_images_cached_and_says_why() {
+    let rt = FakeRuntime::default();
+    rt.state().pin_problem = Some("writing kip's drop-in /etc/crio/crio.conf.d: read-only file system".into());
+    let node = Node::start(rt, &[("a", A)]);
+    sleep(Duration::from_millis(1)).await;
+    sleep(CHECK * 3).await;
+    assert_eq!(node.rt.pulls_of(A).len(), 1, "a refused pin is no reason to pull again");
+    assert_eq!(node.rt.state().pin_calls, 4, "the pin is tried once per check (4 checks), not on every wake-up");
+    let report = node.report_of("a");
+    assert!(report.cached && !report.pinned);
+    assert!(node.reports.borrow().runtime.clone().unwrap().pin_error.contains("read-only file system"));
+    assert_eq!(node.metrics.pinning_available.get(), 0);
+    assert!(node.ready.get().is_some_and(|r| r.starts_with("pinning does not work: writing kip's drop-in")));
+    node.rt.state().pin_problem = None;
+    sleep(CHECK).await;
+    assert_eq!(node.rt.pin_of(A), Some(Pin::Kip), "pinned at the next check once it works");
+    assert_eq!((node.metrics.pinning_available.get(), node.ready.get()), (1, None));
+    node.stop().await;
+}

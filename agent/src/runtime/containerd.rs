@@ -1,0 +1,335 @@
+//! containerd: images through the CRI, pins as the label `io.cri-containerd.pinned=pinned` on
+//! every record of the image (namespace `k8s.io`) plus kip's own `kip.eclipse.dev/pinned-by=kip`,
+//! so kip only ever removes pins it set. Labels change through the native images API, and an
+//! update always carries the whole record as read (target included) with a field mask naming
+//! only kip's two labels: containerd >= 1.7 crashes on an update without a target, and an empty
+//! mask would replace the whole record.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use kip::containerd::services::images::v1::{
+    images_client::ImagesClient, GetImageRequest, Image, ListImagesRequest, UpdateImageRequest,
+};
+use kip::cri::AuthConfig;
+use tonic::transport::Channel;
+
+use super::{Keep, Runtime, RuntimeError};
+use crate::cri::{unix_channel, CriClient, ImageInfo, RuntimeInfo};
+
+pub const PIN_LABEL: &str = "io.cri-containerd.pinned";
+pub const PIN_VALUE: &str = "pinned";
+pub const OWNER_LABEL: &str = "kip.eclipse.dev/pinned-by";
+pub const OWNER_VALUE: &str = "kip";
+/// The namespace the CRI plugin keeps kubelet's images in.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+
+#[derive(Debug, thiserror::Error)]
+#[error("containerd images.{op} `{name}` failed: {message}")]
+pub struct LabelError {
+    pub op: &'static str,
+    pub name: String,
+    pub code: tonic::Code,
+    pub message: String,
+}
+
+/// Who holds the pin on one image record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinState {
+    Unpinned,
+    PinnedByKip,
+    /// Pinned by someone else (kubelet config, an admin): kip never removes it.
+    PinnedByOther,
+}
+
+pub fn pin_state(labels: &HashMap<String, String>) -> PinState {
+    let pinned = labels.get(PIN_LABEL).is_some_and(|v| v == PIN_VALUE);
+    let ours = labels.get(OWNER_LABEL).is_some_and(|v| v == OWNER_VALUE);
+    match (pinned, ours) {
+        (true, true) => PinState::PinnedByKip,
+        (true, false) => PinState::PinnedByOther,
+        // Our owner label without the pin (someone removed the pin): treat as unpinned.
+        (false, _) => PinState::Unpinned,
+    }
+}
+
+/// The label change kip makes to one record: the record as read, with kip's two labels set
+/// (`Some`) or deleted (`None`; an empty value under the mask deletes a label). Every other
+/// field and label goes back exactly as read.
+pub fn relabel(mut record: Image, pin: Option<&str>) -> UpdateImageRequest {
+    match pin {
+        Some(owner) => {
+            record.labels.insert(PIN_LABEL.to_string(), PIN_VALUE.to_string());
+            record.labels.insert(OWNER_LABEL.to_string(), owner.to_string());
+        }
+        None => {
+            record.labels.insert(PIN_LABEL.to_string(), String::new());
+            record.labels.insert(OWNER_LABEL.to_string(), String::new());
+        }
+    }
+    UpdateImageRequest {
+        image: Some(record),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec![format!("labels.{PIN_LABEL}"), format!("labels.{OWNER_LABEL}")],
+        }),
+        source_date_epoch: None,
+    }
+}
+
+/// Whether this containerd reports pins through CRI `Image.pinned` (1.6.22, 1.7.3, 2.0 and
+/// later). Older ones store the label but say nothing, so kip reads the labels itself.
+pub fn reports_pins(version: &str) -> bool {
+    match parse_version(version) {
+        Some((1, 6, patch)) => patch >= 22,
+        Some((1, 7, patch)) => patch >= 3,
+        Some((1, minor, _)) => minor > 7,
+        Some((major, _, _)) => major >= 2,
+        None => false,
+    }
+}
+
+/// `1.6.20~ds1`, `v1.7.24`, `2.1.9+unknown` → (major, minor, patch).
+fn parse_version(v: &str) -> Option<(u32, u32, u32)> {
+    let mut parts = v.trim_start_matches('v').splitn(3, '.').map(|p| {
+        let digits: String = p.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse::<u32>().ok()
+    });
+    Some((parts.next()??, parts.next()??, parts.next().flatten().unwrap_or(0)))
+}
+
+#[derive(Clone, Debug)]
+pub struct Containerd {
+    cri: CriClient,
+    info: RuntimeInfo,
+    images: ImagesClient<Channel>,
+    reports_pins: bool,
+}
+
+impl Containerd {
+    pub fn new(cri: CriClient, info: RuntimeInfo) -> Self {
+        let images = ImagesClient::new(unix_channel(cri.socket()));
+        let reports_pins = reports_pins(&info.version);
+        Self { cri, info, images, reports_pins }
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<Image>, LabelError> {
+        let req = with_namespace(GetImageRequest { name: name.to_string() });
+        match self.images.clone().get(req).await {
+            Ok(resp) => Ok(resp.into_inner().image),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+            Err(s) => Err(label_error("Get", name, &s)),
+        }
+    }
+
+    async fn update(&self, req: UpdateImageRequest) -> Result<(), LabelError> {
+        let name = req.image.as_ref().map(|i| i.name.clone()).unwrap_or_default();
+        if req.image.as_ref().is_none_or(|i| i.target.is_none()) {
+            // Never send what would crash containerd >= 1.7 (see the module docs).
+            return Err(LabelError {
+                op: "Update",
+                name,
+                code: tonic::Code::FailedPrecondition,
+                message: "refused to send a record without its target".into(),
+            });
+        }
+        match self.images.clone().update(with_namespace(req)).await {
+            Ok(_) => Ok(()),
+            // Removed between Get and Update (kubelet GC): nothing left to label.
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+            Err(s) => Err(label_error("Update", &name, &s)),
+        }
+    }
+
+    /// Pins every unpinned record in `names`; `foreign` ones (pinned by someone else before a
+    /// pull that dropped the label) get their pin back as theirs. Returns how many changed.
+    async fn pin_records(&self, names: &[String], foreign: &[String]) -> Result<usize, LabelError> {
+        let mut changed = 0;
+        for name in names {
+            let Some(record) = self.get(name).await? else { continue };
+            if pin_state(&record.labels) == PinState::Unpinned {
+                let owner = if foreign.contains(name) { "" } else { OWNER_VALUE };
+                self.update(relabel(record, Some(owner))).await?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
+    async fn records_pinned_by_others(&self, names: &[String]) -> Result<Vec<String>, LabelError> {
+        let mut foreign = Vec::new();
+        for name in names {
+            if let Some(record) = self.get(name).await? {
+                if pin_state(&record.labels) == PinState::PinnedByOther {
+                    foreign.push(name.clone());
+                }
+            }
+        }
+        Ok(foreign)
+    }
+}
+
+impl Runtime for Containerd {
+    fn info(&self) -> &RuntimeInfo {
+        &self.info
+    }
+    fn socket(&self) -> &std::path::Path {
+        self.cri.socket()
+    }
+    fn pin_problem(&self) -> Option<String> {
+        None
+    }
+
+    async fn status(&self, reference: &str) -> Result<Option<ImageInfo>, RuntimeError> {
+        Ok(self.cri.image_status(reference).await?)
+    }
+
+    async fn pull(
+        &self,
+        reference: &str,
+        known: Option<&ImageInfo>,
+        auth: Option<AuthConfig>,
+        timeout: Duration,
+    ) -> Result<Option<ImageInfo>, RuntimeError> {
+        // containerd 1.6 drops every label of a record the CRI pulls again: remember whose
+        // pins were there so the pin goes back to its owner.
+        let foreign = match known {
+            Some(image) => self.records_pinned_by_others(&image.refs_of(reference)).await?,
+            None => vec![],
+        };
+        self.cri.pull(reference, auth, timeout).await?;
+        let after = self.cri.image_status(reference).await?;
+        if let Some(image) = &after {
+            let restored: Vec<String> = image.refs_of(reference).into_iter().filter(|r| foreign.contains(r)).collect();
+            self.pin_records(&restored, &foreign).await?;
+        }
+        Ok(after)
+    }
+
+    async fn is_pinned(&self, reference: &str, image: &ImageInfo) -> Result<bool, RuntimeError> {
+        if self.reports_pins || image.pinned {
+            return Ok(image.pinned);
+        }
+        // Older containerd: every record of the image must carry a pin (kip's or anyone's).
+        let mut seen = false;
+        for name in image.refs_of(reference) {
+            if let Some(record) = self.get(&name).await? {
+                seen = true;
+                if pin_state(&record.labels) == PinState::Unpinned {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(seen)
+    }
+
+    async fn pin(&self, reference: &str, image: &ImageInfo) -> Result<bool, RuntimeError> {
+        let changed = self.pin_records(&image.refs_of(reference), &[]).await?;
+        if changed > 0 {
+            tracing::info!(image = reference, records = changed, "pinned");
+        }
+        Ok(true)
+    }
+
+    async fn sync_pins(&self, keep: &Keep) -> Result<Vec<String>, RuntimeError> {
+        let req = with_namespace(ListImagesRequest { filters: vec![] });
+        let records = self.images.clone().list(req).await.map_err(|s| label_error("List", "*", &s))?.into_inner();
+        let ours: Vec<Image> = records
+            .images
+            .into_iter()
+            .filter(|r| r.labels.get(OWNER_LABEL).is_some_and(|v| v == OWNER_VALUE))
+            .collect();
+        let released = crate::reconcile::to_release(ours.iter().map(|r| r.name.as_str()), keep);
+        for record in ours.into_iter().filter(|r| released.contains(&r.name)) {
+            self.update(relabel(record, None)).await?;
+        }
+        Ok(released)
+    }
+
+    async fn remove(&self, reference: &str) -> Result<(), RuntimeError> {
+        Ok(self.cri.remove(reference).await?)
+    }
+}
+
+fn with_namespace<T>(msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert("containerd-namespace", tonic::metadata::MetadataValue::from_static(CRI_NAMESPACE));
+    req
+}
+
+fn label_error(op: &'static str, name: &str, s: &tonic::Status) -> LabelError {
+    LabelError { op, name: name.to_string(), code: s.code(), message: s.message().to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kip::containerd::types::Descriptor;
+
+    fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn record() -> Image {
+        Image {
+            name: "r/a:1".into(),
+            labels: labels(&[("io.cri-containerd.image", "managed"), ("example.com/owner", "admin")]),
+            target: Some(Descriptor {
+                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                digest: "sha256:aaa".into(),
+                size: 123,
+                annotations: HashMap::new(),
+            }),
+            created_at: Some(prost_types::Timestamp { seconds: 1, nanos: 0 }),
+            updated_at: Some(prost_types::Timestamp { seconds: 2, nanos: 0 }),
+        }
+    }
+
+    #[test]
+    fn pin_ownership_is_read_from_the_labels() {
+        assert_eq!(pin_state(&labels(&[])), PinState::Unpinned);
+        assert_eq!(pin_state(&labels(&[(PIN_LABEL, "pinned")])), PinState::PinnedByOther);
+        assert_eq!(pin_state(&labels(&[(PIN_LABEL, "pinned"), (OWNER_LABEL, "kip")])), PinState::PinnedByKip);
+        assert_eq!(pin_state(&labels(&[(OWNER_LABEL, "kip")])), PinState::Unpinned);
+        assert_eq!(pin_state(&labels(&[(PIN_LABEL, "yes")])), PinState::Unpinned);
+    }
+
+    #[test]
+    fn an_update_sends_the_whole_record_and_masks_only_kip_s_labels() {
+        let req = relabel(record(), Some(OWNER_VALUE));
+        let sent = req.image.unwrap();
+        let expected = record();
+        assert_eq!(sent.target, expected.target, "the target goes back as read");
+        assert_eq!((sent.created_at, sent.updated_at), (expected.created_at, expected.updated_at));
+        assert_eq!(sent.labels.get("example.com/owner").map(String::as_str), Some("admin"));
+        assert_eq!(sent.labels.get(PIN_LABEL).map(String::as_str), Some(PIN_VALUE));
+        assert_eq!(sent.labels.get(OWNER_LABEL).map(String::as_str), Some(OWNER_VALUE));
+        assert_eq!(
+            req.update_mask.unwrap().paths,
+            vec!["labels.io.cri-containerd.pinned", "labels.kip.eclipse.dev/pinned-by"]
+        );
+    }
+
+    #[test]
+    fn unpinning_empties_kip_s_labels_under_the_mask_and_keeps_the_rest() {
+        let mut pinned = record();
+        pinned.labels.insert(PIN_LABEL.into(), PIN_VALUE.into());
+        pinned.labels.insert(OWNER_LABEL.into(), OWNER_VALUE.into());
+        let req = relabel(pinned, None);
+        let sent = req.image.unwrap();
+        assert!(sent.target.is_some());
+        assert_eq!(sent.labels.get(PIN_LABEL).map(String::as_str), Some(""));
+        assert_eq!(sent.labels.get(OWNER_LABEL).map(String::as_str), Some(""));
+        assert_eq!(sent.labels.get("io.cri-containerd.image").map(String::as_str), Some("managed"));
+        assert_eq!(req.update_mask.unwrap().paths.len(), 2);
+    }
+
+    #[test]
+    fn versions_that_report_pins_through_the_cri() {
+        for v in ["1.6.22", "1.6.38~ds1", "v1.7.3", "1.7.24~ds1", "1.8.0", "2.0.0", "2.1.9+unknown", "v2.3.4"] {
+            assert!(reports_pins(v), "{v}");
+        }
+        for v in ["1.6.20~ds1", "1.6.21", "v1.7.2", "1.5.18", "", "devel", "v1"] {
+            assert!(!reports_pins(v), "{v}");
+        }
+    }
+}

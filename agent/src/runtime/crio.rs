@@ -1,0 +1,375 @@
+//! CRI-O: images through the CRI; pins through `pinned_images` under `[crio.image]`, which CRI-O
+//! reads from its main file and then its drop-ins in lexical order, a later list replacing an
+//! earlier one. kip writes one drop-in of its own, named to sort last, holding the admin's
+//! effective list plus kip's images, then sends SIGHUP to the process behind the socket (CRI-O
+//! reloads `pinned_images` live) and confirms through CRI `ImageStatus.pinned`.
+
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kip::cri::AuthConfig;
+
+use super::{CrioPaths, Keep, Runtime, RuntimeError};
+use crate::cri::{CriClient, ImageInfo, RuntimeInfo};
+
+/// kip's drop-in: `zz-` sorts after the usual `NN-name` drop-ins (OpenShift's `00-default`).
+pub const DROP_IN_NAME: &str = "zz-kip-pinned-images.conf";
+/// How long CRI-O may take to show a pin after the reload, checked this often.
+const CONFIRM_ATTEMPTS: u32 = 25;
+const CONFIRM_EVERY: Duration = Duration::from_millis(200);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CrioError {
+    #[error("reading CRI-O's configuration {}: {reason}", path.display())]
+    ReadConfig { path: PathBuf, reason: String },
+    #[error("writing kip's drop-in {}: {reason}", path.display())]
+    Write { path: PathBuf, reason: String },
+    #[error("signalling CRI-O to reload (SIGHUP to the process behind {}): {reason}", socket.display())]
+    Signal { socket: PathBuf, reason: String },
+    #[error("CRI-O does not report `{reference}` pinned {}s after reloading {}", (CONFIRM_EVERY * CONFIRM_ATTEMPTS).as_secs(), path.display())]
+    NotConfirmed { reference: String, path: PathBuf },
+}
+
+/// The admin's `pinned_images`: the list of the last file, in CRI-O's order, that sets it
+/// (kip's own drop-in left out). `None` when no file sets it.
+pub fn admin_pins(config: &Path, config_dir: &Path) -> Result<Option<Vec<String>>, CrioError> {
+    let mut effective = None;
+    for file in config_files(config, config_dir)? {
+        if let Some(list) = pinned_images_in(&file)? {
+            effective = Some(list);
+        }
+    }
+    Ok(effective)
+}
+
+/// Drop-ins that sort after kip's and set `pinned_images`: they would hide kip's list.
+pub fn later_overrides(config_dir: &Path) -> Result<Vec<PathBuf>, CrioError> {
+    let ours = config_dir.join(DROP_IN_NAME);
+    let mut later = Vec::new();
+    for file in walk(config_dir)? {
+        if file > ours && pinned_images_in(&file)?.is_some() {
+            later.push(file);
+        }
+    }
+    Ok(later)
+}
+
+/// The main file (when it exists), then every file under the drop-in directory as CRI-O walks
+/// it (recursively, lexical order), without kip's own drop-in.
+fn config_files(config: &Path, config_dir: &Path) -> Result<Vec<PathBuf>, CrioError> {
+    let ours = config_dir.join(DROP_IN_NAME);
+    let mut files: Vec<PathBuf> = config.is_file().then(|| config.to_path_buf()).into_iter().collect();
+    files.extend(walk(config_dir)?.into_iter().filter(|f| *f != ours));
+    Ok(files)
+}
+
+fn walk(dir: &Path) -> Result<Vec<PathBuf>, CrioError> {
+    let read_err = |e: std::io::Error| CrioError::ReadConfig { path: dir.to_path_buf(), reason: e.to_string() };
+    let mut entries: Vec<PathBuf> = match fs::read_dir(dir) {
+        Ok(rd) => rd.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>().map_err(read_err)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(read_err(e)),
+    };
+    entries.sort();
+    let mut files = Vec::new();
+    for path in entries {
+        if path.is_dir() {
+            files.extend(walk(&path)?);
+        } else {
+            files.push(path);
+        }
+    }
+    Ok(files)
+}
+
+fn pinned_images_in(file: &Path) -> Result<Option<Vec<String>>, CrioError> {
+    let err = |reason: String| CrioError::ReadConfig { path: file.to_path_buf(), reason };
+    let text = fs::read_to_string(file).map_err(|e| err(e.to_string()))?;
+    let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| err(e.message().to_string()))?;
+    let Some(value) = doc.get("crio").and_then(|c| c.get("image")).and_then(|i| i.get("pinned_images")) else {
+        return Ok(None);
+    };
+    let list = value.as_array().ok_or_else(|| err("crio.image.pinned_images is not a list".into()))?;
+    list.iter()
+        .map(|v| {
+            v.as_str().map(str::to_string).ok_or_else(|| err("crio.image.pinned_images holds a non-string".into()))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+/// kip's drop-in: the admin's patterns first (never dropped), then kip's images.
+pub fn render_drop_in(admin: &[String], kip: &[String]) -> String {
+    let mut out = String::from(
+        "# Written by kip-agent (kip.eclipse.dev); rewritten whenever kip's image list changes.\n\
+         # CRI-O's last pinned_images replaces earlier ones, so this list repeats the admin's own\n\
+         # (from the main file and the other drop-ins) before kip's images.\n\
+         [crio.image]\npinned_images = [\n",
+    );
+    let mut seen = std::collections::HashSet::new();
+    for pattern in admin.iter().chain(kip) {
+        if seen.insert(pattern.as_str()) {
+            out.push_str(&format!("  {},\n", toml::Value::String(pattern.clone())));
+        }
+    }
+    out.push_str("]\n");
+    out
+}
+
+/// Writes `content` to `dir/name` through a temporary file and a rename, so CRI-O never reads
+/// half a file.
+fn write_atomically(dir: &Path, name: &str, content: &str) -> Result<(), CrioError> {
+    let path = dir.join(name);
+    let err = |e: std::io::Error| CrioError::Write { path: path.clone(), reason: e.to_string() };
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut file = fs::File::create(&tmp).map_err(err)?;
+    file.write_all(content.as_bytes()).and_then(|()| file.sync_all()).map_err(err)?;
+    fs::rename(&tmp, &path).map_err(err)
+}
+
+/// The PID of the process serving `socket`, from the peer credentials of a connection to it
+/// (in this process's PID namespace; 0 when that process is not visible from it).
+pub fn socket_peer_pid(socket: &Path) -> std::io::Result<i32> {
+    let stream = UnixStream::connect(socket)?;
+    let cred = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)?;
+    Ok(cred.pid())
+}
+
+fn reload(socket: &Path) -> Result<i32, CrioError> {
+    let err = |reason: String| CrioError::Signal { socket: socket.to_path_buf(), reason };
+    let pid = socket_peer_pid(socket).map_err(|e| err(e.to_string()))?;
+    if pid <= 0 {
+        return Err(err(
+            "CRI-O's process is not visible from the agent's PID namespace (the agent needs hostPID)".into()
+        ));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP)
+        .map_err(|e| err(format!("kill({pid}, SIGHUP): {e}")))?;
+    Ok(pid)
+}
+
+/// What kip last wrote, and what stops it from pinning.
+#[derive(Debug, Default)]
+struct PinFile {
+    /// kip's images in the drop-in as last written (`None`: not written by this process yet).
+    written: Option<Vec<String>>,
+    problem: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Crio {
+    cri: CriClient,
+    info: RuntimeInfo,
+    paths: CrioPaths,
+    file: Arc<Mutex<PinFile>>,
+}
+
+impl Crio {
+    pub fn new(cri: CriClient, info: RuntimeInfo, paths: CrioPaths) -> Self {
+        Self { cri, info, paths, file: Arc::new(Mutex::new(PinFile::default())) }
+    }
+
+    pub fn drop_in_path(&self) -> PathBuf {
+        self.paths.config_dir.join(DROP_IN_NAME)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PinFile> {
+        // A panic while holding it cannot leave the record half-updated: recover the value.
+        self.file.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Writes kip's drop-in with `kip` (plus the admin's list) when it differs from what was
+    /// last written, and makes CRI-O reload it. Records the outcome as the pin problem.
+    fn publish(&self, kip: Vec<String>) -> Result<(), CrioError> {
+        if self.lock().written.as_ref() == Some(&kip) {
+            return Ok(());
+        }
+        let result = (|| -> Result<(), CrioError> {
+            let admin = admin_pins(&self.paths.config, &self.paths.config_dir)?.unwrap_or_default();
+            fs::create_dir_all(&self.paths.config_dir)
+                .map_err(|e| CrioError::Write { path: self.drop_in_path(), reason: e.to_string() })?;
+            write_atomically(&self.paths.config_dir, DROP_IN_NAME, &render_drop_in(&admin, &kip))?;
+            let pid = reload(self.cri.socket())?;
+            tracing::info!(file = %self.drop_in_path().display(), images = kip.len(), admin_patterns = admin.len(), crio_pid = pid, "wrote kip's pinned_images drop-in; CRI-O reloads it");
+            for later in later_overrides(&self.paths.config_dir)? {
+                tracing::warn!(file = %later.display(), "this drop-in sorts after kip's and sets pinned_images: CRI-O uses its list instead of kip's");
+            }
+            Ok(())
+        })();
+        let mut file = self.lock();
+        match &result {
+            Ok(()) => {
+                file.written = Some(kip);
+                file.problem = None;
+            }
+            Err(e) => {
+                // Write again next time: the file or the reload may not have happened.
+                file.written = None;
+                file.problem = Some(e.to_string());
+            }
+        }
+        result
+    }
+
+    fn kip_list(&self) -> Vec<String> {
+        self.lock().written.clone().unwrap_or_default()
+    }
+}
+
+impl Runtime for Crio {
+    fn info(&self) -> &RuntimeInfo {
+        &self.info
+    }
+    fn socket(&self) -> &Path {
+        self.cri.socket()
+    }
+    fn pin_problem(&self) -> Option<String> {
+        self.lock().problem.clone()
+    }
+
+    async fn status(&self, reference: &str) -> Result<Option<ImageInfo>, RuntimeError> {
+        Ok(self.cri.image_status(reference).await?)
+    }
+
+    async fn pull(
+        &self,
+        reference: &str,
+        _known: Option<&ImageInfo>,
+        auth: Option<AuthConfig>,
+        timeout: Duration,
+    ) -> Result<Option<ImageInfo>, RuntimeError> {
+        self.cri.pull(reference, auth, timeout).await?;
+        Ok(self.cri.image_status(reference).await?)
+    }
+
+    async fn is_pinned(&self, _reference: &str, image: &ImageInfo) -> Result<bool, RuntimeError> {
+        Ok(image.pinned)
+    }
+
+    async fn pin(&self, reference: &str, image: &ImageInfo) -> Result<bool, RuntimeError> {
+        if image.pinned {
+            return Ok(true);
+        }
+        let mut kip = self.kip_list();
+        if !kip.iter().any(|r| r == reference) {
+            kip.push(reference.to_string());
+        }
+        self.publish(kip)?;
+        for _ in 0..CONFIRM_ATTEMPTS {
+            if self.cri.image_status(reference).await?.is_some_and(|i| i.pinned) {
+                return Ok(true);
+            }
+            tokio::time::sleep(CONFIRM_EVERY).await;
+        }
+        let e = CrioError::NotConfirmed { reference: reference.to_string(), path: self.drop_in_path() };
+        self.lock().problem = Some(e.to_string());
+        Err(e.into())
+    }
+
+    async fn sync_pins(&self, keep: &Keep) -> Result<Vec<String>, RuntimeError> {
+        // Every listed reference, present or not: CRI-O pins an image the moment it arrives.
+        let released: Vec<String> = self.kip_list().into_iter().filter(|r| !keep.references.contains(r)).collect();
+        self.publish(keep.references.clone())?;
+        Ok(released)
+    }
+
+    async fn remove(&self, reference: &str) -> Result<(), RuntimeError> {
+        Ok(self.cri.remove(reference).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, text: &str) {
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, text).unwrap();
+    }
+
+    #[test]
+    fn the_admin_list_is_the_last_one_set_in_crio_s_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("crio.conf");
+        let drop_ins = dir.path().join("crio.conf.d");
+        assert_eq!(admin_pins(&main, &drop_ins).unwrap(), None, "nothing there at all");
+        write(&main, "[crio.image]\npinned_images = [\"main/*\"]\n");
+        assert_eq!(admin_pins(&main, &drop_ins).unwrap(), Some(vec!["main/*".to_string()]));
+        write(&drop_ins.join("00-default"), "[crio.runtime]\nlog_level = \"info\"\n");
+        write(&drop_ins.join("10-pins.conf"), "[crio.image]\npinned_images = [\"quay.io/a*\", \"*keyword*\"]\n");
+        write(&drop_ins.join("20-other.conf"), "[crio.image]\npause_image = \"x\"\n");
+        // kip's own file never counts as the admin's.
+        write(&drop_ins.join(DROP_IN_NAME), "[crio.image]\npinned_images = [\"kip/image:1\"]\n");
+        assert_eq!(
+            admin_pins(&main, &drop_ins).unwrap(),
+            Some(vec!["quay.io/a*".to_string(), "*keyword*".to_string()])
+        );
+        // Subdirectories are walked too, in order ("30-dir/x" after "20-other.conf").
+        write(&drop_ins.join("30-dir/x.conf"), "[crio.image]\npinned_images = []\n");
+        assert_eq!(admin_pins(&main, &drop_ins).unwrap(), Some(vec![]));
+    }
+
+    #[test]
+    fn a_broken_config_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let drop_ins = dir.path().join("d");
+        write(&drop_ins.join("10-bad.conf"), "[crio.image\n");
+        let e = admin_pins(&dir.path().join("none"), &drop_ins).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("reading CRI-O's configuration {}", drop_ins.join("10-bad.conf").display())),
+            "{e}"
+        );
+        write(&drop_ins.join("10-bad.conf"), "[crio.image]\npinned_images = \"not-a-list\"\n");
+        assert!(admin_pins(&dir.path().join("none"), &drop_ins).unwrap_err().to_string().contains("is not a list"));
+    }
+
+    #[test]
+    fn kip_s_drop_in_sorts_after_the_usual_names() {
+        let ours = PathBuf::from("/d").join(DROP_IN_NAME);
+        for other in ["00-default", "99-custom.conf", "crio.conf", "zz-admin.conf", "10-x/y.conf"] {
+            assert!(PathBuf::from("/d").join(other) < ours, "{other}");
+        }
+    }
+
+    #[test]
+    fn later_drop_ins_that_set_the_list_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        write(&dir.path().join("zzz-late.conf"), "[crio.image]\npinned_images = [\"x\"]\n");
+        write(&dir.path().join("zzzz-harmless.conf"), "[crio.runtime]\n");
+        assert_eq!(later_overrides(dir.path()).unwrap(), vec![dir.path().join("zzz-late.conf")]);
+    }
+
+    #[test]
+    fn the_drop_in_keeps_the_admin_s_patterns_and_adds_kip_s_images_once() {
+        let text = render_drop_in(
+            &["quay.io/admin*".into(), "*key\"word*".into()],
+            &["docker.io/library/busybox:1.36".into(), "quay.io/admin*".into()],
+        );
+        let doc: toml::Table = text.parse().unwrap();
+        let list: Vec<&str> =
+            doc["crio"]["image"]["pinned_images"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(list, vec!["quay.io/admin*", "*key\"word*", "docker.io/library/busybox:1.36"]);
+    }
+
+    #[test]
+    fn the_drop_in_is_replaced_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        write_atomically(dir.path(), DROP_IN_NAME, "one").unwrap();
+        write_atomically(dir.path(), DROP_IN_NAME, "two").unwrap();
+        assert_eq!(fs::read_to_string(dir.path().join(DROP_IN_NAME)).unwrap(), "two");
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(DROP_IN_NAME)], "no temporary file left behind");
+    }
+
+    #[test]
+    fn the_peer_of_a_socket_is_the_process_serving_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("s.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        assert_eq!(socket_peer_pid(&socket).unwrap(), std::process::id() as i32);
+    }
+}

@@ -1,0 +1,220 @@
+//! A runtime in memory for the agent's loop tests: images appear when pulled, vanish when a
+//! test removes them, pins follow the calls, and every call is counted. Failures (runtime
+//! down, pulls that fail, pins refused) are switched on by the test.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use kip::cri::AuthConfig;
+use tokio::time::Instant;
+
+use super::{Keep, Runtime, RuntimeError};
+use crate::cri::{repository_of, CriError, ImageInfo, RuntimeInfo};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pin {
+    None,
+    Kip,
+    /// Someone else's pin (an admin): kip must never remove it.
+    Other,
+}
+
+#[derive(Debug)]
+struct FakeImage {
+    digest: String,
+    pin: Pin,
+}
+
+#[derive(Debug, Default)]
+pub struct FakeState {
+    images: BTreeMap<String, FakeImage>,
+    /// What each tag resolves to in the "registry" (default: a digest derived from the name).
+    registry: HashMap<String, String>,
+    pub down: bool,
+    failing_pulls: HashMap<String, u32>,
+    pub pin_problem: Option<String>,
+    pub pulls: Vec<(String, Instant)>,
+    pub status_calls: usize,
+    pub pin_calls: usize,
+    pub removed: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct FakeRuntime {
+    state: Arc<Mutex<FakeState>>,
+    info: RuntimeInfo,
+    socket: PathBuf,
+}
+
+impl Default for FakeRuntime {
+    fn default() -> Self {
+        Self {
+            state: Arc::default(),
+            info: RuntimeInfo { name: "fake".into(), version: "1.0".into() },
+            socket: PathBuf::from("/run/fake.sock"),
+        }
+    }
+}
+
+impl FakeRuntime {
+    pub fn state(&self) -> MutexGuard<'_, FakeState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// An image already on the node, pinned by `pin`.
+    pub fn add(&self, reference: &str, pin: Pin) {
+        let digest = self.resolve(reference);
+        self.state().images.insert(reference.into(), FakeImage { digest, pin });
+    }
+
+    /// Removes an image as kubelet's GC or `crictl rmi` would.
+    pub fn delete(&self, reference: &str) {
+        self.state().images.remove(reference);
+    }
+
+    pub fn move_tag(&self, reference: &str, digest: &str) {
+        self.state().registry.insert(reference.into(), digest.into());
+    }
+
+    pub fn fail_next_pulls(&self, reference: &str, times: u32) {
+        self.state().failing_pulls.insert(reference.into(), times);
+    }
+
+    pub fn pin_of(&self, reference: &str) -> Option<Pin> {
+        self.state().images.get(reference).map(|i| i.pin)
+    }
+
+    pub fn digest_of(&self, reference: &str) -> Option<String> {
+        self.state().images.get(reference).map(|i| i.digest.clone())
+    }
+
+    pub fn pulls_of(&self, reference: &str) -> Vec<Instant> {
+        self.state().pulls.iter().filter(|(r, _)| r == reference).map(|(_, t)| *t).collect()
+    }
+
+    fn resolve(&self, reference: &str) -> String {
+        if let Some((_, digest)) = reference.split_once('@') {
+            return digest.to_string();
+        }
+        self.state().registry.get(reference).cloned().unwrap_or_else(|| format!("sha256:{:0>64}", reference.len()))
+    }
+
+    fn info_of(reference: &str, image: &FakeImage) -> ImageInfo {
+        let repo = repository_of(reference);
+        ImageInfo {
+            id: format!("id-{}", image.digest),
+            repo_tags: if reference.contains('@') { vec![] } else { vec![reference.to_string()] },
+            repo_digests: vec![format!("{repo}@{}", image.digest)],
+            pinned: image.pin != Pin::None,
+        }
+    }
+
+    fn down_error(&self, op: &'static str, reference: &str) -> Result<(), RuntimeError> {
+        if self.state().down {
+            return Err(CriError::Call {
+                op,
+                image: reference.into(),
+                code: tonic::Code::Unavailable,
+                message: "runtime down".into(),
+            }
+            .into());
+        }
+        Ok(())
+    }
+}
+
+impl Runtime for FakeRuntime {
+    fn info(&self) -> &RuntimeInfo {
+        &self.info
+    }
+    fn socket(&self) -> &Path {
+        &self.socket
+    }
+    fn pin_problem(&self) -> Option<String> {
+        self.state().pin_problem.clone()
+    }
+
+    async fn status(&self, reference: &str) -> Result<Option<ImageInfo>, RuntimeError> {
+        self.down_error("ImageStatus", reference)?;
+        let mut state = self.state();
+        state.status_calls += 1;
+        Ok(state.images.get(reference).map(|i| Self::info_of(reference, i)))
+    }
+
+    async fn pull(
+        &self,
+        reference: &str,
+        _known: Option<&ImageInfo>,
+        _auth: Option<AuthConfig>,
+        _timeout: Duration,
+    ) -> Result<Option<ImageInfo>, RuntimeError> {
+        self.down_error("PullImage", reference)?;
+        let digest = self.resolve(reference);
+        let mut state = self.state();
+        state.pulls.push((reference.to_string(), Instant::now()));
+        if let Some(left) = state.failing_pulls.get_mut(reference).filter(|n| **n > 0) {
+            *left -= 1;
+            return Err(CriError::Call {
+                op: "PullImage",
+                image: reference.into(),
+                code: tonic::Code::Unknown,
+                message: "registry said no".into(),
+            }
+            .into());
+        }
+        let pin = state.images.get(reference).map_or(Pin::None, |i| i.pin);
+        let image = FakeImage { digest, pin };
+        let info = Self::info_of(reference, &image);
+        state.images.insert(reference.to_string(), image);
+        Ok(Some(info))
+    }
+
+    async fn is_pinned(&self, _reference: &str, image: &ImageInfo) -> Result<bool, RuntimeError> {
+        Ok(image.pinned)
+    }
+
+    async fn pin(&self, reference: &str, _image: &ImageInfo) -> Result<bool, RuntimeError> {
+        self.down_error("Pin", reference)?;
+        let mut state = self.state();
+        state.pin_calls += 1;
+        if let Some(problem) = state.pin_problem.clone() {
+            return Err(CriError::Call {
+                op: "Pin",
+                image: reference.into(),
+                code: tonic::Code::Unknown,
+                message: problem,
+            }
+            .into());
+        }
+        match state.images.get_mut(reference) {
+            Some(image) => {
+                if image.pin == Pin::None {
+                    image.pin = Pin::Kip;
+                }
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn sync_pins(&self, keep: &Keep) -> Result<Vec<String>, RuntimeError> {
+        self.down_error("List", "*")?;
+        let mut released = Vec::new();
+        for (reference, image) in &mut self.state().images {
+            if image.pin == Pin::Kip && !keep.references.contains(reference) {
+                image.pin = Pin::None;
+                released.push(reference.clone());
+            }
+        }
+        Ok(released)
+    }
+
+    async fn remove(&self, reference: &str) -> Result<(), RuntimeError> {
+        let mut state = self.state();
+        state.images.remove(reference);
+        state.removed.push(reference.to_string());
+        Ok(())
+    }
+}
