@@ -107,6 +107,15 @@ containerd_major() {
   echo "${BASH_REMATCH[1]}"
 }
 
+# cri_reports_pins: true when the selected containerd reports pins through CRI `Image.pinned`
+# (1.6.22, 1.7.3, 2.0 and later); Debian bookworm's 1.6.20 stores the label but says nothing.
+cri_reports_pins() {
+  local v; v=$("$(containerd_bin_dir)/containerd" --version)
+  [[ $v =~ \ v?([0-9]+)\.([0-9]+)\.([0-9]+) ]] || return 1
+  local major=${BASH_REMATCH[1]} minor=${BASH_REMATCH[2]} patch=${BASH_REMATCH[3]}
+  ((major > 1 || minor > 7 || (minor == 7 && patch >= 3) || (minor == 6 && patch >= 22)))
+}
+
 # start_containerd REGISTRY... -> sets CONTAINERD_SOCK; plain-HTTP hosts.toml for each registry.
 # CONTAINERD_NAME (default "containerd") names its directory, for several on one machine.
 start_containerd() {

@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# Node end-to-end test of kip-agent against a real containerd (its own root, state and socket),
-# two real registries on 127.0.0.1 (one behind htpasswd) and images built here with umoci.
-# Checks with containerd's own `ctr` that images are present and pinned, that a removed image
-# comes back, that kip removes only its own pins, /metrics, runtime restarts, and that a wrong
-# password gives a clear error without the secret. Needs root; stops everything it starts.
+# Node end-to-end test of kip-agent against a real containerd (its own root, state, socket and
+# /run), two real registries on 127.0.0.1 (one behind htpasswd) and images built here with umoci.
+# KIP_CONTAINERD picks the containerd: system (1.6), trixie (1.7.x) or sid (2.x) — see lib.sh.
+# Checks with containerd's own `ctr` that images are present and pinned (and, where containerd
+# reports pins, with CRI ImageStatus as kubelet sees them), that an admin's labels and pins survive
+# kip's pin, re-pull and unpin, that a removed image comes back, /metrics, runtime restarts, that
+# containerd is alive at the end, and that a wrong password gives a clear error without the secret.
+# Needs root; stops everything it starts.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . tests/e2e/lib.sh
 
 AGENT=${KIP_AGENT_BIN:-target/debug/kip-agent}
+CRI_INSPECT=${KIP_CRI_INSPECT_BIN:-target/debug/examples/cri-inspect}
 [ -x "$AGENT" ] || fail "$AGENT not built (cargo build -p kip-agent)"
+[ -x "$CRI_INSPECT" ] || fail "$CRI_INSPECT not built (cargo build -p kip-agent --examples)"
 [ "$(id -u)" = 0 ] || fail "run as root: containerd needs it"
 
 kip_workdir
@@ -19,6 +24,7 @@ log "registries, containerd, test images"
 start_registry REG public
 start_registry PRIV private kip 'right-Pa55word'
 start_containerd "$REG" "$PRIV"
+log "containerd $(kctr version | awk '/Version:/ { print $2; exit }') (KIP_CONTAINERD=${KIP_CONTAINERD:-system}); reports pins through the CRI: $(cri_reports_pins && echo yes || echo no)"
 
 OCI="$KIP_WORK/oci"
 build_image "$OCI" multi "etc/one.txt=one" "etc/two.txt=two,usr/share/three.txt=three" "four.txt=four"
@@ -79,6 +85,42 @@ for ref in "$MULTI" "$SCRATCH" "$BYDIGEST" "$PRIVATE"; do
 done
 is_pinned_by_kip "$OTHER" && fail "kip claimed the pin an admin set on $OTHER"
 [[ $(ref_labels "$OTHER") == *io.cri-containerd.pinned=pinned* ]] || fail "admin's pin on $OTHER lost"
+# cri_pin REF: what the CRI tells kubelet (pinned, unpinned or absent).
+cri_pin() { "$CRI_INSPECT" "$CONTAINERD_SOCK" "$1"; }
+cri_pinned() { [ "$(cri_pin "$1")" = pinned ]; }
+if cri_reports_pins; then
+  for ref in "$MULTI" "$SCRATCH" "$BYDIGEST" "$PRIVATE" "$OTHER"; do
+    [ "$(cri_pin "$ref")" = pinned ] || fail "CRI ImageStatus does not report $ref pinned: $(cri_pin "$ref")"
+  done
+  echo "CRI ImageStatus: every listed image pinned: true"
+fi
+
+log "an admin's label on a record kip pinned survives kip's re-pulls and its unpin"
+ADMIN_LABEL=example.com/owner=admin
+kctr images label "$SCRATCH" "$ADMIN_LABEL" >/dev/null
+has_label() { [[ ",$(ref_labels "$1")," == *",$2,"* ]]; }
+REFRESH_PORT=$(free_port)
+"$AGENT" --cri-socket "$CONTAINERD_SOCK" --images "scratch=$SCRATCH" --refresh-interval 1s --check-interval 1s \
+  --listen "127.0.0.1:$REFRESH_PORT" >> "$KIP_WORK/refresh.log" 2>&1 &
+REFRESH_PID=$!
+KIP_PIDS+=("$REFRESH_PID")
+scratch_pulls() {
+  local m; m=$(curl -sf "http://127.0.0.1:$REFRESH_PORT/metrics") || return 1
+  awk -v m="kip_image_pulls_total{name=\"scratch\",image=\"$SCRATCH\",result=\"success\"}" '$1 == m { print $2 }' <<<"$m"
+}
+three_refreshes() { [ "$(scratch_pulls)" -ge 3 ] 2>/dev/null; }
+# containerd rewrites a record's labels when the CRI pulls it again (1.6, 1.7 and 2.x alike);
+# kip puts back what the pull dropped, so after every refresh the labels are as before.
+labels_intact() {
+  three_refreshes && has_label "$SCRATCH" "$ADMIN_LABEL" && has_label "$SCRATCH" io.cri-containerd.image=managed \
+    && is_pinned_by_kip "$SCRATCH"
+}
+wait_for 30 "three refresh pulls of $SCRATCH with the admin's label, the CRI's and kip's pin still on it" labels_intact
+echo "after $(scratch_pulls) pulls of $SCRATCH: $(ref_labels "$SCRATCH")"
+kill -TERM "$REFRESH_PID"; wait "$REFRESH_PID" || fail "agent exited non-zero on SIGTERM"
+# SIGTERM may cut a refresh between the pull and the restore: set the label again (idempotent)
+# so the unpin check below tests the unpin alone.
+kctr images label "$SCRATCH" "$ADMIN_LABEL" >/dev/null
 
 log "the daemon: /metrics, /readyz"
 PORT=$(free_port)
@@ -112,9 +154,11 @@ wait_for 10 "$MULTI to be pinned again" is_pinned_by_kip "$MULTI"
 wait_for 10 "kip_image_repulls_total for multi" metric_is "kip_image_repulls_total{name=\"multi\",image=\"$MULTI\"}" 1
 wait_for 10 "kip_images_cached back to 5" metric_is kip_images_cached 5
 
-log "strip the pin label by hand: kip puts it back"
-kctr images label "$SCRATCH" io.cri-containerd.pinned= >/dev/null
+log "strip the pin label from every record of $SCRATCH by hand: kip puts it back"
+mapfile -t recs < <(records_of "$SCRATCH")
+for rec in "${recs[@]}"; do kctr images label "$rec" io.cri-containerd.pinned= >/dev/null; done
 wait_for 10 "$SCRATCH to be pinned again" is_pinned_by_kip "$SCRATCH"
+if cri_reports_pins; then wait_for 10 "CRI to report $SCRATCH pinned again" cri_pinned "$SCRATCH"; fi
 
 log "runtime restart is not fatal"
 stop_containerd
@@ -137,6 +181,8 @@ ref_present "$SCRATCH" || fail "unlisted $SCRATCH was deleted without --remove-u
 [[ $(ref_labels "$OTHER") == *io.cri-containerd.pinned=pinned* ]] || { kctr images ls >&2; grep -i other "$KIP_WORK/agent.log" | tail -5 >&2; fail "kip removed the admin's pin on $OTHER"; }
 # bydigest has the same content (same image ID) as scratch: its own records stay pinned.
 is_pinned_by_kip "$BYDIGEST" || fail "$BYDIGEST of a still-listed image was unpinned"
+has_label "$SCRATCH" "$ADMIN_LABEL" || fail "kip's unpin removed the admin's label on $SCRATCH: $(ref_labels "$SCRATCH")"
+if cri_reports_pins; then [ "$(cri_pin "$OTHER")" = pinned ] || fail "CRI no longer reports the admin's pin on $OTHER"; fi
 id_record=$(records_of "$BYDIGEST" | grep '^sha256:')
 is_pinned_by_kip "$id_record" || fail "image ID record $id_record shared with a listed image was unpinned"
 kill -TERM "$AGENT_PID"; wait "$AGENT_PID" || fail "agent exited non-zero on SIGTERM"
@@ -181,4 +227,9 @@ out=$("$AGENT" --cri-socket "$KIP_WORK/nothing.sock" --images "ok=$MULTI" --once
 set -e
 if [ "$rc" -eq 0 ] || [[ $out != *"CRI socket $KIP_WORK/nothing.sock does not answer Version"* ]]; then fail "unreachable socket: rc=$rc $out"; fi
 
-log "node e2e passed"
+log "containerd is alive at the end"
+kill -0 "$CONTAINERD_PID" 2>/dev/null || { tail -20 "$(dirname "$CONTAINERD_CONFIG")/log" >&2; fail "containerd died"; }
+kctr version >/dev/null || fail "containerd does not answer"
+if grep -q "panic:" "$(dirname "$CONTAINERD_CONFIG")/log"; then fail "containerd logged a panic"; fi
+
+log "node e2e passed (containerd ${KIP_CONTAINERD:-system})"

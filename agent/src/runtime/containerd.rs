@@ -76,6 +76,24 @@ pub fn relabel(mut record: Image, pin: Option<&str>) -> UpdateImageRequest {
     }
 }
 
+/// Labels a record had before a pull and has lost since; a label the CRI changed (rather than
+/// dropped) is the CRI's to set and stays as it is now.
+pub fn lost_labels(before: &HashMap<String, String>, now: &HashMap<String, String>) -> HashMap<String, String> {
+    before.iter().filter(|(k, _)| !now.contains_key(*k)).map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// The record as it is now with `lost` labels put back, the mask naming only those.
+pub fn restore_labels(mut record: Image, lost: HashMap<String, String>) -> UpdateImageRequest {
+    let mut paths: Vec<String> = lost.keys().map(|k| format!("labels.{k}")).collect();
+    paths.sort();
+    record.labels.extend(lost);
+    UpdateImageRequest {
+        image: Some(record),
+        update_mask: Some(prost_types::FieldMask { paths }),
+        source_date_epoch: None,
+    }
+}
+
 /// Whether this containerd reports pins through CRI `Image.pinned` (1.6.22, 1.7.3, 2.0 and
 /// later). Older ones store the label but say nothing, so kip reads the labels itself.
 pub fn reports_pins(version: &str) -> bool {
@@ -140,31 +158,17 @@ impl Containerd {
         }
     }
 
-    /// Pins every unpinned record in `names`; `foreign` ones (pinned by someone else before a
-    /// pull that dropped the label) get their pin back as theirs. Returns how many changed.
-    async fn pin_records(&self, names: &[String], foreign: &[String]) -> Result<usize, LabelError> {
+    /// Pins every unpinned record in `names` as kip's; returns how many changed.
+    async fn pin_records(&self, names: &[String]) -> Result<usize, LabelError> {
         let mut changed = 0;
         for name in names {
             let Some(record) = self.get(name).await? else { continue };
             if pin_state(&record.labels) == PinState::Unpinned {
-                let owner = if foreign.contains(name) { "" } else { OWNER_VALUE };
-                self.update(relabel(record, Some(owner))).await?;
+                self.update(relabel(record, Some(OWNER_VALUE))).await?;
                 changed += 1;
             }
         }
         Ok(changed)
-    }
-
-    async fn records_pinned_by_others(&self, names: &[String]) -> Result<Vec<String>, LabelError> {
-        let mut foreign = Vec::new();
-        for name in names {
-            if let Some(record) = self.get(name).await? {
-                if pin_state(&record.labels) == PinState::PinnedByOther {
-                    foreign.push(name.clone());
-                }
-            }
-        }
-        Ok(foreign)
     }
 }
 
@@ -190,19 +194,23 @@ impl Runtime for Containerd {
         auth: Option<AuthConfig>,
         timeout: Duration,
     ) -> Result<Option<ImageInfo>, RuntimeError> {
-        // containerd 1.6 drops every label of a record the CRI pulls again: remember whose
-        // pins were there so the pin goes back to its owner.
-        let foreign = match known {
-            Some(image) => self.records_pinned_by_others(&image.refs_of(reference)).await?,
-            None => vec![],
-        };
-        self.cri.pull(reference, auth, timeout).await?;
-        let after = self.cri.image_status(reference).await?;
-        if let Some(image) = &after {
-            let restored: Vec<String> = image.refs_of(reference).into_iter().filter(|r| foreign.contains(r)).collect();
-            self.pin_records(&restored, &foreign).await?;
+        // A CRI pull of an image that is already there rewrites its records' labels (seen on
+        // 1.6.20, 1.7.24 and 2.1.9): remember them so an admin's labels and pins, and kip's
+        // own, are put back as they were.
+        let mut before = Vec::new();
+        for name in known.map(|image| image.refs_of(reference)).unwrap_or_default() {
+            before.extend(self.get(&name).await?);
         }
-        Ok(after)
+        self.cri.pull(reference, auth, timeout).await?;
+        for old in before {
+            let Some(now) = self.get(&old.name).await? else { continue };
+            let lost = lost_labels(&old.labels, &now.labels);
+            if !lost.is_empty() {
+                tracing::info!(image = reference, record = %now.name, labels = ?lost.keys().collect::<Vec<_>>(), "restoring labels the pull removed");
+                self.update(restore_labels(now, lost)).await?;
+            }
+        }
+        Ok(self.cri.image_status(reference).await?)
     }
 
     async fn is_pinned(&self, reference: &str, image: &ImageInfo) -> Result<bool, RuntimeError> {
@@ -223,7 +231,7 @@ impl Runtime for Containerd {
     }
 
     async fn pin(&self, reference: &str, image: &ImageInfo) -> Result<bool, RuntimeError> {
-        let changed = self.pin_records(&image.refs_of(reference), &[]).await?;
+        let changed = self.pin_records(&image.refs_of(reference)).await?;
         if changed > 0 {
             tracing::info!(image = reference, records = changed, "pinned");
         }
@@ -321,6 +329,31 @@ mod tests {
         assert_eq!(sent.labels.get(OWNER_LABEL).map(String::as_str), Some(""));
         assert_eq!(sent.labels.get("io.cri-containerd.image").map(String::as_str), Some("managed"));
         assert_eq!(req.update_mask.unwrap().paths.len(), 2);
+    }
+
+    #[test]
+    fn labels_a_pull_dropped_are_restored_and_nothing_else_is_touched() {
+        let before = labels(&[
+            ("io.cri-containerd.image", "managed"),
+            ("example.com/owner", "admin"),
+            (PIN_LABEL, PIN_VALUE),
+            ("io.cri-containerd.other", "old"),
+        ]);
+        let now = labels(&[("io.cri-containerd.image", "managed"), ("io.cri-containerd.other", "new")]);
+        let lost = lost_labels(&before, &now);
+        assert_eq!(lost, labels(&[("example.com/owner", "admin"), (PIN_LABEL, PIN_VALUE)]));
+        let mut now_record = record();
+        now_record.labels = now;
+        let req = restore_labels(now_record, lost);
+        assert_eq!(req.update_mask.unwrap().paths, vec!["labels.example.com/owner", "labels.io.cri-containerd.pinned"]);
+        let sent = req.image.unwrap();
+        assert!(sent.target.is_some(), "sent whole, target included");
+        assert_eq!(
+            sent.labels.get("io.cri-containerd.other").map(String::as_str),
+            Some("new"),
+            "the CRI's change stays"
+        );
+        assert!(lost_labels(&before, &before).is_empty());
     }
 
     #[test]
