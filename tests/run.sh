@@ -14,10 +14,14 @@ echo "==> cargo build" >&2
 cargo build --workspace --locked --all-targets
 echo "==> cargo test" >&2
 cargo test --workspace --locked
-echo "==> node e2e (real containerd, real registries)" >&2
-bash tests/e2e/node.sh
-echo "==> coordinator + agents e2e (real processes, three containerds)" >&2
-bash tests/e2e/coordinator.sh
+# The runtime matrix: Debian bookworm's containerd 1.6, trixie's 1.7.x and sid's 2.x (the newer two
+# unpacked beside the system package by tests/install-deps.sh), each in its own mount namespace.
+for containerd in system trixie sid; do
+  echo "==> node e2e on containerd $containerd (real containerd, real registries)" >&2
+  KIP_CONTAINERD=$containerd bash tests/e2e/node.sh
+done
+echo "==> coordinator + agents e2e (real processes, three containerd 1.7s)" >&2
+KIP_CONTAINERD=trixie bash tests/e2e/coordinator.sh
 echo "==> image e2e (static binaries, image without Docker, FROM-scratch containers on a real containerd)" >&2
 bash tests/e2e/image.sh
 echo "==> helm lint/template, OpenShift templates, manifests against the Kubernetes schema" >&2

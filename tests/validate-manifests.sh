@@ -78,6 +78,38 @@ print(f"monitors ok: {len(by_kind.get('ServiceMonitor', []))} ServiceMonitor, {l
 PY
 }
 
+# check_agent RENDERED.yaml SOCKET CRIO_PINNING: the agent's runtime wiring. SOCKET empty means
+# autodetection (the node's /run read-only, no directory created for absent runtimes).
+check_agent() {
+  "$PY" - "$@" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+socket, crio = sys.argv[2], sys.argv[3] == "true"
+ds = [d for d in docs if d["kind"] == "DaemonSet" and d["metadata"]["name"].endswith("-agent")]
+assert len(ds) == 1, "one agent DaemonSet"
+pod = ds[0]["spec"]["template"]["spec"]
+(c,) = pod["containers"]
+env = {e["name"]: e.get("value") for e in c["env"]}
+mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+vols = {v["name"]: v for v in pod["volumes"]}
+host = {mounts[p]["name"]: vols[mounts[p]["name"]]["hostPath"] for p in mounts if "hostPath" in vols[mounts[p]["name"]]}
+if socket:
+    assert env.get("KIP_CRI_SOCKET") == socket and "KIP_HOST_PREFIX" not in env, env
+    assert host["runtime-socket"] == {"path": socket.rsplit("/", 1)[0], "type": "Directory"}, host
+else:
+    assert env.get("KIP_HOST_PREFIX") == "/host" and "KIP_CRI_SOCKET" not in env, env
+    assert mounts["/host/run"].get("readOnly") is True and host["host-run"] == {"path": "/run", "type": "Directory"}
+assert pod.get("hostPID", False) == crio, "hostPID exactly when CRI-O pinning is on"
+if crio:
+    assert mounts["/etc/crio"]["readOnly"] is True and host["crio-config"]["type"] == "Directory"
+    assert env["KIP_CRIO_CONFIG_DIR"] in mounts and not mounts[env["KIP_CRIO_CONFIG_DIR"]].get("readOnly")
+else:
+    assert "/etc/crio" not in mounts and "KIP_CRIO_CONFIG_DIR" not in env
+assert c["securityContext"]["capabilities"]["drop"] == ["ALL"] and not c["securityContext"].get("privileged")
+print(f"agent wiring ok: socket {socket or 'autodetected under /host/run'}, CRI-O pinning {'on' if crio else 'off'}")
+PY
+}
+
 echo "==> helm chart" >&2
 "$HELM" lint --strict deploy/helm >&2
 for values in "" deploy/helm/ci/*.yaml; do
@@ -89,6 +121,10 @@ for values in "" deploy/helm/ci/*.yaml; do
   validate "$out"
   check_configmap "$out"
   check_monitors "$out"
+  case $name in
+    all-features-values) check_agent "$out" /run/k3s/containerd/containerd.sock true ;;
+    *) check_agent "$out" "" false ;;
+  esac
 done
 # Without the prometheus-operator CRDs no monitor is rendered, even when enabled.
 "$HELM" template kip deploy/helm -n kip -f deploy/helm/ci/all-features-values.yaml > "$WORK/no-crd.yaml"
@@ -109,6 +145,7 @@ if [ -d deploy/openshift ]; then
     echo "$t: $(grep -c '^kind:' "$out") objects" >&2
     validate "$out"
   done
+  check_agent "$WORK/openshift-app.yaml" /var/run/crio/crio.sock true
   "$PY" tests/openshift-process.py deploy/openshift/configmap.yaml > "$WORK/os-cm.yaml"
   check_configmap "$WORK/os-cm.yaml"
 fi

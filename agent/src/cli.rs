@@ -22,9 +22,14 @@ use crate::reconcile::Policy;
 #[command(group(clap::ArgGroup::new("list-source").args(["images", "coordinator"]).required(true)))]
 pub struct Cli {
     /// The runtime's CRI socket [default: the first that exists of /run/containerd/containerd.sock,
-    /// /run/k3s/containerd/containerd.sock, /var/run/crio/crio.sock]
+    /// /run/k3s/containerd/containerd.sock, /run/crio/crio.sock, /var/run/crio/crio.sock, under --host-prefix]
     #[arg(long, env = "KIP_CRI_SOCKET", value_name = "PATH")]
     pub cri_socket: Option<PathBuf>,
+
+    /// Where the node's filesystem appears in the agent's container, for finding the socket
+    /// (the chart mounts the node's /run at /host/run and sets /host)
+    #[arg(long, env = "KIP_HOST_PREFIX", value_name = "DIR", default_value = "/")]
+    pub host_prefix: PathBuf,
 
     /// Images to keep, in KIP syntax: `name=image;name=image;` (standalone use)
     #[arg(long, env = "IMAGES", value_name = "LIST", value_parser = parse_images)]

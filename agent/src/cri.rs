@@ -12,9 +12,15 @@ use kip::cri::{
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
-/// Where the common runtimes put their CRI socket, in the order they are tried.
-pub const DEFAULT_SOCKETS: [&str; 3] =
-    ["/run/containerd/containerd.sock", "/run/k3s/containerd/containerd.sock", "/var/run/crio/crio.sock"];
+/// Where the common runtimes put their CRI socket, in the order they are tried. CRI-O's
+/// `/var/run/crio` is `/run/crio` on every current distribution; both are tried, so a node's
+/// `/run` mounted alone (as the chart does) is enough.
+pub const DEFAULT_SOCKETS: [&str; 4] = [
+    "/run/containerd/containerd.sock",
+    "/run/k3s/containerd/containerd.sock",
+    "/run/crio/crio.sock",
+    "/var/run/crio/crio.sock",
+];
 
 /// How long the start-up `Version` probe may take before the socket counts as not answering.
 const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,16 +44,19 @@ impl CriError {
     }
 }
 
-/// Picks the socket: the explicit one, or the first default that exists.
-pub fn find_socket(explicit: Option<&Path>) -> Result<PathBuf, CriError> {
+/// Picks the socket: the explicit one, or the first default that exists under `host_prefix`
+/// (where the node's filesystem appears in the agent's container; `/` outside one).
+pub fn find_socket(explicit: Option<&Path>, host_prefix: &Path) -> Result<PathBuf, CriError> {
     if let Some(p) = explicit {
         return Ok(p.to_path_buf());
     }
-    DEFAULT_SOCKETS
+    let candidates: Vec<PathBuf> =
+        DEFAULT_SOCKETS.iter().map(|s| host_prefix.join(s.trim_start_matches('/'))).collect();
+    candidates
         .iter()
-        .map(PathBuf::from)
         .find(|p| p.exists())
-        .ok_or_else(|| CriError::NoSocket { tried: DEFAULT_SOCKETS.iter().map(|s| s.to_string()).collect() })
+        .cloned()
+        .ok_or_else(|| CriError::NoSocket { tried: candidates.iter().map(|p| p.display().to_string()).collect() })
 }
 
 /// A lazily connected channel to a unix socket (also used for containerd's native API).
@@ -203,8 +212,22 @@ mod tests {
 
     #[test]
     fn explicit_socket_wins_even_if_absent() {
-        let p = find_socket(Some(Path::new("/tmp/does-not-exist.sock"))).unwrap();
+        let p = find_socket(Some(Path::new("/tmp/does-not-exist.sock")), Path::new("/")).unwrap();
         assert_eq!(p, Path::new("/tmp/does-not-exist.sock"));
+    }
+
+    #[test]
+    fn the_first_default_socket_under_the_host_prefix_is_found() {
+        let host = tempfile::tempdir().unwrap();
+        let err = find_socket(None, host.path()).unwrap_err().to_string();
+        assert!(err.contains(&format!("{}/run/containerd/containerd.sock", host.path().display())), "{err}");
+        std::fs::create_dir_all(host.path().join("run/crio")).unwrap();
+        let _crio = std::os::unix::net::UnixListener::bind(host.path().join("run/crio/crio.sock")).unwrap();
+        assert_eq!(find_socket(None, host.path()).unwrap(), host.path().join("run/crio/crio.sock"));
+        std::fs::create_dir_all(host.path().join("run/k3s/containerd")).unwrap();
+        let _k3s =
+            std::os::unix::net::UnixListener::bind(host.path().join("run/k3s/containerd/containerd.sock")).unwrap();
+        assert_eq!(find_socket(None, host.path()).unwrap(), host.path().join("run/k3s/containerd/containerd.sock"));
     }
 
     #[test]

@@ -137,7 +137,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn connect_runtime(cli: &Cli) -> anyhow::Result<NodeRuntime> {
-    let socket = kip_agent::cri::find_socket(cli.cri_socket.as_deref())?;
+    let socket = kip_agent::cri::find_socket(cli.cri_socket.as_deref(), &cli.host_prefix)?;
     let rt = NodeRuntime::connect(&socket, &cli.crio_paths()).await?;
     tracing::info!(socket = %socket.display(), runtime = %rt.info().name, version = %rt.info().version, "connected to the runtime");
     if let Some(problem) = rt.pin_problem() {

@@ -131,7 +131,7 @@ kill -TERM "$COORD_PID"; wait "$COORD_PID" || fail "coordinator exited non-zero 
 listing=$(kctr_on node-1 images ls)
 digest=$(awk -v r="$A" '$1 == r { print $3 }' <<<"$listing")
 mapfile -t recs < <(awk -v d="$digest" '$3 == d { print $1 }' <<<"$listing")
-[ -n "$digest" ] && [ "${#recs[@]}" -ge 2 ] || fail "no records of $A on node-1"
+if [ -z "$digest" ] || [ "${#recs[@]}" -lt 2 ]; then fail "no records of $A on node-1"; fi
 kctr_on node-1 images rm "${recs[@]}" >/dev/null
 wait_for 30 "alpha back on node-1 without a coordinator" pinned_by_kip_on node-1 "$A"
 log "restart node-2's agent while the coordinator is down: the state dir keeps its list"

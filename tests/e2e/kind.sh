@@ -82,9 +82,8 @@ kubectl -n "$NS" get daemonset kubernetes-image-puller-agent -o json | jq --arg 
   | .spec.selector.matchLabels["kip-e2e"] = "nosocket"
   | .spec.template.metadata.labels["kip-e2e"] = "nosocket"
   | .spec.template.spec.affinity = {nodeAffinity: {requiredDuringSchedulingIgnoredDuringExecution: {nodeSelectorTerms: [{matchFields: [{key: "metadata.name", operator: "In", values: [$n]}]}]}}}
-  | .spec.template.spec.containers[0].env |= map(if .name == "KIP_CRI_SOCKET" then .value = "/run/kip-no-runtime/containerd.sock" else . end)
-  | .spec.template.spec.volumes |= map(if .name == "runtime-socket" then .hostPath.path = "/run/kip-no-runtime" else . end)
-  | .spec.template.spec.containers[0].volumeMounts |= map(if .name == "runtime-socket" then .mountPath = "/run/kip-no-runtime" else . end)
+  | .spec.template.spec.containers[0].env |= (map(select(.name != "KIP_CRI_SOCKET"))
+      + [{name: "KIP_CRI_SOCKET", value: "/host/run/kip-no-runtime/containerd.sock"}])
   | del(.status)' | kubectl apply -f -
 
 label_of() { kubectl get node "$1" -o json | jq -r '.metadata.labels["kip.eclipse.dev/agent"] // "none"'; }

@@ -126,9 +126,13 @@ fn write_atomically(dir: &Path, name: &str, content: &str) -> Result<(), CrioErr
     let path = dir.join(name);
     let err = |e: std::io::Error| CrioError::Write { path: path.clone(), reason: e.to_string() };
     let tmp = dir.join(format!(".{name}.tmp"));
-    let mut file = fs::File::create(&tmp).map_err(err)?;
-    file.write_all(content.as_bytes()).and_then(|()| file.sync_all()).map_err(err)?;
-    fs::rename(&tmp, &path).map_err(err)
+    let written = fs::File::create(&tmp)
+        .and_then(|mut file| file.write_all(content.as_bytes()).and_then(|()| file.sync_all()))
+        .and_then(|()| fs::rename(&tmp, &path));
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp); // nothing half-written stays among CRI-O's drop-ins
+    }
+    written.map_err(err)
 }
 
 /// The PID of the process serving `socket`, from the peer credentials of a connection to it
