@@ -240,7 +240,7 @@ impl Hub {
                     "generation": n.report.generation,
                     "agent_version": n.report.agent_version,
                     "seconds_since_report": now.duration_since(n.received_at).map(|d| d.as_secs_f64()).unwrap_or(0.0),
-                    "runtime": {"available": rt.available, "name": rt.name, "version": rt.version, "error": rt.error},
+                    "runtime": {"available": rt.available, "name": rt.name, "version": rt.version, "error": rt.error, "pin_error": rt.pin_error},
                     "images": n.report.images.iter().map(|i| serde_json::json!({
                         "name": i.name, "image": i.image, "cached": i.cached, "pinned": i.pinned,
                         "digest": i.digest, "last_error": i.last_error,
@@ -311,5 +311,24 @@ mod tests {
         assert_eq!(status["nodes"]["n2"]["images"][1]["pinned"], serde_json::json!(true));
         assert_eq!(status["images"][1]["nodes_pinned"], serde_json::json!(1));
         assert_eq!(hub.metrics.nodes_reporting.get(), 2);
+    }
+
+    #[test]
+    fn a_node_that_cannot_pin_says_why_in_the_status() {
+        let hub = Hub::new(config("a=busybox"), Arc::new(Metrics::new()));
+        let mut r = report("crio-1", &[("a", "busybox", true, false)]);
+        r.runtime = Some(v1::RuntimeState {
+            available: true,
+            name: "cri-o".into(),
+            version: "1.36.3".into(),
+            pin_error: "writing kip's drop-in /etc/crio/crio.conf.d/zz-kip-pinned-images.conf: Read-only file system"
+                .into(),
+            ..Default::default()
+        });
+        hub.record_report(r);
+        let status = hub.status_json();
+        let runtime = &status["nodes"]["crio-1"]["runtime"];
+        assert_eq!(runtime["name"], serde_json::json!("cri-o"));
+        assert!(runtime["pin_error"].as_str().unwrap().contains("Read-only file system"), "{runtime}");
     }
 }
