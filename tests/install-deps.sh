@@ -65,7 +65,9 @@ fetch_debian_runtime() { # fetch_debian_runtime SUITE
     "${mirror:-http://deb.debian.org/debian}" "$suite" > "$apt_dir/sources.list"
   local apt_opts=(-o "Dir::Etc::sourcelist=$apt_dir/sources.list" -o Dir::Etc::sourceparts=- \
     -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache::archives=$apt_dir/archives" -o APT::Get::List-Cleanup=0 \
-    -o APT::Sandbox::User=root)
+    -o APT::Sandbox::User=root -o Acquire::Check-Valid-Until=false -o Acquire::Check-Date=false)
+  # Signatures are still checked (signed-by); only the Release file's expiry is not: the mirror
+  # a machine reaches may serve sid's metadata past its one-week Valid-Until.
   mkdir -p "$apt_dir/lists/partial" "$apt_dir/archives/partial" "$dest"
   apt-get "${apt_opts[@]}" update -qq
   (cd "$apt_dir" && apt-get "${apt_opts[@]}" download "containerd/$suite" "runc/$suite" >/dev/null)
