@@ -14,7 +14,7 @@ use kip::containerd::services::images::v1::{
 use kip::cri::AuthConfig;
 use tonic::transport::Channel;
 
-use super::{Keep, Runtime, RuntimeError};
+use super::{CriOnly, Keep, Runtime, RuntimeError};
 use crate::cri::{unix_channel, CriClient, ImageInfo, RuntimeInfo};
 
 pub const PIN_LABEL: &str = "io.cri-containerd.pinned";
@@ -117,8 +117,8 @@ fn parse_version(v: &str) -> Option<(u32, u32, u32)> {
 
 #[derive(Clone, Debug)]
 pub struct Containerd {
-    cri: CriClient,
-    info: RuntimeInfo,
+    /// Images, status and pulls: plain CRI.
+    base: CriOnly,
     images: ImagesClient<Channel>,
     reports_pins: bool,
 }
@@ -127,7 +127,7 @@ impl Containerd {
     pub fn new(cri: CriClient, info: RuntimeInfo) -> Self {
         let images = ImagesClient::new(unix_channel(cri.socket()));
         let reports_pins = reports_pins(&info.version);
-        Self { cri, info, images, reports_pins }
+        Self { base: CriOnly::new(cri, info), images, reports_pins }
     }
 
     async fn get(&self, name: &str) -> Result<Option<Image>, LabelError> {
@@ -174,17 +174,17 @@ impl Containerd {
 
 impl Runtime for Containerd {
     fn info(&self) -> &RuntimeInfo {
-        &self.info
+        self.base.info()
     }
     fn socket(&self) -> &std::path::Path {
-        self.cri.socket()
+        self.base.socket()
     }
     fn pin_problem(&self) -> Option<String> {
         None
     }
 
     async fn status(&self, reference: &str) -> Result<Option<ImageInfo>, RuntimeError> {
-        Ok(self.cri.image_status(reference).await?)
+        self.base.status(reference).await
     }
 
     async fn pull(
@@ -201,7 +201,7 @@ impl Runtime for Containerd {
         for name in known.map(|image| image.refs_of(reference)).unwrap_or_default() {
             before.extend(self.get(&name).await?);
         }
-        self.cri.pull(reference, auth, timeout).await?;
+        let after = self.base.pull(reference, known, auth, timeout).await?;
         for old in before {
             let Some(now) = self.get(&old.name).await? else { continue };
             let lost = lost_labels(&old.labels, &now.labels);
@@ -210,7 +210,7 @@ impl Runtime for Containerd {
                 self.update(restore_labels(now, lost)).await?;
             }
         }
-        Ok(self.cri.image_status(reference).await?)
+        Ok(after)
     }
 
     async fn is_pinned(&self, reference: &str, image: &ImageInfo) -> Result<bool, RuntimeError> {
@@ -254,7 +254,7 @@ impl Runtime for Containerd {
     }
 
     async fn remove(&self, reference: &str) -> Result<(), RuntimeError> {
-        Ok(self.cri.remove(reference).await?)
+        self.base.remove(reference).await
     }
 }
 

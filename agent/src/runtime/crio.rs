@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use kip::cri::AuthConfig;
 
-use super::{CrioPaths, Keep, Runtime, RuntimeError};
+use super::{CriOnly, CrioPaths, Keep, Runtime, RuntimeError};
 use crate::cri::{CriClient, ImageInfo, RuntimeInfo};
 
 /// kip's drop-in: `zz-` sorts after the usual `NN-name` drop-ins (OpenShift's `00-default`).
@@ -166,15 +166,15 @@ struct PinFile {
 
 #[derive(Clone, Debug)]
 pub struct Crio {
-    cri: CriClient,
-    info: RuntimeInfo,
+    /// Images, status and pulls: plain CRI.
+    base: CriOnly,
     paths: CrioPaths,
     file: Arc<Mutex<PinFile>>,
 }
 
 impl Crio {
     pub fn new(cri: CriClient, info: RuntimeInfo, paths: CrioPaths) -> Self {
-        Self { cri, info, paths, file: Arc::new(Mutex::new(PinFile::default())) }
+        Self { base: CriOnly::new(cri, info), paths, file: Arc::new(Mutex::new(PinFile::default())) }
     }
 
     pub fn drop_in_path(&self) -> PathBuf {
@@ -197,7 +197,7 @@ impl Crio {
             fs::create_dir_all(&self.paths.config_dir)
                 .map_err(|e| CrioError::Write { path: self.drop_in_path(), reason: e.to_string() })?;
             write_atomically(&self.paths.config_dir, DROP_IN_NAME, &render_drop_in(&admin, &kip))?;
-            let pid = reload(self.cri.socket())?;
+            let pid = reload(self.base.socket())?;
             tracing::info!(file = %self.drop_in_path().display(), images = kip.len(), admin_patterns = admin.len(), crio_pid = pid, "wrote kip's pinned_images drop-in; CRI-O reloads it");
             for later in later_overrides(&self.paths.config_dir)? {
                 tracing::warn!(file = %later.display(), "this drop-in sorts after kip's and sets pinned_images: CRI-O uses its list instead of kip's");
@@ -226,28 +226,27 @@ impl Crio {
 
 impl Runtime for Crio {
     fn info(&self) -> &RuntimeInfo {
-        &self.info
+        self.base.info()
     }
     fn socket(&self) -> &Path {
-        self.cri.socket()
+        self.base.socket()
     }
     fn pin_problem(&self) -> Option<String> {
         self.lock().problem.clone()
     }
 
     async fn status(&self, reference: &str) -> Result<Option<ImageInfo>, RuntimeError> {
-        Ok(self.cri.image_status(reference).await?)
+        self.base.status(reference).await
     }
 
     async fn pull(
         &self,
         reference: &str,
-        _known: Option<&ImageInfo>,
+        known: Option<&ImageInfo>,
         auth: Option<AuthConfig>,
         timeout: Duration,
     ) -> Result<Option<ImageInfo>, RuntimeError> {
-        self.cri.pull(reference, auth, timeout).await?;
-        Ok(self.cri.image_status(reference).await?)
+        self.base.pull(reference, known, auth, timeout).await
     }
 
     async fn is_pinned(&self, _reference: &str, image: &ImageInfo) -> Result<bool, RuntimeError> {
@@ -264,7 +263,7 @@ impl Runtime for Crio {
         }
         self.publish(kip)?;
         for _ in 0..CONFIRM_ATTEMPTS {
-            if self.cri.image_status(reference).await?.is_some_and(|i| i.pinned) {
+            if self.base.status(reference).await?.is_some_and(|i| i.pinned) {
                 return Ok(true);
             }
             tokio::time::sleep(CONFIRM_EVERY).await;
@@ -282,7 +281,7 @@ impl Runtime for Crio {
     }
 
     async fn remove(&self, reference: &str) -> Result<(), RuntimeError> {
-        Ok(self.cri.remove(reference).await?)
+        self.base.remove(reference).await
     }
 }
 

@@ -114,7 +114,7 @@ impl NodeRuntime {
         Ok(match info.name.as_str() {
             "containerd" => NodeRuntime::Containerd(containerd::Containerd::new(cri, info)),
             "cri-o" => NodeRuntime::Crio(crio::Crio::new(cri, info, crio.clone())),
-            _ => NodeRuntime::Unpinned(CriOnly { cri, info }),
+            _ => NodeRuntime::Unpinned(CriOnly::new(cri, info)),
         })
     }
 }
@@ -169,11 +169,18 @@ impl Runtime for NodeRuntime {
     }
 }
 
-/// A CRI runtime kip knows no pinning API for.
+/// Plain CRI: images, no pins. The backend of runtimes kip knows no pinning API for, and what
+/// the other backends build on for everything but pins.
 #[derive(Clone, Debug)]
 pub struct CriOnly {
     cri: CriClient,
     info: RuntimeInfo,
+}
+
+impl CriOnly {
+    pub fn new(cri: CriClient, info: RuntimeInfo) -> Self {
+        Self { cri, info }
+    }
 }
 
 impl Runtime for CriOnly {
