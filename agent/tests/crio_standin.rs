@@ -311,3 +311,18 @@ async fn a_failed_signal_is_reported_naming_the_socket() {
     assert_eq!(crio.pin_problem(), Some(e));
     assert!(dir.path().join("crio.conf.d").join(DROP_IN_NAME).exists(), "written; the next change signals again");
 }
+
+#[tokio::test]
+async fn a_crio_older_than_pinned_images_is_reported_and_its_config_left_alone() {
+    let node = Node::start(&[A], "", None);
+    let crio = Crio::new(
+        CriClient::new(&node.dir.path().join("crio.sock")),
+        RuntimeInfo { name: "cri-o".into(), version: "1.27.4".into() },
+        CrioPaths { config: node.dir.path().join("crio.conf"), config_dir: node.dir.path().join("crio.conf.d") },
+    );
+    let expected = "CRI-O 1.27.4 has no pinned_images (CRI-O 1.28 and later have)";
+    assert_eq!(crio.pin_problem().as_deref(), Some(expected), "known from the start");
+    assert_eq!(crio.sync_pins(&keep(&[A])).await.unwrap_err().to_string(), expected);
+    assert!(!crio.drop_in_path().exists(), "nothing written");
+    assert_eq!(node.reloads(), 0, "nothing signalled");
+}

@@ -14,7 +14,7 @@ use kip::containerd::services::images::v1::{
 use kip::cri::AuthConfig;
 use tonic::transport::Channel;
 
-use super::{CriOnly, Keep, Runtime, RuntimeError};
+use super::{parse_version, CriOnly, Keep, Runtime, RuntimeError};
 use crate::cri::{unix_channel, CriClient, ImageInfo, RuntimeInfo};
 
 pub const PIN_LABEL: &str = "io.cri-containerd.pinned";
@@ -104,15 +104,6 @@ pub fn reports_pins(version: &str) -> bool {
         Some((major, _, _)) => major >= 2,
         None => false,
     }
-}
-
-/// `1.6.20~ds1`, `v1.7.24`, `2.1.9+unknown` → (major, minor, patch).
-fn parse_version(v: &str) -> Option<(u32, u32, u32)> {
-    let mut parts = v.trim_start_matches('v').splitn(3, '.').map(|p| {
-        let digits: String = p.chars().take_while(char::is_ascii_digit).collect();
-        digits.parse::<u32>().ok()
-    });
-    Some((parts.next()??, parts.next()??, parts.next().flatten().unwrap_or(0)))
 }
 
 #[derive(Clone, Debug)]

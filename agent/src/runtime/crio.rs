@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use kip::cri::AuthConfig;
 
-use super::{CriOnly, CrioPaths, Keep, Runtime, RuntimeError};
+use super::{parse_version, CriOnly, CrioPaths, Keep, Runtime, RuntimeError};
 use crate::cri::{CriClient, ImageInfo, RuntimeInfo};
 
 /// kip's drop-in: `zz-` sorts after the usual `NN-name` drop-ins (OpenShift's `00-default`).
@@ -30,6 +30,8 @@ pub enum CrioError {
     Write { path: PathBuf, reason: String },
     #[error("signalling CRI-O to reload (SIGHUP to the process behind {}): {reason}", socket.display())]
     Signal { socket: PathBuf, reason: String },
+    #[error("CRI-O {version} has no pinned_images (CRI-O 1.28 and later have)")]
+    Unsupported { version: String },
     #[error("CRI-O does not report `{reference}` pinned {}s after reloading {}", (CONFIRM_EVERY * CONFIRM_ATTEMPTS).as_secs(), path.display())]
     NotConfirmed { reference: String, path: PathBuf },
 }
@@ -100,6 +102,12 @@ fn pinned_images_in(file: &Path) -> Result<Option<Vec<String>>, CrioError> {
         })
         .collect::<Result<Vec<_>, _>>()
         .map(Some)
+}
+
+/// `pinned_images` came with CRI-O 1.28; a version kip cannot read is given the benefit of the
+/// doubt (the confirmation through `ImageStatus.pinned` tells the truth either way).
+pub fn has_pinned_images(version: &str) -> bool {
+    parse_version(version).is_none_or(|v| v >= (1, 28, 0))
 }
 
 /// kip's drop-in: the admin's patterns first (never dropped), then kip's images.
@@ -174,7 +182,11 @@ pub struct Crio {
 
 impl Crio {
     pub fn new(cri: CriClient, info: RuntimeInfo, paths: CrioPaths) -> Self {
-        Self { base: CriOnly::new(cri, info), paths, file: Arc::new(Mutex::new(PinFile::default())) }
+        let mut file = PinFile::default();
+        if !has_pinned_images(&info.version) {
+            file.problem = Some(CrioError::Unsupported { version: info.version.clone() }.to_string());
+        }
+        Self { base: CriOnly::new(cri, info), paths, file: Arc::new(Mutex::new(file)) }
     }
 
     pub fn drop_in_path(&self) -> PathBuf {
@@ -189,6 +201,9 @@ impl Crio {
     /// Writes kip's drop-in with `kip` (plus the admin's list) when it differs from what was
     /// last written, and makes CRI-O reload it. Records the outcome as the pin problem.
     fn publish(&self, kip: Vec<String>) -> Result<(), CrioError> {
+        if !has_pinned_images(&self.base.info().version) {
+            return Err(CrioError::Unsupported { version: self.base.info().version.clone() });
+        }
         if self.lock().written.as_ref() == Some(&kip) {
             return Ok(());
         }
@@ -328,6 +343,16 @@ mod tests {
         );
         write(&drop_ins.join("10-bad.conf"), "[crio.image]\npinned_images = \"not-a-list\"\n");
         assert!(admin_pins(&dir.path().join("none"), &drop_ins).unwrap_err().to_string().contains("is not a list"));
+    }
+
+    #[test]
+    fn pinned_images_exists_from_crio_1_28() {
+        for v in ["1.28.0", "1.36.3", "v1.30.1", "2.0.0", "unknown"] {
+            assert!(has_pinned_images(v), "{v}");
+        }
+        for v in ["1.27.4", "1.24.0"] {
+            assert!(!has_pinned_images(v), "{v}");
+        }
     }
 
     #[test]

@@ -82,6 +82,16 @@ pub trait Runtime: Clone + Send + Sync + 'static {
     fn remove(&self, reference: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
 }
 
+/// A runtime's version as CRI `Version` gives it (`1.6.20~ds1`, `v1.7.24`, `2.1.9+unknown`,
+/// `1.36.3`) → (major, minor, patch); a missing patch counts as 0.
+pub fn parse_version(v: &str) -> Option<(u32, u32, u32)> {
+    let mut parts = v.trim_start_matches('v').splitn(3, '.').map(|p| {
+        let digits: String = p.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse::<u32>().ok()
+    });
+    Some((parts.next()??, parts.next()??, parts.next().flatten().unwrap_or(0)))
+}
+
 /// What the listed images need kept pinned: their references and every record name the
 /// runtime showed for them (tags, digests, image IDs).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
