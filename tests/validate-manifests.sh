@@ -106,6 +106,11 @@ if crio:
 else:
     assert "/etc/crio" not in mounts and "KIP_CRIO_CONFIG_DIR" not in env
 assert c["securityContext"]["capabilities"]["drop"] == ["ALL"] and not c["securityContext"].get("privileged")
+if len(sys.argv) > 4:  # the coordinator address, extra env and volume the values set
+    assert env["KIP_COORDINATOR"] == sys.argv[4] and env["KIP_REFRESH_INTERVAL"] == "30m", env
+    assert mounts["/etc/ssl/kip-registry-ca"]["name"] in vols
+else:
+    assert env["KIP_COORDINATOR"].endswith(".svc:50051"), env
 print(f"agent wiring ok: socket {socket or 'autodetected under /host/run'}, CRI-O pinning {'on' if crio else 'off'}")
 PY
 }
@@ -122,7 +127,8 @@ for values in "" deploy/helm/ci/*.yaml; do
   check_configmap "$out"
   check_monitors "$out"
   case $name in
-    all-features-values) check_agent "$out" /run/k3s/containerd/containerd.sock true ;;
+    all-features-values) check_agent "$out" /run/k3s/containerd/containerd.sock true \
+      http://kip-coordinator.platform.svc.cluster.local:50051 ;;
     *) check_agent "$out" "" false ;;
   esac
 done

@@ -22,14 +22,28 @@ use crate::hub::{Hub, Liveness};
 
 pub const FIELD_MANAGER: &str = "kip";
 
-/// Nodes whose agent reports a working runtime and is connected, or disconnected for less than
-/// `grace`: those get the agent label, so the fallback DaemonSet stays off them.
-pub fn agent_nodes(liveness: &[Liveness], now: SystemTime, grace: Duration) -> BTreeSet<String> {
-    liveness
+/// The nodes that carry the agent label (so the fallback DaemonSet stays off them). Labels change
+/// only on evidence:
+/// - a node whose agent reported a working runtime keeps or gets it while the agent is connected,
+///   or disconnected for less than `grace`;
+/// - a node whose agent reported no usable runtime loses it at once (the fallback is needed there);
+/// - a node this process has not heard from yet (it just started: agents are reconnecting) keeps
+///   the label it has until `grace` after `started`, then loses it.
+pub fn agent_nodes(
+    liveness: &[Liveness],
+    labelled: &BTreeSet<String>,
+    started: SystemTime,
+    now: SystemTime,
+    grace: Duration,
+) -> BTreeSet<String> {
+    let within = |since: SystemTime| now.duration_since(since).unwrap_or_default() < grace;
+    let heard: BTreeSet<&String> = liveness.iter().filter(|l| l.reported).map(|l| &l.node).collect();
+    let reporting = liveness
         .iter()
-        .filter(|l| l.runtime_available && (l.connected || now.duration_since(l.since).unwrap_or_default() < grace))
-        .map(|l| l.node.clone())
-        .collect()
+        .filter(|l| l.reported && l.runtime_available && (l.connected || within(l.since)))
+        .map(|l| l.node.clone());
+    let awaited = labelled.iter().filter(|n| !heard.contains(n) && within(started)).cloned();
+    reporting.chain(awaited).collect()
 }
 
 /// What kip knows of the DaemonSet in the cluster.
@@ -78,19 +92,18 @@ impl Fallback {
 
     /// Finds out what the DaemonSet depends on: OpenShift (the `route.openshift.io` API group)
     /// and the coordinator's own Deployment (owner of the DaemonSet, subject of Events).
+    /// Both lookups are retried until the API answers (a DaemonSet applied with a wrong guess
+    /// would have to be fixed later); only a definite "not found" ends one without a result.
     pub async fn discover(client: Client, deployment: Option<(String, String)>) -> Self {
-        let openshift = match client.list_api_groups().await {
-            Ok(groups) => groups.groups.iter().any(|g| g.name == "route.openshift.io"),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list API groups; assuming not OpenShift");
-                false
-            }
-        };
+        let groups =
+            crate::retry_forever("listing API groups (OpenShift detection)", || client.list_api_groups()).await;
+        let openshift = groups.groups.iter().any(|g| g.name == "route.openshift.io");
         let mut owner = None;
         let mut reference = None;
         if let Some((namespace, name)) = deployment {
-            match Api::<Deployment>::namespaced(client.clone(), &namespace).get(&name).await {
-                Ok(d) => {
+            let api = Api::<Deployment>::namespaced(client.clone(), &namespace);
+            match crate::retry_forever("reading the coordinator's Deployment", || api.get_opt(&name)).await {
+                Some(d) => {
                     owner = d.controller_owner_ref(&()).map(|mut o: OwnerReference| {
                         // The DaemonSet is owned but not controlled by the Deployment.
                         o.controller = Some(false);
@@ -98,8 +111,8 @@ impl Fallback {
                     });
                     reference = Some(d.object_ref(&()));
                 }
-                Err(e) => {
-                    tracing::warn!(deployment = %name, namespace = %namespace, error = %e, "cannot read the coordinator's Deployment; the DaemonSet gets no owner and no Events are recorded")
+                None => {
+                    tracing::warn!(deployment = %name, namespace = %namespace, "the coordinator's Deployment does not exist; the DaemonSet gets no owner and no Events are recorded")
                 }
             }
         }
@@ -183,17 +196,24 @@ impl Fallback {
         self.converge(&api, config, desired, existing).await
     }
 
+    /// The nodes carrying `kip.eclipse.dev/agent=cri`: listed once, then kept up to date by
+    /// [`Fallback::sync_labels`].
+    pub async fn labelled_nodes(&mut self) -> Result<BTreeSet<String>, kube::Error> {
+        if let Some(l) = &self.labelled {
+            return Ok(l.clone());
+        }
+        let selector = format!("{AGENT_LABEL}={AGENT_LABEL_VALUE}");
+        let list =
+            Api::<Node>::all(self.client.clone()).list_metadata(&ListParams::default().labels(&selector)).await?;
+        let labelled: BTreeSet<String> = list.items.into_iter().filter_map(|n| n.metadata.name).collect();
+        self.labelled = Some(labelled.clone());
+        Ok(labelled)
+    }
+
     /// Labels exactly the `desired` nodes with `kip.eclipse.dev/agent=cri` (merge patches).
     pub async fn sync_labels(&mut self, desired: &BTreeSet<String>) -> Result<(), kube::Error> {
         let nodes = Api::<Node>::all(self.client.clone());
-        let labelled = match &self.labelled {
-            Some(l) => l.clone(),
-            None => {
-                let selector = format!("{AGENT_LABEL}={AGENT_LABEL_VALUE}");
-                let list = nodes.list_metadata(&ListParams::default().labels(&selector)).await?;
-                list.items.into_iter().filter_map(|n| n.metadata.name).collect()
-            }
-        };
+        let labelled = self.labelled_nodes().await?;
         let mut now_labelled = labelled.clone();
         for (node, add) in
             desired.difference(&labelled).map(|n| (n, true)).chain(labelled.difference(desired).map(|n| (n, false)))
@@ -224,11 +244,6 @@ impl Fallback {
         Ok(())
     }
 
-    /// True when this process has labelled nodes that may need the label taken back.
-    pub fn has_labelled_nodes(&self) -> bool {
-        self.labelled.as_ref().is_some_and(|l| !l.is_empty())
-    }
-
     /// Records an Event on the coordinator's Deployment; failures to record are only logged.
     pub async fn record(&self, type_: EventType, reason: &str, action: &str, note: String) {
         let Some((recorder, reference)) = &self.events else { return };
@@ -241,6 +256,8 @@ impl Fallback {
 
 /// Drives a [`Fallback`]: on every list or node change, and on the health interval.
 pub async fn run(mut fb: Fallback, hub: Arc<Hub>, grace: Duration, shutdown: CancellationToken) {
+    // Agents reconnect to a coordinator that just started: labels wait `grace` for them.
+    let started = SystemTime::now();
     let mut lists = hub.subscribe();
     let mut nodes = hub.subscribe_nodes();
     // The first pass creates or checks the DaemonSet; the health check comes an interval later.
@@ -261,16 +278,21 @@ pub async fn run(mut fb: Fallback, hub: Arc<Hub>, grace: Duration, shutdown: Can
             )
             .await;
         }
-        // Labels matter in auto mode only (and outside it the chart grants no access to nodes);
-        // labels set earlier in this process are taken back when the mode changes.
-        let labels = if config.mode == Mode::Auto {
-            Some(agent_nodes(&hub.liveness(), SystemTime::now(), grace))
+        // Labels matter in auto mode only; in the other modes the ones found (set by this
+        // process or an earlier one, before the mode changed) are taken back.
+        let labelled = if config.mode == Mode::Auto {
+            match fb.labelled_nodes().await {
+                Ok(labelled) => {
+                    let desired = agent_nodes(&hub.liveness(), &labelled, started, SystemTime::now(), grace);
+                    fb.sync_labels(&desired).await
+                }
+                Err(e) => Err(e),
+            }
         } else {
-            fb.has_labelled_nodes().then(BTreeSet::new)
-        };
-        let labelled = match &labels {
-            Some(desired) => fb.sync_labels(desired).await,
-            None => Ok(()),
+            match fb.labelled_nodes().await {
+                Ok(labelled) if !labelled.is_empty() => fb.sync_labels(&BTreeSet::new()).await,
+                other => other.map(drop),
+            }
         };
         if let Err(e) = labelled {
             failed = true;
@@ -316,23 +338,27 @@ pub async fn run(mut fb: Fallback, hub: Arc<Hub>, grace: Duration, shutdown: Can
 
 /// Connects to the Kubernetes API (in-cluster or kubeconfig), retrying with backoff, then runs
 /// the controller. Never returns early while the coordinator runs: the list does not wait for it.
+/// On shutdown it returns at once, dropping whatever API call is in flight.
 pub async fn start(hub: Arc<Hub>, deployment: Option<(String, String)>, grace: Duration, shutdown: CancellationToken) {
-    let mut retry = crate::backoff();
-    let client = loop {
-        match Client::try_default().await {
-            Ok(c) => break c,
-            Err(e) => {
-                let delay = retry.next().unwrap_or(Duration::from_secs(60));
-                tracing::warn!(error = %e, retry_in_s = delay.as_secs(), "no Kubernetes API; the fallback DaemonSet and node labels wait for it (the image list is published regardless)");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-        }
+    let work = async {
+        let client = crate::retry_forever(
+            "connecting to the Kubernetes API (the fallback DaemonSet and node labels wait for it; the image list is published regardless)",
+            || async { Client::try_default().await },
+        )
+        .await;
+        let fb = Fallback::discover(client, deployment).await;
+        run(fb, hub, grace, shutdown.clone()).await;
     };
-    let fb = Fallback::discover(client, deployment).await;
-    run(fb, hub, grace, shutdown).await;
+    until_shutdown(&shutdown, work).await;
+}
+
+/// Runs `work` until it ends or `shutdown` fires, whichever comes first: an API call in flight
+/// is dropped (cancelled), so SIGTERM never waits for a request to time out.
+pub async fn until_shutdown(shutdown: &CancellationToken, work: impl std::future::Future<Output = ()>) {
+    tokio::select! {
+        _ = shutdown.cancelled() => tracing::info!("fallback controller stopped"),
+        _ = work => {}
+    }
 }
 
 #[cfg(test)]
@@ -342,6 +368,7 @@ mod tests {
     fn live(node: &str, runtime: bool, connected: bool, since_secs_ago: u64, now: SystemTime) -> Liveness {
         Liveness {
             node: node.into(),
+            reported: true,
             runtime_available: runtime,
             connected,
             since: now - Duration::from_secs(since_secs_ago),
@@ -358,7 +385,34 @@ mod tests {
             live("gone-recently", true, false, 60, now),
             live("gone-long-ago", true, false, 301, now),
         ];
-        let want: BTreeSet<String> = ["connected-cri", "gone-recently"].iter().map(|s| s.to_string()).collect();
-        assert_eq!(agent_nodes(&l, now, grace), want);
+        let want = names(&["connected-cri", "gone-recently"]);
+        assert_eq!(agent_nodes(&l, &BTreeSet::new(), now - grace * 10, now, grace), want);
+    }
+
+    fn names(n: &[&str]) -> BTreeSet<String> {
+        n.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_restarted_coordinator_keeps_the_labels_it_finds_until_agents_had_time_to_report() {
+        let started = SystemTime::now();
+        let grace = Duration::from_secs(300);
+        let labelled = names(&["a", "b", "c", "d"]);
+        // a: back and reporting a runtime; b: connected, no report yet; c: not heard from;
+        // d: its agent says the runtime is gone (evidence: the fallback is needed at once).
+        let mut b = live("b", false, true, 0, started);
+        b.reported = false;
+        let l = vec![live("a", true, true, 0, started), b, live("d", false, true, 0, started)];
+        let soon = started + Duration::from_secs(2);
+        assert_eq!(agent_nodes(&l, &labelled, started, soon, grace), names(&["a", "b", "c"]), "nothing taken early");
+        let later = started + grace + Duration::from_secs(1);
+        let l_later = vec![live("a", true, true, 0, started), live("d", false, true, 0, started)];
+        assert_eq!(
+            agent_nodes(&l_later, &labelled, started, later, grace),
+            names(&["a"]),
+            "silent nodes lose it after the grace"
+        );
+        // A fresh install has no labels to keep: only evidence adds one.
+        assert_eq!(agent_nodes(&[], &BTreeSet::new(), started, soon, grace), BTreeSet::new());
     }
 }

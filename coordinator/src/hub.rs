@@ -50,6 +50,8 @@ pub struct NodeEntry {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Liveness {
     pub node: String,
+    /// The node's agent has reported to this process (its runtime state is evidence).
+    pub reported: bool,
     pub runtime_available: bool,
     pub connected: bool,
     /// When `connected` last changed.
@@ -124,6 +126,7 @@ impl Hub {
                 let conn = conns.get(n);
                 Liveness {
                     node: n.clone(),
+                    reported: nodes.contains_key(n),
                     runtime_available: nodes
                         .get(n)
                         .is_some_and(|e| e.report.runtime.as_ref().is_some_and(|r| r.available)),

@@ -21,3 +21,24 @@ pub fn backoff() -> backon::ExponentialBackoff {
         .without_max_times()
         .build()
 }
+
+/// Runs `op` until it succeeds, with [`backoff`] delays, logging each failure with `what`.
+/// Never gives up: callers stop it by dropping the future (the shutdown `select!`).
+pub async fn retry_forever<T, E, F, Fut>(what: &str, mut op: F) -> T
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut delays = backoff();
+    loop {
+        match op().await {
+            Ok(v) => return v,
+            Err(e) => {
+                let delay = delays.next().unwrap_or(std::time::Duration::from_secs(60));
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "{what} failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}

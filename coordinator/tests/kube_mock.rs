@@ -201,3 +201,145 @@ async fn node_labels_are_patched_only_where_they_change() {
     fb.sync_labels(&desired).await.unwrap();
     assert_no_more_requests(fb, handle).await;
 }
+
+/// The controller loop of a coordinator that just restarted: it finds two labelled nodes and has
+/// heard from no agent yet. During the grace it sends no label request at all; a report of a
+/// missing runtime is evidence, and only that node's label goes, at once.
+#[tokio::test]
+async fn a_restarted_coordinator_touches_no_label_during_the_grace_but_acts_on_evidence() {
+    use kip_coordinator::fallback;
+    use kip_coordinator::hub::Hub;
+    use kip_coordinator::metrics::Metrics;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let (fb, mut handle) = mocked();
+    let cfg = config(&[]);
+    let hub = Hub::new(cfg.clone(), Arc::new(Metrics::new()));
+    let current = serde_json::to_value(daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let controller = tokio::spawn(fallback::run(fb, hub.clone(), Duration::from_secs(3600), shutdown.clone()));
+
+    expect(&mut handle, Method::GET, DS_PATH, StatusCode::OK, current).await;
+    let listed = json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": [
+        {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": {"name": "node-1"}},
+        {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": {"name": "node-2"}}
+    ]});
+    let (query, _, _) = expect(&mut handle, Method::GET, "/api/v1/nodes", StatusCode::OK, listed).await;
+    assert!(query.contains("labelSelector=kip.eclipse.dev%2Fagent%3Dcri"), "{query}");
+    // Agents reconnect; one reports a working runtime: still nothing to change.
+    hub.node_stream("node-1", true);
+    hub.record_report(kip::v1::NodeReport {
+        node_name: "node-1".into(),
+        runtime: Some(kip::v1::RuntimeState { available: true, name: "containerd".into(), ..Default::default() }),
+        ..Default::default()
+    });
+    let quiet = tokio::time::timeout(Duration::from_millis(500), handle.next_request()).await;
+    assert!(
+        quiet.is_err(),
+        "a label request during the grace: {:?}",
+        quiet.map(|r| r.map(|(req, _)| req.uri().clone()))
+    );
+    // node-2's agent reports that its runtime is gone: the fallback is needed there now.
+    hub.node_stream("node-2", true);
+    hub.record_report(kip::v1::NodeReport {
+        node_name: "node-2".into(),
+        runtime: Some(kip::v1::RuntimeState {
+            available: false,
+            error: "no CRI socket found".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-2"}});
+    let (_, _, body) = expect(&mut handle, Method::PATCH, "/api/v1/nodes/node-2", StatusCode::OK, node).await;
+    assert_eq!(body, json!({"metadata": {"labels": {"kip.eclipse.dev/agent": null}}}));
+    shutdown.cancel();
+    controller.await.unwrap();
+    assert!(handle.next_request().await.is_none(), "an unexpected request was sent");
+}
+
+fn unavailable() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "ServiceUnavailable", "code": 503, "message": "etcdserver: leader changed"})
+}
+
+/// An API that fails at start-up: both lookups are tried again until they answer, and the
+/// controller then knows it runs on OpenShift and who owns the DaemonSet.
+#[tokio::test]
+async fn start_up_lookups_are_retried_until_the_api_answers() {
+    let (service, mut handle) = pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let api = tokio::spawn(async move {
+        expect(&mut handle, Method::GET, "/apis", StatusCode::SERVICE_UNAVAILABLE, unavailable()).await;
+        let groups = json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [{"name": "route.openshift.io",
+            "versions": [{"groupVersion": "route.openshift.io/v1", "version": "v1"}],
+            "preferredVersion": {"groupVersion": "route.openshift.io/v1", "version": "v1"}}]});
+        expect(&mut handle, Method::GET, "/apis", StatusCode::OK, groups).await;
+        let path = "/apis/apps/v1/namespaces/kip/deployments/kip-coordinator";
+        expect(&mut handle, Method::GET, path, StatusCode::SERVICE_UNAVAILABLE, unavailable()).await;
+        let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "kip-coordinator", "namespace": "kip", "uid": "0b5e4a1c-0000-4000-8000-000000000001"}});
+        expect(&mut handle, Method::GET, path, StatusCode::OK, deployment).await;
+        handle
+    });
+    let fb = Fallback::discover(client, Some(("kip".into(), "kip-coordinator".into()))).await;
+    assert!(fb.options.openshift, "detected after the retry, not assumed false");
+    let owner = fb.options.owner.clone().expect("an owner after the retry");
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+        ("Deployment", "kip-coordinator", Some(false))
+    );
+    let handle = api.await.unwrap();
+    assert_no_more_requests(fb, handle).await;
+}
+
+/// SIGTERM while an API call hangs: the controller ends at once, the call is dropped.
+#[tokio::test]
+async fn shutdown_does_not_wait_for_a_hanging_api_call() {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let (fb, mut handle) = mocked();
+    let cfg = config(&[]);
+    let hub = kip_coordinator::hub::Hub::new(cfg, Arc::new(kip_coordinator::metrics::Metrics::new()));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let controller = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            let work = kip_coordinator::fallback::run(fb, hub, Duration::from_secs(300), shutdown.clone());
+            kip_coordinator::fallback::until_shutdown(&shutdown, work).await;
+        }
+    });
+    // The first request arrives and is never answered.
+    let (req, _never_answered) = handle.next_request().await.expect("a request");
+    assert_eq!(req.uri().path(), DS_PATH);
+    shutdown.cancel();
+    // Bounded only so that a regression fails instead of hanging the test run.
+    tokio::time::timeout(Duration::from_secs(30), controller).await.expect("the controller ended").unwrap();
+}
+
+/// `helm upgrade --set mode=daemonset` after auto mode: the new coordinator takes back the agent
+/// labels an earlier process set (the chart keeps the nodes ClusterRole in every mode for this).
+#[tokio::test]
+async fn leaving_auto_mode_takes_back_labels_set_before() {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let (fb, mut handle) = mocked();
+    let cfg = config(&[("KIP_MODE", "daemonset")]);
+    let hub = kip_coordinator::hub::Hub::new(cfg.clone(), Arc::new(kip_coordinator::metrics::Metrics::new()));
+    let current = serde_json::to_value(daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let controller = tokio::spawn(kip_coordinator::fallback::run(fb, hub, Duration::from_secs(3600), shutdown.clone()));
+    expect(&mut handle, Method::GET, DS_PATH, StatusCode::OK, current).await;
+    let listed = json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": [
+        {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": {"name": "node-1"}}
+    ]});
+    expect(&mut handle, Method::GET, "/api/v1/nodes", StatusCode::OK, listed).await;
+    let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}});
+    let (_, _, body) = expect(&mut handle, Method::PATCH, "/api/v1/nodes/node-1", StatusCode::OK, node).await;
+    assert_eq!(body, json!({"metadata": {"labels": {"kip.eclipse.dev/agent": null}}}));
+    shutdown.cancel();
+    controller.await.unwrap();
+    assert!(handle.next_request().await.is_none(), "an unexpected request was sent");
+}
