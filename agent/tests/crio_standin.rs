@@ -27,6 +27,7 @@ const A: &str = "docker.io/library/busybox:1.36";
 const B: &str = "quay.io/team/app@sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
 const ADMINS: &str = "quay.io/admin-keep-me:1";
 const PAUSE: &str = "registry.k8s.io/pause:3.10";
+const UNMATCHED: &str = "quay.io/team/renamed:1";
 
 // ---- the stand-in ----
 
@@ -37,7 +38,8 @@ struct StandIn {
 
 impl StandIn {
     fn pinned(&self, name: &str) -> bool {
-        name == PAUSE || self.pins.lock().unwrap().iter().any(|p| matches(p, name))
+        // UNMATCHED stands for a name CRI-O stores differently from kip's reference.
+        name == PAUSE || (name != UNMATCHED && self.pins.lock().unwrap().iter().any(|p| matches(p, name)))
     }
 }
 
@@ -325,4 +327,19 @@ async fn a_crio_older_than_pinned_images_is_reported_and_its_config_left_alone()
     assert_eq!(crio.sync_pins(&keep(&[A])).await.unwrap_err().to_string(), expected);
     assert!(!crio.drop_in_path().exists(), "nothing written");
     assert_eq!(node.reloads(), 0, "nothing signalled");
+}
+
+#[tokio::test]
+async fn a_pin_crio_never_shows_is_reported_per_image_and_cleared_when_it_goes() {
+    let node = Node::start(&[A, UNMATCHED], "", None);
+    node.crio.sync_pins(&keep(&[A, UNMATCHED])).await.unwrap();
+    node.wait_reloads(1).await;
+    let status = node.crio.status(UNMATCHED).await.unwrap().unwrap();
+    let e = node.crio.pin(UNMATCHED, &status).await.unwrap_err().to_string();
+    assert!(e.starts_with(&format!("CRI-O does not report `{UNMATCHED}` pinned although")), "{e}");
+    let a = node.crio.status(A).await.unwrap().unwrap();
+    assert!(node.crio.pin(A, &a).await.unwrap(), "another image's confirmed pin");
+    assert_eq!(node.crio.pin_problem(), Some(e), "does not hide the one still missing");
+    node.crio.sync_pins(&keep(&[A])).await.unwrap();
+    assert_eq!(node.crio.pin_problem(), None, "gone with the image that left the list");
 }

@@ -18,8 +18,10 @@ use crate::cri::{CriClient, ImageInfo, RuntimeInfo};
 
 /// kip's drop-in: `zz-` sorts after the usual `NN-name` drop-ins (OpenShift's `00-default`).
 pub const DROP_IN_NAME: &str = "zz-kip-pinned-images.conf";
-/// How long CRI-O may take to show a pin after the reload, checked this often.
-const CONFIRM_ATTEMPTS: u32 = 25;
+/// How long after a reload CRI-O may take to show a pin, checked this often. Outside that window
+/// one look is enough: a pin CRI-O does not show then is not coming, and the agent's loop must not
+/// wait on it image after image.
+const CONFIRM_WINDOW: Duration = Duration::from_secs(5);
 const CONFIRM_EVERY: Duration = Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +34,7 @@ pub enum CrioError {
     Signal { socket: PathBuf, reason: String },
     #[error("CRI-O {version} has no pinned_images (CRI-O 1.28 and later have)")]
     Unsupported { version: String },
-    #[error("CRI-O does not report `{reference}` pinned {}s after reloading {}", (CONFIRM_EVERY * CONFIRM_ATTEMPTS).as_secs(), path.display())]
+    #[error("CRI-O does not report `{reference}` pinned although {} lists it (reloaded with SIGHUP)", path.display())]
     NotConfirmed { reference: String, path: PathBuf },
 }
 
@@ -169,7 +171,12 @@ fn reload(socket: &Path) -> Result<i32, CrioError> {
 struct PinFile {
     /// kip's images in the drop-in as last written (`None`: not written by this process yet).
     written: Option<Vec<String>>,
+    /// When CRI-O was last told to reload.
+    reloaded_at: Option<tokio::time::Instant>,
+    /// Why the drop-in could not be written or CRI-O not signalled (cleared by a success).
     problem: Option<String>,
+    /// Listed images CRI-O does not show pinned although the drop-in lists them, and why.
+    unconfirmed: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug)]
@@ -223,6 +230,7 @@ impl Crio {
         match &result {
             Ok(()) => {
                 file.written = Some(kip);
+                file.reloaded_at = Some(tokio::time::Instant::now());
                 file.problem = None;
             }
             Err(e) => {
@@ -247,7 +255,8 @@ impl Runtime for Crio {
         self.base.socket()
     }
     fn pin_problem(&self) -> Option<String> {
-        self.lock().problem.clone()
+        let file = self.lock();
+        file.problem.clone().or_else(|| file.unconfirmed.values().next().cloned())
     }
 
     async fn status(&self, reference: &str) -> Result<Option<ImageInfo>, RuntimeError> {
@@ -277,20 +286,26 @@ impl Runtime for Crio {
             kip.push(reference.to_string());
         }
         self.publish(kip)?;
-        for _ in 0..CONFIRM_ATTEMPTS {
+        let deadline = self.lock().reloaded_at.map(|t| t + CONFIRM_WINDOW);
+        loop {
             if self.base.status(reference).await?.is_some_and(|i| i.pinned) {
+                self.lock().unconfirmed.remove(reference);
                 return Ok(true);
+            }
+            if deadline.is_none_or(|d| tokio::time::Instant::now() >= d) {
+                break;
             }
             tokio::time::sleep(CONFIRM_EVERY).await;
         }
         let e = CrioError::NotConfirmed { reference: reference.to_string(), path: self.drop_in_path() };
-        self.lock().problem = Some(e.to_string());
+        self.lock().unconfirmed.insert(reference.to_string(), e.to_string());
         Err(e.into())
     }
 
     async fn sync_pins(&self, keep: &Keep) -> Result<Vec<String>, RuntimeError> {
         // Every listed reference, present or not: CRI-O pins an image the moment it arrives.
         let released: Vec<String> = self.kip_list().into_iter().filter(|r| !keep.references.contains(r)).collect();
+        self.lock().unconfirmed.retain(|r, _| keep.references.contains(r));
         self.publish(keep.references.clone())?;
         Ok(released)
     }
