@@ -44,12 +44,12 @@ user=$(skopeo inspect --tls-verify=false --config "docker://$REG/kip/kip:e2e" | 
 VOL="$KIP_WORK/kip-volume"; mkdir -p "$VOL"; chmod 0777 "$VOL"
 MOUNT="type=bind,src=$VOL,dst=/kip,options=rbind:rw"
 log "initContainer step from kip's image: kip-sleep --copy-to /kip/sleep"
-kctr run --rm --mount "$MOUNT" "$REG/kip/kip:e2e" copy-sleep /usr/local/bin/kip-sleep --copy-to /kip/sleep
+kctr_run --rm --mount "$MOUNT" "$REG/kip/kip:e2e" copy-sleep /usr/local/bin/kip-sleep --copy-to /kip/sleep
 [ "$(stat -c %a "$VOL/sleep")" = 755 ] || fail "copied kip-sleep is not mode 0755"
 cmp -s "$VOL/sleep" "$SLEEP" || fail "copied kip-sleep differs from the original"
 
 log "cached-image container: /kip/sleep 720h as PID 1, then SIGTERM"
-kctr run --rm --mount "$MOUNT" "$REG/kip/app:e2e" cached /kip/sleep 720h &
+kctr_run --rm --mount "$MOUNT" "$REG/kip/app:e2e" cached /kip/sleep 720h &
 run_pid=$!
 KIP_PIDS+=("$run_pid")
 running() { has_match "$(kctr task ls)" '^cached .*RUNNING'; }

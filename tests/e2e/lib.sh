@@ -196,6 +196,9 @@ stop_containerd() {
 }
 
 kctr() { "$(containerd_bin_dir)/ctr" --address "$CONTAINERD_SOCK" -n k8s.io "$@"; }
+# kctr_run ARGS...: `ctr run` with its IO FIFOs beside containerd's files: the default
+# (/run/containerd/fifo) is not the same directory inside containerd's private /run.
+kctr_run() { kctr run --fifo-dir "$(dirname "$CONTAINERD_CONFIG")/fifo" "$@"; }
 # ref_present REF: containerd (CONTAINERD_SOCK) has an image record named REF.
 ref_present() { local refs; refs=$(kctr images ls -q) && has_line "$refs" "$1"; }
 

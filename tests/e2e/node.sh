@@ -134,6 +134,10 @@ metric() { local m; m=$(curl -sf "http://127.0.0.1:$PORT/metrics") && awk -v m="
 metric_is() { [ "$(metric "$1")" = "$2" ]; }
 start_agent "$IMAGES"
 wait_for 30 "/readyz to answer 200" curl -sf "http://127.0.0.1:$PORT/readyz"
+# Ready means cached. A starting agent refreshes its tags at once, and containerd rewrites a
+# record's labels in a re-pull until kip puts them back (milliseconds; CRI learns of it through
+# events): wait for the pins to settle rather than catch that moment.
+wait_for 30 "kip_images_pinned 5" metric_is kip_images_pinned 5
 [ "$(curl -sf "http://127.0.0.1:$PORT/healthz")" = ok ] || fail "/healthz"
 curl -sf "http://127.0.0.1:$PORT/metrics" > "$KIP_WORK/metrics.txt"
 has_match "$(curl -sfI "http://127.0.0.1:$PORT/metrics")" '^[Cc]ontent-[Tt]ype: application/openmetrics-text' || fail "/metrics content type"
