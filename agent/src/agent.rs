@@ -289,8 +289,10 @@ impl<R: Runtime> Agent<R> {
             }
         }
         self.set_cri_up(true);
-        // Without a list, or with an image not seen, its records could pass for unlisted.
-        if !self.list_known || !all_seen {
+        // Without a list, or with an image not seen, its records could pass for unlisted. So
+        // could the records a pull in flight is pinning right now (the last check saw none of
+        // them): unpinning waits for a check with no pull in flight.
+        if !self.list_known || !all_seen || self.states.values().any(|s| s.in_flight) {
             return Ok(());
         }
         if let Err(e) = unpin_unlisted(&self.rt, &self.states, self.remove_unlisted).await {

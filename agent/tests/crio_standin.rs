@@ -180,8 +180,9 @@ impl Node {
             .env("STANDIN_IMAGES", images.join(","))
             .spawn()
             .unwrap();
+        // Ready when it accepts a connection (the file appears at bind, before listen).
         for _ in 0..1000 {
-            if p("crio.sock").exists() {
+            if std::os::unix::net::UnixStream::connect(p("crio.sock")).is_ok() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));

@@ -226,3 +226,20 @@ async fn a_runtime_that_refuses_pins_keeps_images_cached_and_says_why() {
     assert_eq!((node.metrics.pinning_available.get(), node.ready.get()), (1, None));
     node.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn pins_are_never_released_while_a_pull_is_pinning_its_records() {
+    let rt = FakeRuntime::default();
+    rt.state().pull_time = CHECK * 3; // three checks come and go during each pull
+    let mut node = Node::start(rt, &[("a", A)]);
+    sleep(CHECK * 4).await;
+    assert_eq!(node.rt.pin_of(A), Some(Pin::Kip));
+    node.publish(&[("a", A), ("c", C)]);
+    sleep(CHECK * 4).await;
+    assert_eq!(node.rt.pin_of(C), Some(Pin::Kip));
+    node.publish(&[("c", C)]);
+    sleep(CHECK).await;
+    assert_eq!(node.rt.pin_of(A), Some(Pin::None), "unlisted: released at the next check without a pull");
+    assert_eq!(node.rt.state().syncs_during_pulls, 0, "no unpinning while a pull was in flight");
+    node.stop().await;
+}

@@ -36,6 +36,11 @@ pub struct FakeState {
     failing_pulls: HashMap<String, u32>,
     pub pin_problem: Option<String>,
     pub pulls: Vec<(String, Instant)>,
+    /// How long a pull takes (paused time in the tests).
+    pub pull_time: Duration,
+    pulls_in_flight: usize,
+    /// `sync_pins` calls made while a pull was in flight (the agent must make none).
+    pub syncs_during_pulls: usize,
     pub status_calls: usize,
     pub pin_calls: usize,
     pub removed: Vec<String>,
@@ -152,6 +157,12 @@ impl Runtime for FakeRuntime {
     ) -> Result<Option<ImageInfo>, RuntimeError> {
         self.down_error("PullImage", reference)?;
         let digest = self.resolve(reference);
+        let pull_time = self.state().pull_time;
+        if !pull_time.is_zero() {
+            self.state().pulls_in_flight += 1;
+            tokio::time::sleep(pull_time).await;
+            self.state().pulls_in_flight -= 1;
+        }
         let mut state = self.state();
         state.pulls.push((reference.to_string(), Instant::now()));
         if let Some(left) = state.failing_pulls.get_mut(reference).filter(|n| **n > 0) {
@@ -202,7 +213,11 @@ impl Runtime for FakeRuntime {
     async fn sync_pins(&self, keep: &Keep) -> Result<Vec<String>, RuntimeError> {
         self.down_error("List", "*")?;
         let mut released = Vec::new();
-        for (reference, image) in &mut self.state().images {
+        let mut state = self.state();
+        if state.pulls_in_flight > 0 {
+            state.syncs_during_pulls += 1;
+        }
+        for (reference, image) in &mut state.images {
             if image.pin == Pin::Kip && !keep.references.contains(reference) {
                 image.pin = Pin::None;
                 released.push(reference.clone());
