@@ -101,19 +101,47 @@ pub async fn pull_and_pin<R: Runtime>(
 }
 
 /// Removes kip's pins from everything no listed image needs; with `remove` also deletes it.
-pub async fn unpin_unlisted<R: Runtime>(rt: &R, states: &States, remove: bool) -> Result<(), ImageError> {
+/// Returns the record names kip let go of.
+pub async fn unpin_unlisted<R: Runtime>(rt: &R, states: &States, remove: bool) -> Result<Vec<String>, ImageError> {
     let released = rt.sync_pins(&reconcile::keep(states)).await?;
     if released.is_empty() {
-        return Ok(());
+        return Ok(released);
     }
     tracing::info!(refs = ?released, "removed kip's pin from images no longer listed");
     if remove {
         for r in &released {
             rt.remove(r).await?;
-            tracing::info!(image = %r, "removed unlisted image (--remove-unlisted)");
+            tracing::info!(image = %r, "removed unlisted image");
         }
     }
-    Ok(())
+    Ok(released)
+}
+
+/// Lets go of the node (kip is being uninstalled): every pin kip set, with `remove` the images
+/// too, then the runtime's own leftovers (CRI-O's drop-in) and the state file. A pin that was
+/// being set when the pulls were stopped may land just after the first pass: passes repeat
+/// until one finds nothing of kip's.
+pub async fn release_node<R: Runtime>(
+    rt: &R,
+    remove: bool,
+    state_file: Option<&std::path::Path>,
+) -> Result<usize, String> {
+    let mut released = 0;
+    for pass in 0.. {
+        let found = unpin_unlisted(rt, &States::new(), remove).await.map_err(|e| e.to_string())?;
+        if found.is_empty() {
+            break;
+        }
+        released += found.len();
+        if pass == 2 {
+            return Err(format!("kip's pins keep coming back ({} records in the last pass)", found.len()));
+        }
+    }
+    rt.release().await.map_err(|e| e.to_string())?;
+    if let Some(file) = state_file {
+        crate::follow::remove_state(file).map_err(|e| e.to_string())?;
+    }
+    Ok(released)
 }
 
 struct PullDone {
@@ -138,6 +166,8 @@ pub struct Agent<R: Runtime> {
     pub metrics: Arc<Metrics>,
     pub ready: Readiness,
     pub remove_unlisted: bool,
+    /// The coordinator's list as persisted in the state directory: deleted by a release.
+    pub state_file: Option<PathBuf>,
     /// Node name and where to publish the state the coordinator is sent.
     pub reports: Option<(String, tokio::sync::watch::Sender<v1::NodeReport>)>,
     base_policy: Policy,
@@ -149,6 +179,10 @@ pub struct Agent<R: Runtime> {
     list_known: bool,
     states: States,
     cri_up: bool,
+    /// What the coordinator asks to let go of (kip is being uninstalled), and how the last
+    /// attempt went (`None`: not tried yet).
+    release: v1::Release,
+    release_outcome: Option<Result<(), String>>,
 }
 
 impl<R: Runtime> Agent<R> {
@@ -166,6 +200,7 @@ impl<R: Runtime> Agent<R> {
             metrics,
             ready,
             remove_unlisted: false,
+            state_file: None,
             reports: None,
             base_policy: policy.clone(),
             policy,
@@ -175,6 +210,8 @@ impl<R: Runtime> Agent<R> {
             list_known: false,
             states: States::new(),
             cri_up: true,
+            release: v1::Release::None,
+            release_outcome: None,
         };
         let initial = match &agent.source {
             ListSource::Fixed(list) => Some((list.clone(), None)),
@@ -198,6 +235,11 @@ impl<R: Runtime> Agent<R> {
         self.list = list;
         self.generation = update.map_or(0, |u| u.generation);
         self.list_known = true;
+        let release = update.map_or(v1::Release::None, |u| u.release);
+        if release != self.release {
+            self.release_outcome = None;
+        }
+        self.release = release;
     }
 
     /// Waits for the next list from the coordinator; never returns for a fixed list.
@@ -248,6 +290,11 @@ impl<R: Runtime> Agent<R> {
                     Err(e) => tracing::error!(error = %e, "pull task failed"),
                 },
                 Some(update) = Self::next_list(&mut self.source) => {
+                    if update.release != v1::Release::None && !pulls.is_empty() {
+                        // A pull in flight would pin what the release is about to unpin.
+                        pulls.abort_all();
+                        while pulls.join_next().await.is_some() {}
+                    }
                     self.set_list(update.list.clone(), Some(&update));
                     // Check at once: new images are pulled and dropped ones unpinned now.
                     next_check = Instant::now();
@@ -293,6 +340,22 @@ impl<R: Runtime> Agent<R> {
         // could the records a pull in flight is pinning right now (the last check saw none of
         // them): unpinning waits for a check with no pull in flight.
         if !self.list_known || !all_seen || self.states.values().any(|s| s.in_flight) {
+            return Ok(());
+        }
+        if self.release != v1::Release::None {
+            if self.release_outcome != Some(Ok(())) {
+                let remove = self.release == v1::Release::Remove;
+                let outcome = release_node(&self.rt, remove, self.state_file.as_deref()).await;
+                match &outcome {
+                    Ok(n) => tracing::info!(
+                        records = n,
+                        images_removed = remove,
+                        "released the node: no pin, drop-in or state file of kip's is left"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "releasing the node failed; will retry at the next check"),
+                }
+                self.release_outcome = Some(outcome.map(drop));
+            }
             return Ok(());
         }
         if let Err(e) = unpin_unlisted(&self.rt, &self.states, self.remove_unlisted).await {
@@ -462,6 +525,12 @@ impl<R: Runtime> Agent<R> {
                 })
                 .collect(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            released: self.release != v1::Release::None && self.release_outcome == Some(Ok(())),
+            release_error: match (&self.release, &self.release_outcome) {
+                (v1::Release::None, _) => String::new(),
+                (_, Some(Err(e))) => e.clone(),
+                (_, _) => String::new(),
+            },
         }
     }
 }

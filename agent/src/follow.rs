@@ -21,12 +21,17 @@ pub struct ListUpdate {
     pub generation: u64,
     pub list: ImageList,
     pub policy: v1::PullPolicy,
+    /// kip is being uninstalled: let go of everything (the list is then empty).
+    pub release: v1::Release,
 }
 
 impl ListUpdate {
     pub fn from_proto(update: &v1::ImageListUpdate) -> Result<Self, kip::images::ImageListError> {
         let list = ImageList::from_pairs(update.images.iter().map(|i| (i.name.as_str(), i.image.as_str())))?;
-        Ok(Self { generation: update.generation, list, policy: update.policy.unwrap_or_default() })
+        let release = update.release();
+        // A release keeps nothing, whatever an (old or broken) coordinator sent along.
+        let list = if release == v1::Release::None { list } else { ImageList::default() };
+        Ok(Self { generation: update.generation, list, policy: update.policy.unwrap_or_default(), release })
     }
 
     /// The agent's own policy with the coordinator's non-zero settings on top.
@@ -75,7 +80,7 @@ struct SavedImage {
     image: String,
 }
 
-const STATE_FILE: &str = "image-list.json";
+pub const STATE_FILE: &str = "image-list.json";
 
 /// The last list persisted in `dir`, if any.
 pub fn load_state(dir: &Path) -> Result<Option<ListUpdate>, StateError> {
@@ -98,6 +103,7 @@ pub fn load_state(dir: &Path) -> Result<Option<ListUpdate>, StateError> {
             check_interval_seconds: saved.check_interval_seconds,
             pull_timeout_seconds: saved.pull_timeout_seconds,
         },
+        release: v1::Release::None,
     }))
 }
 
@@ -129,6 +135,20 @@ pub fn save_state(dir: &Path, update: &ListUpdate) -> Result<(), StateError> {
         f.sync_all().map_err(io)?;
     }
     std::fs::rename(&tmp, &file).map_err(io)?;
+    Ok(())
+}
+
+/// Deletes the persisted list (and a temp file a crash may have left): a release leaves no state
+/// file on the host. Absent files are fine.
+pub fn remove_state(file: &Path) -> Result<(), StateError> {
+    let tmp = file.with_extension("json.tmp");
+    for f in [file, tmp.as_path()] {
+        match std::fs::remove_file(f) {
+            Ok(()) => tracing::info!(file = %f.display(), "removed the state file"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(StateError::Io { file: f.to_path_buf(), source }),
+        }
+    }
     Ok(())
 }
 
@@ -214,6 +234,16 @@ impl Follower {
         if self.updates.borrow().as_ref() == Some(&update) {
             return;
         }
+        if update.release != v1::Release::None {
+            // Nothing is saved: the agent deletes the state file as part of the release.
+            tracing::info!(
+                generation = update.generation,
+                release = update.release.as_str_name(),
+                "the coordinator releases this node (kip is being uninstalled)"
+            );
+            self.updates.send_replace(Some(update));
+            return;
+        }
         tracing::info!(generation = update.generation, images = update.list.len(), list = %update.list, "new image list from the coordinator");
         if let Err(e) = save_state(&self.state_dir, &update) {
             tracing::warn!(error = %e, "cannot persist the image list; a restart without the coordinator would start empty");
@@ -275,6 +305,7 @@ mod tests {
                 check_interval_seconds: 0,
                 pull_timeout_seconds: 0,
             }),
+            release: 0,
         }
     }
 

@@ -51,6 +51,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         tokio::spawn(kip::http::serve(listener, http::router(metrics.clone(), ready.clone()), shutdown.clone()));
 
     let mut tasks = Vec::new();
+    let mut list_rx = None;
     let (source, reports) = match (&cli.coordinator, &cli.images) {
         (Some(url), _) => {
             let node = cli.node_name.clone().context("--node-name (NODE_NAME) is required with --coordinator")?;
@@ -72,6 +73,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             };
             let (updates, updates_rx) = tokio::sync::watch::channel(initial);
+            list_rx = Some(updates_rx.clone());
             let connected = Arc::new(tokio::sync::Notify::new());
             let follower = follow::Follower {
                 channel: channel.clone(),
@@ -96,9 +98,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         match connect_runtime(&cli).await {
             Ok(rt) => break rt,
             Err(e) => {
-                let Some((node, tx)) = &reports else { return Err(e) };
+                let (Some((node, tx)), Some(rx)) = (&reports, list_rx.as_mut()) else { return Err(e) };
                 tracing::warn!(error = %e, "no usable runtime; reporting it and retrying in 30s");
                 ready.set(Some(format!("{e}")));
+                // Without a runtime kip pinned nothing here: a release only takes the state file.
+                let releasing = rx.borrow_and_update().as_ref().is_some_and(|u| u.release != kip::v1::Release::None);
+                let release = releasing.then(|| follow::remove_state(&cli.state_dir.join(follow::STATE_FILE)));
                 tx.send_replace(kip::v1::NodeReport {
                     node_name: node.clone(),
                     runtime: Some(kip::v1::RuntimeState {
@@ -107,6 +112,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         ..Default::default()
                     }),
                     agent_version: env!("CARGO_PKG_VERSION").into(),
+                    released: matches!(release, Some(Ok(()))),
+                    release_error: match release {
+                        Some(Err(e)) => e.to_string(),
+                        _ => String::new(),
+                    },
                     ..Default::default()
                 });
                 tokio::select! {
@@ -114,6 +124,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         shutdown.cancel();
                         return Ok(ExitCode::SUCCESS);
                     }
+                    Ok(()) = rx.changed() => {}
                     _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
                 }
             }
@@ -123,6 +134,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut agent = Agent::new(rt, source, policy, metrics, ready);
     agent.secrets_dir = cli.pull_secrets_dir.clone();
     agent.remove_unlisted = cli.remove_unlisted;
+    if cli.coordinator.is_some() {
+        agent.state_file = Some(cli.state_dir.join(follow::STATE_FILE));
+    }
     agent.reports = reports;
     let worker = tokio::spawn(agent.run(shutdown.clone()));
 

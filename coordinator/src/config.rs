@@ -13,7 +13,7 @@ use kube_quantity::ParsedQuantity;
 use serde::de::DeserializeOwned;
 
 /// Every key kip reads, KIP's and its own.
-pub const KEYS: [&str; 18] = [
+pub const KEYS: [&str; 19] = [
     "IMAGES",
     "CACHING_INTERVAL_HOURS",
     "CACHING_MEMORY_REQUEST",
@@ -32,6 +32,7 @@ pub const KEYS: [&str; 18] = [
     "KIP_CHECK_INTERVAL",
     "KIP_PULL_TIMEOUT",
     "KIP_MODE",
+    "KIP_RELEASE",
 ];
 
 /// KIP's defaults (kubernetes-image-puller's README and cfg package).
@@ -95,6 +96,9 @@ pub struct KipConfig {
     pub tolerations: Vec<Toleration>,
     pub kip_image: String,
     pub policy: PolicyOverrides,
+    /// `KIP_RELEASE`: kip is being uninstalled; agents let go of everything and the
+    /// coordinator takes back its node labels and DaemonSet.
+    pub release: kip::v1::Release,
 }
 
 /// One invalid variable and why.
@@ -143,6 +147,14 @@ pub fn read_sources(dir: Option<&Path>, env: &HashMap<String, String>) -> Result
         }
     }
     Ok(raw)
+}
+
+/// The known keys from a ConfigMap's `data` read through the API, over the environment (as
+/// [`read_sources`] does with a mounted directory).
+pub fn from_data(data: &BTreeMap<String, String>, env: &HashMap<String, String>) -> RawConfig {
+    KEYS.iter()
+        .filter_map(|key| data.get(*key).or_else(|| env.get(*key)).map(|v| (key.to_string(), v.clone())))
+        .collect()
 }
 
 /// Validates everything; returns the typed configuration or every error found.
@@ -245,6 +257,15 @@ pub fn validate(raw: &RawConfig) -> Result<KipConfig, ConfigError> {
             Mode::Auto
         }
     };
+    let release = match get("KIP_RELEASE", "").as_str() {
+        "" => kip::v1::Release::None,
+        "unpin" => kip::v1::Release::Unpin,
+        "remove" => kip::v1::Release::Remove,
+        other => {
+            err("KIP_RELEASE", format!("`{other}` is not one of unpin, remove (or empty)"));
+            kip::v1::Release::None
+        }
+    };
     let max_parallel_pulls = match raw.get("KIP_MAX_PARALLEL_PULLS").map(|v| v.trim()).filter(|v| !v.is_empty()) {
         None => None,
         Some(v) => match v.parse::<u32>() {
@@ -285,6 +306,7 @@ pub fn validate(raw: &RawConfig) -> Result<KipConfig, ConfigError> {
         tolerations: tolerations.unwrap_or_default(),
         kip_image,
         policy: PolicyOverrides { max_parallel_pulls, check_interval, pull_timeout },
+        release,
     })
 }
 
@@ -502,6 +524,14 @@ mod tests {
         assert_eq!(
             errors(&[("KIP_MODE", "fallback")]),
             vec!["KIP_MODE: `fallback` is not one of auto, cri, daemonset"]
+        );
+        let release = |v: &str| validate(&raw(&[("IMAGES", "a=b"), ("KIP_RELEASE", v)])).map(|c| c.release);
+        assert_eq!(release(""), Ok(kip::v1::Release::None));
+        assert_eq!(release("unpin"), Ok(kip::v1::Release::Unpin));
+        assert_eq!(release(" remove\n"), Ok(kip::v1::Release::Remove));
+        assert_eq!(
+            errors(&[("KIP_RELEASE", "yes")]),
+            vec!["KIP_RELEASE: `yes` is not one of unpin, remove (or empty)"]
         );
     }
 

@@ -17,9 +17,12 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{KipConfig, Mode};
 
-/// Node label the coordinator sets where an agent reports a working runtime.
+/// Node label the coordinator sets on evidence: `cri` where an agent reports a working runtime,
+/// `none` where the fallback DaemonSet is needed (the agent reports no runtime, or has not
+/// reported within the grace). A node without it is not decided yet: nothing runs there for kip.
 pub const AGENT_LABEL: &str = "kip.eclipse.dev/agent";
 pub const AGENT_LABEL_VALUE: &str = "cri";
+pub const NO_AGENT_LABEL_VALUE: &str = "none";
 /// Annotation holding the hash of everything kip sets, so an unchanged spec is never re-applied.
 pub const HASH_ANNOTATION: &str = "kip.eclipse.dev/spec-hash";
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "kip");
@@ -37,9 +40,9 @@ pub struct Options {
     pub owner: Option<OwnerReference>,
 }
 
-/// The DaemonSet for `config.mode`; `None` in `cri` mode.
+/// The DaemonSet for `config.mode`; `None` in `cri` mode and once kip is released.
 pub fn fallback_daemonset(config: &KipConfig, opts: &Options) -> Option<DaemonSet> {
-    if config.mode == Mode::Cri {
+    if config.mode == Mode::Cri || config.release != kip::v1::Release::None {
         return None;
     }
     let labels = BTreeMap::from([
@@ -107,7 +110,7 @@ pub fn fallback_daemonset(config: &KipConfig, opts: &Options) -> Option<DaemonSe
         ..Default::default()
     };
     let affinity = match config.mode {
-        Mode::Auto => Some(exclude_agent_nodes(config.affinity.clone())),
+        Mode::Auto => Some(only_nodes_without_agent(config.affinity.clone())),
         _ => config.affinity.clone(),
     };
     let annotations = (!config.daemonset_annotations.is_empty()).then(|| config.daemonset_annotations.clone());
@@ -181,13 +184,15 @@ pub fn hash_of(ds: &DaemonSet) -> Option<&str> {
     ds.metadata.annotations.as_ref()?.get(HASH_ANNOTATION).map(String::as_str)
 }
 
-/// Adds "not on nodes labelled `kip.eclipse.dev/agent=cri`" to the user's node affinity. Terms of
-/// `requiredDuringScheduling…` are ORed, so the exclusion goes into every term.
-pub fn exclude_agent_nodes(affinity: Option<Affinity>) -> Affinity {
+/// Adds "only on nodes labelled `kip.eclipse.dev/agent=none`" to the user's node affinity: the
+/// fallback runs where the coordinator found evidence that it is needed, never on a node whose
+/// agent has not had the chance to report. Terms of `requiredDuringScheduling…` are ORed, so the
+/// requirement goes into every term.
+pub fn only_nodes_without_agent(affinity: Option<Affinity>) -> Affinity {
     let exclusion = NodeSelectorRequirement {
         key: AGENT_LABEL.into(),
-        operator: "NotIn".into(),
-        values: Some(vec![AGENT_LABEL_VALUE.into()]),
+        operator: "In".into(),
+        values: Some(vec![NO_AGENT_LABEL_VALUE.into()]),
     };
     let mut affinity = affinity.unwrap_or_default();
     let node = affinity.node_affinity.get_or_insert_with(NodeAffinity::default);
@@ -260,7 +265,7 @@ mod tests {
     }
 
     #[test]
-    fn auto_mode_excludes_agent_nodes_and_merges_user_affinity() {
+    fn auto_mode_runs_only_where_no_agent_caches_and_merges_user_affinity() {
         let c = config(&[
             ("IMAGES", "a=busybox"),
             (
@@ -297,7 +302,9 @@ mod tests {
         assert_eq!(terms.len(), 2);
         for t in terms {
             assert!(
-                t.match_expressions.as_ref().unwrap().iter().any(|e| e.key == AGENT_LABEL && e.operator == "NotIn"),
+                t.match_expressions.as_ref().unwrap().iter().any(|e| e.key == AGENT_LABEL
+                    && e.operator == "In"
+                    && e.values.as_deref() == Some(&["none".to_string()][..])),
                 "{t:?}"
             );
         }
@@ -310,6 +317,12 @@ mod tests {
         golden("auto-mode-openshift", &ds);
         let sc = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap().security_context.clone().unwrap();
         assert_eq!((sc.run_as_user, sc.run_as_group, sc.run_as_non_root), (None, None, Some(true)));
+    }
+
+    #[test]
+    fn a_released_kip_has_no_daemonset() {
+        let c = config(&[("IMAGES", "a=busybox"), ("KIP_MODE", "daemonset"), ("KIP_RELEASE", "unpin")]);
+        assert!(fallback_daemonset(&c, &Options::default()).is_none());
     }
 
     #[test]

@@ -1,49 +1,136 @@
 //! Keeps the fallback sleep DaemonSet and the agent node labels in line with the configuration
 //! and the agents' reports, through the Kubernetes API: server-side apply (field manager `kip`)
 //! only when the spec hash changes, recreation when the DaemonSet is missing, a health check
-//! every CACHING_INTERVAL_HOURS, and Events on the coordinator's Deployment for failures.
+//! every CACHING_INTERVAL_HOURS, node labels on evidence only (nodes come from a watch), the
+//! cluster's side of a release (KIP_RELEASE), and Events on the coordinator's Deployment.
 //! Runs beside the list publisher: an unreachable API never stops the list from being published.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use futures_util::StreamExt as _;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt as _};
 use kube::{Api, Client, Resource as _};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{KipConfig, Mode};
-use crate::daemonset::{self, Options, AGENT_LABEL, AGENT_LABEL_VALUE, MANAGED_BY};
-use crate::hub::{Hub, Liveness};
+use crate::daemonset::{self, Options, AGENT_LABEL, AGENT_LABEL_VALUE, MANAGED_BY, NO_AGENT_LABEL_VALUE};
+use crate::hub::{ClusterCleanup, Hub, Liveness};
 
 pub const FIELD_MANAGER: &str = "kip";
 
-/// The nodes that carry the agent label (so the fallback DaemonSet stays off them). Labels change
-/// only on evidence:
-/// - a node whose agent reported a working runtime keeps or gets it while the agent is connected,
-///   or disconnected for less than `grace`;
-/// - a node whose agent reported no usable runtime loses it at once (the fallback is needed there);
-/// - a node this process has not heard from yet (it just started: agents are reconnecting) keeps
-///   the label it has until `grace` after `started`, then loses it.
-pub fn agent_nodes(
+pub type NodeMeta = PartialObjectMeta<Node>;
+
+/// What the label decision needs to know of one node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeFacts {
+    pub name: String,
+    pub created: Option<SystemTime>,
+    /// The value of `kip.eclipse.dev/agent`, if set.
+    pub label: Option<String>,
+}
+
+impl NodeFacts {
+    pub fn of(node: &NodeMeta) -> Option<Self> {
+        let m = &node.metadata;
+        Some(Self {
+            name: m.name.clone()?,
+            created: m.creation_timestamp.as_ref().map(|t| SystemTime::from(t.0)),
+            label: m.labels.as_ref().and_then(|l| l.get(AGENT_LABEL).cloned()),
+        })
+    }
+}
+
+/// The desired `kip.eclipse.dev/agent` value of every known node in auto mode (`None`: no
+/// label). Labels change only on evidence:
+/// - `cri` where the agent reported a working runtime and is connected, or was within `grace`;
+/// - `none` (the fallback runs there) at once where the agent reported no usable runtime, and
+///   where an agent went silent for longer than `grace`;
+/// - a node not heard from keeps what it has until `grace` after this process started (agents
+///   reconnect to a restarted coordinator) and after the node was created (its agent starts
+///   with it); only then does it get `none`. So a fresh install schedules no fallback pod on a
+///   node whose agent has not had the chance to report.
+pub fn desired_labels(
     liveness: &[Liveness],
-    labelled: &BTreeSet<String>,
+    nodes: &[NodeFacts],
     started: SystemTime,
     now: SystemTime,
     grace: Duration,
-) -> BTreeSet<String> {
+) -> BTreeMap<String, Option<&'static str>> {
     let within = |since: SystemTime| now.duration_since(since).unwrap_or_default() < grace;
-    let heard: BTreeSet<&String> = liveness.iter().filter(|l| l.reported).map(|l| &l.node).collect();
-    let reporting = liveness
+    nodes
         .iter()
-        .filter(|l| l.reported && l.runtime_available && (l.connected || within(l.since)))
-        .map(|l| l.node.clone());
-    let awaited = labelled.iter().filter(|n| !heard.contains(n) && within(started)).cloned();
-    reporting.chain(awaited).collect()
+        .map(|n| {
+            let heard = liveness.iter().find(|l| l.node == n.name && l.reported);
+            let want = match heard {
+                Some(l) if l.runtime_available && (l.connected || within(l.since)) => Some(AGENT_LABEL_VALUE),
+                Some(_) => Some(NO_AGENT_LABEL_VALUE),
+                None if within(n.created.map_or(started, |c| c.max(started))) => match n.label.as_deref() {
+                    Some(AGENT_LABEL_VALUE) => Some(AGENT_LABEL_VALUE),
+                    Some(NO_AGENT_LABEL_VALUE) => Some(NO_AGENT_LABEL_VALUE),
+                    _ => None,
+                },
+                None => Some(NO_AGENT_LABEL_VALUE),
+            };
+            (n.name.clone(), want)
+        })
+        .collect()
+}
+
+/// The nodes as a metadata watch shows them, and a counter bumped on every change (0 until the
+/// first complete list: before it, no node is decided about).
+#[derive(Clone)]
+pub struct NodeView {
+    pub store: Store<NodeMeta>,
+    pub changed: watch::Receiver<u64>,
+}
+
+impl NodeView {
+    pub fn facts(&self) -> Vec<NodeFacts> {
+        let mut facts: Vec<NodeFacts> = self.store.state().iter().filter_map(|n| NodeFacts::of(n)).collect();
+        facts.sort_by(|a, b| a.name.cmp(&b.name));
+        facts
+    }
+
+    pub fn listed(&self) -> bool {
+        *self.changed.borrow() > 0
+    }
+}
+
+/// Watches the nodes' metadata: the view, and the task that keeps it current (retried with
+/// kube-runtime's backoff; a deleted node leaves the view, and so the label decisions).
+pub fn watch_nodes(client: Client) -> (NodeView, impl std::future::Future<Output = ()>) {
+    let (store, writer) = reflector::store::<NodeMeta>();
+    let (tx, changed) = watch::channel(0u64);
+    let stream = watcher(Api::<NodeMeta>::all(client), watcher::Config::default()).default_backoff().reflect(writer);
+    let task = async move {
+        let mut stream = std::pin::pin!(stream);
+        let mut listed = false;
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(watcher::Event::InitDone) => listed = true,
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "watching nodes failed; retrying");
+                    continue;
+                }
+            }
+            if listed {
+                tx.send_modify(|v| *v += 1);
+            }
+        }
+    };
+    (NodeView { store, changed }, task)
 }
 
 /// What kip knows of the DaemonSet in the cluster.
@@ -69,8 +156,8 @@ pub struct Fallback {
     owner_namespace: Option<String>,
     events: Option<(Recorder, ObjectReference)>,
     known: Known,
-    /// Nodes carrying the agent label; `None` until listed.
-    labelled: Option<BTreeSet<String>>,
+    /// Label values this process set that the node watch may not show yet: no second patch.
+    patched: BTreeMap<String, Option<String>>,
 }
 
 impl Fallback {
@@ -80,9 +167,12 @@ impl Fallback {
             (Recorder::new(client.clone(), reporter), r)
         });
         let owner_namespace = events.as_ref().and_then(|(_, r)| r.namespace.clone());
-        Self { client, options, owner_namespace, events, known: Known::Unknown, labelled: None }
+        Self { client, options, owner_namespace, events, known: Known::Unknown, patched: BTreeMap::new() }
     }
 
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
     /// The options for a DaemonSet in `namespace`: without an owner there if the Deployment
     /// lives elsewhere (the garbage collector would delete a DaemonSet with a dangling owner).
     fn options_for(&self, namespace: &str) -> Options {
@@ -196,52 +286,40 @@ impl Fallback {
         self.converge(&api, config, desired, existing).await
     }
 
-    /// The nodes carrying `kip.eclipse.dev/agent=cri`: listed once, then kept up to date by
-    /// [`Fallback::sync_labels`].
-    pub async fn labelled_nodes(&mut self) -> Result<BTreeSet<String>, kube::Error> {
-        if let Some(l) = &self.labelled {
-            return Ok(l.clone());
-        }
-        let selector = format!("{AGENT_LABEL}={AGENT_LABEL_VALUE}");
-        let list =
-            Api::<Node>::all(self.client.clone()).list_metadata(&ListParams::default().labels(&selector)).await?;
-        let labelled: BTreeSet<String> = list.items.into_iter().filter_map(|n| n.metadata.name).collect();
-        self.labelled = Some(labelled.clone());
-        Ok(labelled)
-    }
-
-    /// Labels exactly the `desired` nodes with `kip.eclipse.dev/agent=cri` (merge patches).
-    pub async fn sync_labels(&mut self, desired: &BTreeSet<String>) -> Result<(), kube::Error> {
-        let nodes = Api::<Node>::all(self.client.clone());
-        let labelled = self.labelled_nodes().await?;
-        let mut now_labelled = labelled.clone();
-        for (node, add) in
-            desired.difference(&labelled).map(|n| (n, true)).chain(labelled.difference(desired).map(|n| (n, false)))
-        {
-            let value = if add { serde_json::json!(AGENT_LABEL_VALUE) } else { serde_json::Value::Null };
+    /// Sets `kip.eclipse.dev/agent` to the `desired` value on each node (merge patches; `None`
+    /// removes it) where `nodes` shows another. Returns how many nodes were patched.
+    pub async fn sync_labels(
+        &mut self,
+        desired: &BTreeMap<String, Option<&str>>,
+        nodes: &[NodeFacts],
+    ) -> Result<usize, kube::Error> {
+        let shown: BTreeMap<&str, Option<&str>> = nodes.iter().map(|n| (n.name.as_str(), n.label.as_deref())).collect();
+        // Once the watch shows what was patched (or the node is gone), it is the truth again.
+        self.patched.retain(|n, v| shown.get(n.as_str()).is_some_and(|s| *s != v.as_deref()));
+        let api = Api::<Node>::all(self.client.clone());
+        let mut patched = 0;
+        for (node, want) in desired {
+            let Some(shown) = shown.get(node.as_str()) else { continue };
+            let have = self.patched.get(node).map_or(*shown, |v| v.as_deref());
+            if have == *want {
+                continue;
+            }
+            let value = want.map_or(serde_json::Value::Null, |v| serde_json::json!(v));
             let patch = serde_json::json!({"metadata": {"labels": {AGENT_LABEL: value}}});
-            match nodes.patch(node, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            match api.patch(node, &PatchParams::default(), &Patch::Merge(&patch)).await {
                 Ok(_) => {
-                    tracing::info!(node = %node, label = AGENT_LABEL, set = add, "node label updated");
-                    if add {
-                        now_labelled.insert(node.clone());
-                    } else {
-                        now_labelled.remove(node);
-                    }
+                    tracing::info!(node = %node, label = AGENT_LABEL, value = want.unwrap_or("(removed)"), "node label updated");
+                    self.patched.insert(node.clone(), want.map(str::to_string));
+                    patched += 1;
                 }
-                // A node that is gone (or a misnamed agent) has nothing to label.
+                // A node deleted since the watch saw it has nothing to label.
                 Err(kube::Error::Api(s)) if s.code == 404 => {
-                    tracing::warn!(node = %node, "node not found; not labelling it");
-                    now_labelled.remove(node);
+                    tracing::warn!(node = %node, "node not found; not labelling it")
                 }
-                Err(e) => {
-                    self.labelled = Some(now_labelled);
-                    return Err(e);
-                }
+                Err(e) => return Err(e),
             }
         }
-        self.labelled = Some(now_labelled);
-        Ok(())
+        Ok(patched)
     }
 
     /// Records an Event on the coordinator's Deployment; failures to record are only logged.
@@ -254,18 +332,21 @@ impl Fallback {
     }
 }
 
-/// Drives a [`Fallback`]: on every list or node change, and on the health interval.
-pub async fn run(mut fb: Fallback, hub: Arc<Hub>, grace: Duration, shutdown: CancellationToken) {
+/// Drives a [`Fallback`]: on every list, report or node change, and on the health interval.
+pub async fn run(mut fb: Fallback, hub: Arc<Hub>, nodes: NodeView, grace: Duration, shutdown: CancellationToken) {
+    hub.attach_api();
     // Agents reconnect to a coordinator that just started: labels wait `grace` for them.
     let started = SystemTime::now();
     let mut lists = hub.subscribe();
-    let mut nodes = hub.subscribe_nodes();
+    let mut reports = hub.subscribe_nodes();
+    let mut node_changes = nodes.changed.clone();
     // The first pass creates or checks the DaemonSet; the health check comes an interval later.
     let mut next_health: Option<tokio::time::Instant> = None;
     let mut retry = crate::backoff();
     loop {
         let published = hub.current();
         let config = &published.config;
+        let releasing = config.release != kip::v1::Release::None;
         let mut failed = false;
         if let Err(e) = fb.sync_daemonset(config).await {
             failed = true;
@@ -278,37 +359,35 @@ pub async fn run(mut fb: Fallback, hub: Arc<Hub>, grace: Duration, shutdown: Can
             )
             .await;
         }
-        // Labels matter in auto mode only; in the other modes the ones found (set by this
-        // process or an earlier one, before the mode changed) are taken back.
-        let labelled = if config.mode == Mode::Auto {
-            match fb.labelled_nodes().await {
-                Ok(labelled) => {
-                    let desired = agent_nodes(&hub.liveness(), &labelled, started, SystemTime::now(), grace);
-                    fb.sync_labels(&desired).await
-                }
-                Err(e) => Err(e),
+        if releasing {
+            if !release_labels(&mut fb, &hub, &nodes, failed).await {
+                failed = true;
             }
-        } else {
-            match fb.labelled_nodes().await {
-                Ok(labelled) if !labelled.is_empty() => fb.sync_labels(&BTreeSet::new()).await,
-                other => other.map(drop),
+        } else if nodes.listed() {
+            let facts = nodes.facts();
+            // Labels matter in auto mode only; in the other modes the ones found (set by this
+            // process or an earlier one, before the mode changed) are taken back.
+            let desired = if config.mode == Mode::Auto {
+                desired_labels(&hub.liveness(), &facts, started, SystemTime::now(), grace)
+            } else {
+                facts.iter().map(|n| (n.name.clone(), None)).collect()
+            };
+            if let Err(e) = fb.sync_labels(&desired, &facts).await {
+                failed = true;
+                tracing::error!(error = %e, "updating agent node labels failed");
+                fb.record(
+                    EventType::Warning,
+                    "NodeLabelFailed",
+                    "Label",
+                    format!("updating node label {AGENT_LABEL}: {e}"),
+                )
+                .await;
             }
-        };
-        if let Err(e) = labelled {
-            failed = true;
-            tracing::error!(error = %e, "updating agent node labels failed");
-            fb.record(
-                EventType::Warning,
-                "NodeLabelFailed",
-                "Label",
-                format!("updating node label {AGENT_LABEL}: {e}"),
-            )
-            .await;
         }
         let interval = Duration::from_secs(u64::from(config.caching_interval_hours) * 3600);
         let now = tokio::time::Instant::now();
         match next_health {
-            Some(due) if now >= due => {
+            Some(due) if now >= due && !releasing => {
                 if let Err(e) = fb.check_health(config).await {
                     failed = true;
                     tracing::error!(error = %e, "fallback DaemonSet health check failed");
@@ -319,37 +398,102 @@ pub async fn run(mut fb: Fallback, hub: Arc<Hub>, grace: Duration, shutdown: Can
             None => next_health = Some(now + interval),
         }
         let next_health_due = next_health.unwrap_or(now + interval);
-        let wait = if failed {
+        let mut wait = if failed {
             retry.next().unwrap_or(Duration::from_secs(60))
         } else {
             retry = crate::backoff();
-            // Wake up to drop labels of nodes whose grace period ran out.
+            // Wake up to act on grace periods that ran out.
             grace.min(Duration::from_secs(30))
         };
+        if let Some(deadline) = hub.release_deadline() {
+            // The labels go when the release timeout passes, not up to 30 s later.
+            if let Ok(left) = deadline.duration_since(SystemTime::now()) {
+                wait = wait.min(left + Duration::from_millis(10));
+            }
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = lists.changed() => {}
-            _ = nodes.changed() => {}
+            _ = reports.changed() => {}
+            Ok(()) = node_changes.changed() => {}
             _ = tokio::time::sleep(wait) => {}
             _ = tokio::time::sleep_until(next_health_due) => {}
         }
     }
 }
 
-/// Connects to the Kubernetes API (in-cluster or kubeconfig), retrying with backoff, then runs
-/// the controller. Never returns early while the coordinator runs: the list does not wait for it.
-/// On shutdown it returns at once, dropping whatever API call is in flight.
-pub async fn start(hub: Arc<Hub>, deployment: Option<(String, String)>, grace: Duration, shutdown: CancellationToken) {
-    let work = async {
-        let client = crate::retry_forever(
-            "connecting to the Kubernetes API (the fallback DaemonSet and node labels wait for it; the image list is published regardless)",
-            || async { Client::try_default().await },
-        )
-        .await;
-        let fb = Fallback::discover(client, deployment).await;
-        run(fb, hub, grace, shutdown.clone()).await;
-    };
-    until_shutdown(&shutdown, work).await;
+/// The cluster's side of a release, after the DaemonSet went: once every agent confirmed (or
+/// the release timeout passed) every kip label goes. Returns false when a request failed.
+async fn release_labels(fb: &mut Fallback, hub: &Hub, nodes: &NodeView, ds_failed: bool) -> bool {
+    if !nodes.listed() {
+        return true;
+    }
+    let facts = nodes.facts();
+    // Nodes labelled for an agent by an earlier process must confirm too.
+    hub.expect_release_from(
+        facts.iter().filter(|n| n.label.as_deref() == Some(AGENT_LABEL_VALUE)).map(|n| n.name.clone()),
+    );
+    let Some((progress, settled, cluster)) = hub.release_state(SystemTime::now()) else { return true };
+    if matches!(cluster, ClusterCleanup::Done { .. }) || !settled {
+        return true;
+    }
+    let desired: BTreeMap<String, Option<&str>> = facts.iter().map(|n| (n.name.clone(), None)).collect();
+    match fb.sync_labels(&desired, &facts).await {
+        Ok(removed) if !ds_failed => {
+            hub.set_cluster_cleanup(ClusterCleanup::Done { labels_removed: removed });
+            if progress.pending.is_empty() {
+                tracing::info!(
+                    nodes = progress.released.len(),
+                    labels_removed = removed,
+                    "release complete: no pin, label or DaemonSet of kip's is left"
+                );
+                fb.record(
+                    EventType::Normal,
+                    "Released",
+                    "Release",
+                    format!("{} nodes let go of kip's pins; {removed} node labels removed", progress.released.len()),
+                )
+                .await;
+            } else {
+                let pending: Vec<String> = progress.pending.iter().map(|(n, why)| format!("{n} ({why})")).collect();
+                tracing::warn!(pending = ?pending, labels_removed = removed, "release timed out: these nodes may keep kip's pins and state file");
+                fb.record(
+                    EventType::Warning,
+                    "ReleaseIncomplete",
+                    "Release",
+                    format!(
+                        "nodes that did not confirm (kip's pins and state file may be left there): {}",
+                        pending.join(", ")
+                    ),
+                )
+                .await;
+            }
+            true
+        }
+        Ok(_) => {
+            hub.set_cluster_cleanup(ClusterCleanup::Failed("deleting the fallback DaemonSet failed".into()));
+            false
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "removing node labels for the release failed");
+            hub.set_cluster_cleanup(ClusterCleanup::Failed(format!("removing node labels: {e}")));
+            false
+        }
+    }
+}
+
+/// Runs the controller with `client`: finds out what the DaemonSet depends on, watches the
+/// nodes, then keeps everything in line until shutdown.
+pub async fn start(
+    client: Client,
+    hub: Arc<Hub>,
+    deployment: Option<(String, String)>,
+    grace: Duration,
+    shutdown: CancellationToken,
+) {
+    let fb = Fallback::discover(client.clone(), deployment).await;
+    let (nodes, watch_task) = watch_nodes(client);
+    tokio::join!(watch_task, run(fb, hub, nodes, grace, shutdown));
 }
 
 /// Runs `work` until it ends or `shutdown` fires, whichever comes first: an API call in flight
@@ -375,44 +519,98 @@ mod tests {
         }
     }
 
+    fn node(name: &str, label: Option<&str>, created: SystemTime) -> NodeFacts {
+        NodeFacts { name: name.into(), created: Some(created), label: label.map(str::to_string) }
+    }
+
+    fn want(pairs: &[(&str, Option<&'static str>)]) -> BTreeMap<String, Option<&'static str>> {
+        pairs.iter().map(|(n, v)| (n.to_string(), *v)).collect()
+    }
+
+    const CRI: Option<&str> = Some("cri");
+    const NONE: Option<&str> = Some("none");
+
     #[test]
-    fn agent_label_follows_runtime_and_connection_with_grace() {
+    fn the_label_follows_runtime_and_connection_with_grace() {
         let now = SystemTime::now();
         let grace = Duration::from_secs(300);
+        let long_ago = now - grace * 10;
         let l = vec![
             live("connected-cri", true, true, 10_000, now),
             live("no-runtime", false, true, 0, now),
             live("gone-recently", true, false, 60, now),
             live("gone-long-ago", true, false, 301, now),
         ];
-        let want = names(&["connected-cri", "gone-recently"]);
-        assert_eq!(agent_nodes(&l, &BTreeSet::new(), now - grace * 10, now, grace), want);
-    }
-
-    fn names(n: &[&str]) -> BTreeSet<String> {
-        n.iter().map(|s| s.to_string()).collect()
+        let nodes: Vec<NodeFacts> = ["connected-cri", "no-runtime", "gone-recently", "gone-long-ago", "never-heard"]
+            .iter()
+            .map(|n| node(n, Some("cri"), long_ago))
+            .collect();
+        assert_eq!(
+            desired_labels(&l, &nodes, long_ago, now, grace),
+            want(&[
+                ("connected-cri", CRI),
+                ("gone-long-ago", NONE),
+                ("gone-recently", CRI),
+                ("never-heard", NONE),
+                ("no-runtime", NONE),
+            ])
+        );
+        // An agent reporting about a node the watch does not show (deleted, misnamed): nothing.
+        let l = vec![live("ghost", true, true, 0, now)];
+        assert!(desired_labels(&l, &[], long_ago, now, grace).is_empty());
     }
 
     #[test]
     fn a_restarted_coordinator_keeps_the_labels_it_finds_until_agents_had_time_to_report() {
         let started = SystemTime::now();
         let grace = Duration::from_secs(300);
-        let labelled = names(&["a", "b", "c", "d"]);
+        let old = started - grace * 10;
+        let nodes = vec![
+            node("a", CRI, old),
+            node("b", CRI, old),
+            node("c", CRI, old),
+            node("d", CRI, old),
+            node("e", NONE, old),
+        ];
         // a: back and reporting a runtime; b: connected, no report yet; c: not heard from;
-        // d: its agent says the runtime is gone (evidence: the fallback is needed at once).
+        // d: its agent says the runtime is gone (evidence: the fallback is needed at once);
+        // e: a fallback node whose agent has not reported yet keeps its fallback.
         let mut b = live("b", false, true, 0, started);
         b.reported = false;
         let l = vec![live("a", true, true, 0, started), b, live("d", false, true, 0, started)];
         let soon = started + Duration::from_secs(2);
-        assert_eq!(agent_nodes(&l, &labelled, started, soon, grace), names(&["a", "b", "c"]), "nothing taken early");
+        assert_eq!(
+            desired_labels(&l, &nodes, started, soon, grace),
+            want(&[("a", CRI), ("b", CRI), ("c", CRI), ("d", NONE), ("e", NONE)]),
+            "nothing taken early"
+        );
         let later = started + grace + Duration::from_secs(1);
         let l_later = vec![live("a", true, true, 0, started), live("d", false, true, 0, started)];
         assert_eq!(
-            agent_nodes(&l_later, &labelled, started, later, grace),
-            names(&["a"]),
-            "silent nodes lose it after the grace"
+            desired_labels(&l_later, &nodes, started, later, grace),
+            want(&[("a", CRI), ("b", NONE), ("c", NONE), ("d", NONE), ("e", NONE)]),
+            "silent nodes get the fallback after the grace"
         );
-        // A fresh install has no labels to keep: only evidence adds one.
-        assert_eq!(agent_nodes(&[], &BTreeSet::new(), started, soon, grace), BTreeSet::new());
+    }
+
+    #[test]
+    fn a_fresh_install_and_a_new_node_wait_for_their_agent_before_the_fallback() {
+        let started = SystemTime::now();
+        let grace = Duration::from_secs(300);
+        let old = started - grace * 10;
+        let nodes = vec![node("a", None, old), node("b", None, old), node("c", None, old)];
+        // No labels anywhere; b's agent reports no runtime: only b gets the fallback at once.
+        let l = vec![live("a", true, true, 0, started), live("b", false, true, 0, started)];
+        let soon = started + Duration::from_secs(5);
+        assert_eq!(desired_labels(&l, &nodes, started, soon, grace), want(&[("a", CRI), ("b", NONE), ("c", None)]));
+        // Long after the start, a node that joins now waits its own grace.
+        let much_later = started + grace * 3;
+        let joined = node("new", None, much_later - Duration::from_secs(10));
+        assert_eq!(
+            desired_labels(&[], std::slice::from_ref(&joined), started, much_later, grace),
+            want(&[("new", None)])
+        );
+        let after_its_grace = much_later + grace;
+        assert_eq!(desired_labels(&[], &[joined], started, after_its_grace, grace), want(&[("new", NONE)]));
     }
 }

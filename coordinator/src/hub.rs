@@ -1,9 +1,9 @@
 //! The coordinator's shared state: the published image list (a watch channel every agent
 //! stream follows) and the latest report of each node, with the aggregates derived from them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use kip::v1;
 use tokio::sync::watch;
@@ -21,13 +21,16 @@ pub struct Published {
 impl Published {
     pub fn to_update(&self) -> v1::ImageListUpdate {
         let p = &self.config.policy;
+        let released = self.config.release != v1::Release::None;
         v1::ImageListUpdate {
             generation: self.generation,
+            release: self.config.release.into(),
             images: self
                 .config
                 .images
                 .entries()
                 .iter()
+                .filter(|_| !released)
                 .map(|e| v1::Image { name: e.name.clone(), image: e.image.clone() })
                 .collect(),
             policy: Some(v1::PullPolicy {
@@ -58,6 +61,62 @@ pub struct Liveness {
     pub since: SystemTime,
 }
 
+/// What became of the cluster's side of a release (node labels, the fallback DaemonSet).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClusterCleanup {
+    /// No Kubernetes API client (outside a cluster, or the API not reached yet).
+    NoApi,
+    /// The DaemonSet is deleted; the labels wait for the agents (or the release timeout).
+    WaitingForAgents,
+    Done {
+        labels_removed: usize,
+    },
+    Failed(String),
+}
+
+/// A release in progress: when it started, until when agents are waited for, and which nodes
+/// are expected to confirm besides those whose agents talk to this process.
+#[derive(Clone, Debug)]
+struct ReleaseTracking {
+    started: SystemTime,
+    deadline: SystemTime,
+    expected: BTreeSet<String>,
+    cluster: ClusterCleanup,
+}
+
+/// Which nodes have let go of everything kip set, and why the others have not (yet).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReleaseProgress {
+    pub released: BTreeSet<String>,
+    pub pending: BTreeMap<String, String>,
+}
+
+/// Pure: the progress of a release from the nodes' latest reports and connections. Expected are
+/// the `expected` nodes (labelled for an agent) and every node whose agent talked to this process.
+pub fn release_progress(
+    liveness: &[Liveness],
+    nodes: &BTreeMap<String, NodeEntry>,
+    expected: &BTreeSet<String>,
+) -> ReleaseProgress {
+    let mut progress = ReleaseProgress::default();
+    let names: BTreeSet<&String> = expected.iter().chain(liveness.iter().map(|l| &l.node)).collect();
+    for name in names {
+        let report = nodes.get(name).map(|e| &e.report);
+        let connected = liveness.iter().any(|l| &l.node == name && l.connected);
+        if report.is_some_and(|r| r.released) {
+            progress.released.insert(name.clone());
+            continue;
+        }
+        let why = match report.map(|r| r.release_error.as_str()) {
+            Some(e) if !e.is_empty() => e.to_string(),
+            _ if !connected => "its agent is not connected".to_string(),
+            _ => "waiting for its agent".to_string(),
+        };
+        progress.pending.insert(name.clone(), why);
+    }
+    progress
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Connection {
     open_streams: u32,
@@ -71,10 +130,19 @@ pub struct Hub {
     /// Bumped whenever a node connects, disconnects or reports.
     nodes_changed: watch::Sender<u64>,
     pub metrics: Arc<Metrics>,
+    /// How long a release waits for agents before the cluster's side is cleaned regardless.
+    release_timeout: Duration,
+    release: RwLock<Option<ReleaseTracking>>,
+    /// A controller with a Kubernetes API client runs: it cleans the cluster's side.
+    api_attached: std::sync::atomic::AtomicBool,
 }
 
 impl Hub {
     pub fn new(config: KipConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+        Self::with_release_timeout(config, metrics, Duration::from_secs(120))
+    }
+
+    pub fn with_release_timeout(config: KipConfig, metrics: Arc<Metrics>, release_timeout: Duration) -> Arc<Self> {
         let first = Arc::new(Published { generation: 1, config });
         metrics.config_generation.set(1);
         metrics.images_desired.set(first.config.images.len() as i64);
@@ -85,9 +153,83 @@ impl Hub {
             connections: RwLock::new(BTreeMap::new()),
             nodes_changed: watch::channel(0).0,
             metrics,
+            release_timeout,
+            release: RwLock::new(None),
+            api_attached: std::sync::atomic::AtomicBool::new(false),
         });
         hub.refresh_image_metrics(&first);
+        hub.track_release(&first.config);
         hub
+    }
+
+    /// Starts following a release when `config` asks for one.
+    fn track_release(&self, config: &KipConfig) {
+        if config.release == v1::Release::None {
+            return;
+        }
+        if let Ok(mut r) = self.release.write() {
+            if r.is_none() {
+                let now = SystemTime::now();
+                tracing::warn!(
+                    release = config.release.as_str_name(),
+                    timeout_s = self.release_timeout.as_secs(),
+                    "KIP_RELEASE: agents let go of every pin, then node labels and the fallback DaemonSet go"
+                );
+                *r = Some(ReleaseTracking {
+                    started: now,
+                    deadline: now + self.release_timeout,
+                    expected: BTreeSet::new(),
+                    cluster: if self.api_attached.load(std::sync::atomic::Ordering::SeqCst) {
+                        ClusterCleanup::WaitingForAgents
+                    } else {
+                        ClusterCleanup::NoApi
+                    },
+                });
+            }
+        }
+    }
+
+    /// The fallback controller reached the Kubernetes API: a release waits for its cleanup.
+    pub fn attach_api(&self) {
+        self.api_attached.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Ok(mut r) = self.release.write() {
+            if let Some(t) = r.as_mut().filter(|t| t.cluster == ClusterCleanup::NoApi) {
+                t.cluster = ClusterCleanup::WaitingForAgents;
+            }
+        }
+    }
+
+    /// Nodes that must confirm the release although their agents have not talked to this
+    /// process (labelled for an agent by an earlier one).
+    pub fn expect_release_from(&self, nodes: impl IntoIterator<Item = String>) {
+        if let Ok(mut r) = self.release.write() {
+            if let Some(t) = r.as_mut() {
+                t.expected.extend(nodes);
+            }
+        }
+    }
+
+    pub fn set_cluster_cleanup(&self, state: ClusterCleanup) {
+        if let Ok(mut r) = self.release.write() {
+            if let Some(t) = r.as_mut() {
+                t.cluster = state;
+            }
+        }
+        self.nodes_changed.send_modify(|v| *v += 1);
+    }
+
+    /// `None` without a release; otherwise the agents' progress and whether the wait for them
+    /// is over (all confirmed, or the release timeout passed).
+    pub fn release_state(&self, now: SystemTime) -> Option<(ReleaseProgress, bool, ClusterCleanup)> {
+        let tracking = self.release.read().ok()?.clone()?;
+        let progress = release_progress(&self.liveness(), &self.nodes(), &tracking.expected);
+        let settled = progress.pending.is_empty() || now >= tracking.deadline;
+        Some((progress, settled, tracking.cluster))
+    }
+
+    /// When the wait for the agents ends at the latest.
+    pub fn release_deadline(&self) -> Option<SystemTime> {
+        self.release.read().ok()?.as_ref().map(|t| t.deadline)
     }
 
     pub fn current(&self) -> Arc<Published> {
@@ -139,8 +281,17 @@ impl Hub {
 
     /// Publishes `config` as a new generation unless it equals the current one.
     /// Returns the new generation, or `None` when nothing changed.
-    pub fn publish(&self, config: KipConfig) -> Option<u64> {
+    pub fn publish(&self, mut config: KipConfig) -> Option<u64> {
         let current = self.current();
+        if current.config.release != v1::Release::None && config.release != current.config.release {
+            // The uninstall hook's ConfigMap goes away before the coordinator does: a release
+            // is final for this process (a restart caches again).
+            tracing::warn!(
+                release = current.config.release.as_str_name(),
+                "KIP_RELEASE changed after a release; the release stays in force until the coordinator restarts"
+            );
+            config.release = current.config.release;
+        }
         if current.config == config {
             return None;
         }
@@ -162,6 +313,7 @@ impl Hub {
         self.metrics.config_reloads.inc();
         self.list.send_replace(next.clone());
         self.refresh_image_metrics(&next);
+        self.track_release(&next.config);
         Some(next.generation)
     }
 
@@ -252,11 +404,58 @@ impl Hub {
                 (name, value)
             })
             .collect();
-        serde_json::json!({
+        let mut status = serde_json::json!({
             "generation": published.generation,
             "images": images,
             "nodes": nodes,
-        })
+        });
+        if let Some(release) = self.release_json(now) {
+            status["release"] = release;
+        }
+        status
+    }
+
+    /// The `release` part of `/status`: what the uninstall hook waits for and prints.
+    fn release_json(&self, now: SystemTime) -> Option<serde_json::Value> {
+        let (progress, settled, cluster) = self.release_state(now)?;
+        let started = self.release.read().ok()?.as_ref()?.started;
+        let mut incomplete: Vec<String> = progress
+            .pending
+            .iter()
+            .map(|(node, why)| format!("node {node}: pins, state file or drop-in of kip's may be left ({why})"))
+            .collect();
+        let cluster_text = match &cluster {
+            ClusterCleanup::NoApi => {
+                incomplete.push("no Kubernetes API: node labels and the fallback DaemonSet were not touched".into());
+                "no Kubernetes API".to_string()
+            }
+            ClusterCleanup::WaitingForAgents => "DaemonSet deleted; labels wait for the agents".into(),
+            ClusterCleanup::Done { labels_removed } => {
+                format!("DaemonSet deleted, {labels_removed} node labels removed")
+            }
+            ClusterCleanup::Failed(e) => {
+                incomplete.push(format!("cluster cleanup failed: {e}"));
+                format!("failed: {e}")
+            }
+        };
+        let done = settled && !matches!(cluster, ClusterCleanup::WaitingForAgents);
+        Some(serde_json::json!({
+            "kind": published_release(&self.current()),
+            "seconds": now.duration_since(started).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+            "released": progress.released,
+            "pending": progress.pending,
+            "cluster": cluster_text,
+            "done": done,
+            "incomplete": if done { incomplete } else { vec![] },
+        }))
+    }
+}
+
+fn published_release(p: &Published) -> &'static str {
+    match p.config.release {
+        v1::Release::None => "none",
+        v1::Release::Unpin => "unpin",
+        v1::Release::Remove => "remove",
     }
 }
 
@@ -284,7 +483,66 @@ mod tests {
                 })
                 .collect(),
             agent_version: "test".into(),
+            ..Default::default()
         }
+    }
+
+    fn with_release(images: &str, release: &str) -> KipConfig {
+        let raw =
+            [("IMAGES", images), ("KIP_RELEASE", release)].into_iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        crate::config::validate(&raw.collect()).unwrap()
+    }
+
+    #[test]
+    fn a_release_publishes_an_empty_list_waits_for_every_node_and_is_final() {
+        let hub = Hub::with_release_timeout(config("a=busybox"), Arc::new(Metrics::new()), Duration::from_secs(60));
+        assert!(hub.release_state(SystemTime::now()).is_none());
+        hub.node_stream("n1", true);
+        hub.record_report(report("n1", &[("a", "busybox", true, true)]));
+        assert_eq!(hub.publish(with_release("a=busybox", "unpin")), Some(2));
+        let update = hub.current().to_update();
+        assert_eq!((update.release(), update.images.len()), (v1::Release::Unpin, 0));
+        // n2 was labelled for an agent by an earlier coordinator and never reconnected.
+        hub.expect_release_from(["n2".to_string()]);
+        let (progress, settled, cluster) = hub.release_state(SystemTime::now()).unwrap();
+        assert_eq!(cluster, ClusterCleanup::NoApi);
+        assert!(!settled);
+        assert_eq!(progress.pending.get("n1").map(String::as_str), Some("waiting for its agent"));
+        assert_eq!(progress.pending.get("n2").map(String::as_str), Some("its agent is not connected"));
+        let mut released = report("n1", &[]);
+        released.released = true;
+        hub.record_report(released);
+        let (progress, settled, _) = hub.release_state(SystemTime::now()).unwrap();
+        assert_eq!((progress.released.len(), progress.pending.len(), settled), (1, 1, false));
+        let after_timeout = SystemTime::now() + Duration::from_secs(61);
+        assert!(hub.release_state(after_timeout).unwrap().1, "the wait ends with the release timeout");
+        let status = hub.status_json();
+        assert_eq!(status["release"]["released"], serde_json::json!(["n1"]));
+        assert_eq!(status["release"]["done"], serde_json::json!(false));
+        // The hook's ConfigMap goes away before the coordinator does: the release stays.
+        assert_eq!(hub.publish(config("a=busybox;b=nginx")), Some(3));
+        assert_eq!(hub.current().config.release, v1::Release::Unpin);
+        assert!(hub.current().to_update().images.is_empty());
+    }
+
+    #[test]
+    fn without_an_api_a_release_is_done_once_the_agents_are_and_says_what_it_left() {
+        let hub = Hub::new(with_release("a=busybox", "remove"), Arc::new(Metrics::new()));
+        hub.node_stream("n1", true);
+        let mut r = report("n1", &[]);
+        r.released = true;
+        hub.record_report(r);
+        let status = hub.status_json();
+        assert_eq!(status["release"]["done"], serde_json::json!(true));
+        assert_eq!(status["release"]["kind"], serde_json::json!("remove"));
+        assert!(status["release"]["incomplete"][0].as_str().unwrap().starts_with("no Kubernetes API"), "{status}");
+        // With a controller attached, the cluster's side is awaited before it is done.
+        let hub = Hub::new(with_release("a=busybox", "unpin"), Arc::new(Metrics::new()));
+        hub.attach_api();
+        assert_eq!(hub.status_json()["release"]["done"], serde_json::json!(false));
+        hub.set_cluster_cleanup(ClusterCleanup::Done { labels_removed: 0 });
+        assert_eq!(hub.status_json()["release"]["done"], serde_json::json!(true));
+        assert_eq!(hub.status_json()["release"]["incomplete"], serde_json::json!([]));
     }
 
     #[test]

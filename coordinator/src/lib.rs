@@ -9,7 +9,17 @@ pub mod fallback;
 pub mod grpc;
 pub mod hub;
 pub mod metrics;
+pub mod release;
 pub mod reload;
+
+/// A Kubernetes API client (in-cluster or kubeconfig), retried until one can be built.
+pub async fn connect_kube() -> kube::Client {
+    retry_forever(
+        "connecting to the Kubernetes API (the ConfigMap watch, the fallback DaemonSet and node labels wait for it; the image list is published regardless)",
+        || async { kube::Client::try_default().await },
+    )
+    .await
+}
 
 /// Retry delays for the coordinator's background work: jittered, 1 s doubling to 60 s.
 pub fn backoff() -> backon::ExponentialBackoff {

@@ -14,7 +14,8 @@ use anyhow::Context as _;
 use clap::Parser;
 use kip::http;
 use kip::process::{init_logging, wait_for_signal, LogFormat};
-use kip_coordinator::{config, grpc::CoordinatorService, hub::Hub, metrics::Metrics, reload::ConfigReloader};
+use kip_coordinator::reload::{ConfigMapWatch, ConfigReloader};
+use kip_coordinator::{config, fallback, grpc::CoordinatorService, hub::Hub, metrics::Metrics, release};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
@@ -24,6 +25,9 @@ use tokio_util::sync::CancellationToken;
     about = "Validates the KIP configuration and publishes the image list to kip agents"
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// Directory with one file per configuration key (a mounted ConfigMap); watched for changes.
     /// Keys without a file are read from the environment.
     #[arg(long, env = "KIP_CONFIG_DIR", value_name = "DIR")]
@@ -53,6 +57,16 @@ struct Cli {
     #[arg(long, env = "POD_NAMESPACE", value_name = "NAMESPACE")]
     pod_namespace: Option<String>,
 
+    /// The ConfigMap in the coordinator's namespace to follow through the API (changes apply
+    /// within a second; --config-dir is followed until the API answers). Its companion
+    /// NAME-release (the uninstall hook's) may set KIP_RELEASE.
+    #[arg(long, env = "KIP_CONFIG_MAP", value_name = "NAME")]
+    config_map: Option<String>,
+
+    /// How long a release (KIP_RELEASE) waits for agents to confirm before node labels go anyway
+    #[arg(long, env = "KIP_RELEASE_TIMEOUT", value_name = "DURATION", default_value = "2m", value_parser = kip::duration::parse_duration)]
+    release_timeout: Duration,
+
     /// Validate the configuration, print a summary and exit (0 when valid)
     #[arg(long)]
     check_config: bool,
@@ -62,10 +76,30 @@ struct Cli {
     log_format: LogFormat,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Wait until a release (KIP_RELEASE) is done, then print what was cleaned and what was not
+    /// (the chart's pre-delete hook runs this). Exits 0 unless --strict and something is left.
+    WaitRelease {
+        /// The coordinator's /status URL
+        #[arg(long, env = "KIP_STATUS_URL", value_name = "URL", default_value = "http://127.0.0.1:8080/status")]
+        status_url: String,
+        /// Give up after this long (the uninstall goes on)
+        #[arg(long, value_name = "DURATION", default_value = "3m", value_parser = kip::duration::parse_duration)]
+        timeout: Duration,
+        /// Exit 1 when anything was left behind
+        #[arg(long)]
+        strict: bool,
+    },
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    if let Some(Command::WaitRelease { status_url, timeout, strict }) = &cli.command {
+        return wait_release(status_url, *timeout, *strict).await;
+    }
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -73,6 +107,26 @@ async fn main() -> ExitCode {
             eprintln!("kip-coordinator: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+async fn wait_release(status_url: &str, timeout: Duration, strict: bool) -> ExitCode {
+    let o = release::wait(status_url, timeout, Duration::from_secs(1)).await;
+    println!("released nodes ({}): {}", o.released.len(), o.released.join(", "));
+    if !o.cluster.is_empty() {
+        println!("cluster: {}", o.cluster);
+    }
+    if o.done && o.incomplete.is_empty() {
+        println!("release complete: no pin, state file, node label or DaemonSet of kip's is left");
+        return ExitCode::SUCCESS;
+    }
+    for line in &o.incomplete {
+        println!("left behind: {line}");
+    }
+    if strict {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 
@@ -94,7 +148,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing::info!(images = config.images.len(), list = %config.images, "configuration valid");
 
     let metrics = Arc::new(Metrics::new());
-    let hub = Hub::new(config, metrics.clone());
+    let hub = Hub::with_release_timeout(config, metrics.clone(), cli.release_timeout);
     let shutdown = CancellationToken::new();
 
     let grpc_listener = tokio::net::TcpListener::bind(cli.grpc_listen)
@@ -133,20 +187,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         })
     };
     let http_server = tokio::spawn(http::serve(http_listener, router, shutdown.clone()));
+    let api_active = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let config_map = match (cli.config_map.clone(), cli.pod_namespace.clone()) {
+        (Some(name), Some(namespace)) => {
+            Some(ConfigMapWatch { namespace, name, env: env.clone(), api_active: api_active.clone() })
+        }
+        (Some(_), None) => anyhow::bail!("--config-map (KIP_CONFIG_MAP) needs --pod-namespace (POD_NAMESPACE)"),
+        (None, _) => None,
+    };
     let reloader = cli.config_dir.clone().map(|dir| {
         let mut r = ConfigReloader::new(dir, env, hub.clone(), raw);
         r.resync_interval = cli.config_resync;
+        r.api_active = api_active;
         tokio::spawn(r.run(shutdown.clone()))
     });
 
+    // Everything that needs the Kubernetes API; without one (the demo, a laptop) it keeps
+    // trying while the list is published regardless.
     let deployment = cli.deployment_name.clone().zip(cli.pod_namespace.clone()).map(|(name, ns)| (ns, name));
-    let fallback =
-        tokio::spawn(kip_coordinator::fallback::start(hub.clone(), deployment, cli.node_label_grace, shutdown.clone()));
+    let kube = {
+        let (hub, shutdown, grace) = (hub.clone(), shutdown.clone(), cli.node_label_grace);
+        tokio::spawn(async move {
+            let work = async {
+                let client = kip_coordinator::connect_kube().await;
+                let watch = async {
+                    match config_map {
+                        Some(w) => w.run(client.clone(), hub.clone(), shutdown.clone()).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::join!(watch, fallback::start(client.clone(), hub.clone(), deployment, grace, shutdown.clone()));
+            };
+            fallback::until_shutdown(&shutdown, work).await;
+        })
+    };
 
     wait_for_signal().await.context("installing the SIGTERM/SIGINT handlers")?;
     tracing::info!("shutting down");
     shutdown.cancel();
-    let _ = fallback.await;
+    let _ = kube.await;
     if let Some(r) = reloader {
         let _ = r.await;
     }

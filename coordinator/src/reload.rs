@@ -1,17 +1,54 @@
-//! Follows a mounted ConfigMap directory: on every change (inotify through `notify`, plus a
-//! periodic re-read as a safety net) the configuration is read and validated again; a valid
-//! change is published, an invalid one is logged and counted and the last good list stays.
+//! Follows the configuration: in a cluster the ConfigMap through the API (a watch: a change is
+//! published within a second), and the mounted directory (inotify through `notify`, plus a
+//! periodic re-read) outside one or until the API answers. Each change is validated again; a
+//! valid one is published, an invalid one is logged and counted and the last good list stays.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::runtime::{watcher, WatchStreamExt as _};
+use kube::{Api, Client};
 use notify::Watcher as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, RawConfig};
 use crate::hub::Hub;
+
+/// Validates `raw` and publishes it when it is valid and differs from the last one looked at;
+/// refuses it otherwise (counted once per distinct content). Shared by both sources.
+pub struct ConfigSink {
+    pub hub: Arc<Hub>,
+    last_raw: Option<RawConfig>,
+}
+
+impl ConfigSink {
+    pub fn new(hub: Arc<Hub>, initial: Option<RawConfig>) -> Self {
+        Self { hub, last_raw: initial }
+    }
+
+    pub fn apply(&mut self, raw: RawConfig, source: &str) {
+        if self.last_raw.as_ref() == Some(&raw) {
+            return;
+        }
+        self.last_raw = Some(raw.clone());
+        match config::validate(&raw) {
+            Ok(config) => {
+                if self.hub.publish(config).is_none() {
+                    tracing::debug!(source, "the configuration source changed but the configuration did not");
+                }
+            }
+            Err(e) => {
+                self.hub.metrics.config_reload_errors.inc();
+                tracing::error!(error = %e, source, generation = self.hub.current().generation, "configuration change refused; the last good list stays published");
+            }
+        }
+    }
+}
 
 /// Events come in bursts (Kubernetes writes a new directory, then swaps `..data`): wait this
 /// long after the first one before reading.
@@ -20,16 +57,22 @@ const DEBOUNCE: Duration = Duration::from_millis(100);
 pub struct ConfigReloader {
     pub dir: PathBuf,
     pub env: HashMap<String, String>,
-    pub hub: Arc<Hub>,
     pub resync_interval: Duration,
-    /// The raw values last looked at, so an unchanged (or unchanged broken) config is not
-    /// validated, logged and counted again on every event.
-    last_raw: Option<RawConfig>,
+    /// Set once the ConfigMap came through the API: the directory (which the kubelet updates up
+    /// to a minute later) must not publish an older list over it.
+    pub api_active: Arc<AtomicBool>,
+    sink: ConfigSink,
 }
 
 impl ConfigReloader {
     pub fn new(dir: PathBuf, env: HashMap<String, String>, hub: Arc<Hub>, initial: RawConfig) -> Self {
-        Self { dir, env, hub, resync_interval: Duration::from_secs(30), last_raw: Some(initial) }
+        Self {
+            dir,
+            env,
+            resync_interval: Duration::from_secs(30),
+            api_active: Arc::default(),
+            sink: ConfigSink::new(hub, Some(initial)),
+        }
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
@@ -61,28 +104,89 @@ impl ConfigReloader {
 
     /// Reads and validates the directory; publishes a valid change.
     pub fn reload(&mut self) {
-        let raw = match config::read_sources(Some(&self.dir), &self.env) {
-            Ok(raw) => raw,
-            Err(e) => {
-                self.hub.metrics.config_reload_errors.inc();
-                tracing::error!(error = %e, "reading the configuration failed; the last good list stays published");
-                return;
-            }
-        };
-        if self.last_raw.as_ref() == Some(&raw) {
+        if self.api_active.load(Ordering::SeqCst) {
             return;
         }
-        self.last_raw = Some(raw.clone());
-        match config::validate(&raw) {
-            Ok(config) => {
-                if self.hub.publish(config).is_none() {
-                    tracing::debug!("configuration files changed but the configuration did not");
+        match config::read_sources(Some(&self.dir), &self.env) {
+            Ok(raw) => self.sink.apply(raw, "directory"),
+            Err(e) => {
+                self.sink.hub.metrics.config_reload_errors.inc();
+                tracing::error!(error = %e, "reading the configuration failed; the last good list stays published");
+            }
+        }
+    }
+}
+
+/// The ConfigMap `name` and its uninstall companion `name-release` (created by the chart's
+/// pre-delete hook, `KIP_RELEASE` only), followed through the API.
+pub struct ConfigMapWatch {
+    pub namespace: String,
+    pub name: String,
+    pub env: HashMap<String, String>,
+    pub api_active: Arc<AtomicBool>,
+}
+
+/// A ConfigMap's `data`.
+type Data = BTreeMap<String, String>;
+
+/// The name of the ConfigMap that asks for a release (the chart's pre-delete hook creates it).
+pub fn release_config_map(name: &str) -> String {
+    format!("{name}-release")
+}
+
+/// Pure: the raw configuration from the main ConfigMap's data and the release ConfigMap's,
+/// over the environment. Only `KIP_RELEASE` is taken from the release ConfigMap.
+pub fn raw_from_config_maps(
+    main: &BTreeMap<String, String>,
+    release: Option<&BTreeMap<String, String>>,
+    env: &HashMap<String, String>,
+) -> RawConfig {
+    let mut raw = config::from_data(main, env);
+    if let Some(v) = release.and_then(|r| r.get("KIP_RELEASE")) {
+        raw.insert("KIP_RELEASE".into(), v.clone());
+    }
+    raw
+}
+
+impl ConfigMapWatch {
+    pub async fn run(self, client: Client, hub: Arc<Hub>, shutdown: CancellationToken) {
+        let api = Api::<ConfigMap>::namespaced(client, &self.namespace);
+        let release_name = release_config_map(&self.name);
+        let by_name = |n: &str| watcher::Config::default().fields(&format!("metadata.name={n}"));
+        let main = watcher(api.clone(), by_name(&self.name)).default_backoff().map(|e| (true, e));
+        let release = watcher(api, by_name(&release_name)).default_backoff().map(|e| (false, e));
+        let mut events = std::pin::pin!(futures_util::stream::select(main, release));
+        let mut sink = ConfigSink::new(hub, None);
+        let mut main_data: Option<Data> = None;
+        let mut release_data: Option<Data> = None;
+        loop {
+            let (is_main, event) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                next = events.next() => match next { Some(e) => e, None => return },
+            };
+            let slot = if is_main { &mut main_data } else { &mut release_data };
+            match event {
+                Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) => {
+                    *slot = Some(cm.data.unwrap_or_default())
+                }
+                Ok(watcher::Event::Delete(_)) => *slot = None,
+                Ok(watcher::Event::Init) => *slot = None,
+                Ok(watcher::Event::InitDone) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, config_map = %self.name, "watching the ConfigMap failed; retrying (the mounted directory is followed meanwhile)");
+                    continue;
                 }
             }
-            Err(e) => {
-                self.hub.metrics.config_reload_errors.inc();
-                tracing::error!(error = %e, generation = self.hub.current().generation, "configuration change refused; the last good list stays published");
+            let Some(main) = &main_data else {
+                if is_main {
+                    tracing::warn!(config_map = %self.name, namespace = %self.namespace, "the ConfigMap is not there; the last good list stays published");
+                }
+                continue;
+            };
+            if !self.api_active.swap(true, Ordering::SeqCst) {
+                tracing::info!(config_map = %self.name, namespace = %self.namespace, "following the ConfigMap through the API");
             }
+            sink.apply(raw_from_config_maps(main, release_data.as_ref(), &self.env), "ConfigMap");
         }
     }
 }
@@ -91,6 +195,38 @@ impl ConfigReloader {
 mod tests {
     use super::*;
     use crate::metrics::Metrics;
+
+    #[test]
+    fn the_release_config_map_adds_kip_release_only() {
+        let env = HashMap::from([("CACHING_INTERVAL_HOURS".to_string(), "2".to_string())]);
+        let main = BTreeMap::from([("IMAGES".to_string(), "a=busybox".to_string()), ("OTHER".into(), "x".into())]);
+        let release = BTreeMap::from([("KIP_RELEASE".to_string(), "unpin".to_string()), ("IMAGES".into(), "".into())]);
+        let raw = raw_from_config_maps(&main, Some(&release), &env);
+        assert_eq!(
+            raw,
+            RawConfig::from([
+                ("CACHING_INTERVAL_HOURS".into(), "2".into()),
+                ("IMAGES".into(), "a=busybox".into()),
+                ("KIP_RELEASE".into(), "unpin".into()),
+            ])
+        );
+        assert_eq!(raw_from_config_maps(&main, None, &env).get("KIP_RELEASE"), None);
+        assert_eq!(release_config_map("k8s-image-puller"), "k8s-image-puller-release");
+    }
+
+    #[test]
+    fn the_directory_stands_down_once_the_api_delivers() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("IMAGES"), "a=busybox").unwrap();
+        let env = HashMap::new();
+        let raw = config::read_sources(Some(dir.path()), &env).unwrap();
+        let hub = Hub::new(config::validate(&raw).unwrap(), Arc::new(Metrics::new()));
+        let mut reloader = ConfigReloader::new(dir.path().to_path_buf(), env, hub.clone(), raw);
+        reloader.api_active.store(true, Ordering::SeqCst);
+        std::fs::write(dir.path().join("IMAGES"), "a=busybox;old=nginx").unwrap();
+        reloader.reload();
+        assert_eq!(hub.current().generation, 1, "a stale directory never overwrites what the API delivered");
+    }
 
     #[test]
     fn a_broken_change_is_counted_once_and_the_last_good_list_stays() {

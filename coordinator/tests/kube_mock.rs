@@ -4,14 +4,23 @@
 
 #![allow(clippy::unwrap_used)] // a test: an unwrap that fails is a failed test
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt as _;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kip_coordinator::config::{validate, KipConfig, RawConfig};
 use kip_coordinator::daemonset::{self, Options};
-use kip_coordinator::fallback::{DsOutcome, Fallback};
+use kip_coordinator::fallback::{self, DsOutcome, Fallback, NodeFacts, NodeMeta, NodeView};
+use kip_coordinator::hub::{ClusterCleanup, Hub};
+use kip_coordinator::metrics::Metrics;
 use kube::client::Body;
+use kube::core::PartialObjectMetaExt as _;
+use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::watcher;
 use serde_json::{json, Value};
 use tower_test::mock::{pair, Handle};
 
@@ -53,6 +62,68 @@ async fn expect(
 
 fn not_found() -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
+}
+
+/// The node watch, played by the test: nodes created long ago, with their agent label.
+struct Nodes {
+    writer: Writer<NodeMeta>,
+    tx: tokio::sync::watch::Sender<u64>,
+    view: NodeView,
+}
+
+impl Nodes {
+    fn listed(nodes: &[(&str, Option<&str>)]) -> Self {
+        let (store, writer) = reflector::store::<NodeMeta>();
+        let (tx, changed) = tokio::sync::watch::channel(0);
+        let mut this = Self { writer, tx, view: NodeView { store, changed } };
+        for (name, label) in nodes {
+            this.show(name, *label);
+        }
+        this
+    }
+
+    /// The watch shows `name` with `label` (an Apply event).
+    fn show(&mut self, name: &str, label: Option<&str>) {
+        let meta = ObjectMeta {
+            name: Some(name.into()),
+            labels: label.map(|v| BTreeMap::from([("kip.eclipse.dev/agent".to_string(), v.to_string())])),
+            creation_timestamp: Some(Time("2020-01-01T00:00:00Z".parse().unwrap())),
+            ..Default::default()
+        };
+        self.writer.apply_watcher_event(&watcher::Event::Apply(meta.into_request_partial::<Node>()));
+        self.tx.send_modify(|v| *v += 1);
+    }
+
+    fn facts(&self) -> Vec<NodeFacts> {
+        self.view.facts()
+    }
+}
+
+fn node(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
+}
+
+fn label_patch(value: Option<&str>) -> Value {
+    json!({"metadata": {"labels": {"kip.eclipse.dev/agent": value}}})
+}
+
+fn report(node: &str, runtime: bool) -> kip::v1::NodeReport {
+    kip::v1::NodeReport {
+        node_name: node.into(),
+        runtime: Some(kip::v1::RuntimeState {
+            available: runtime,
+            name: "containerd".into(),
+            error: if runtime { String::new() } else { "no CRI socket found".into() },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// No request arrives for a while (the controller is idle).
+async fn assert_quiet(handle: &mut ApiHandle, why: &str) {
+    let quiet = tokio::time::timeout(Duration::from_millis(500), handle.next_request()).await;
+    assert!(quiet.is_err(), "{why}: {:?}", quiet.map(|r| r.map(|(req, _)| req.uri().clone())));
 }
 
 async fn assert_no_more_requests(fb: Fallback, mut handle: ApiHandle) {
@@ -169,94 +240,170 @@ async fn cri_mode_deletes_only_kips_own_daemonset_once() {
 #[tokio::test]
 async fn node_labels_are_patched_only_where_they_change() {
     let (mut fb, mut handle) = mocked();
+    let mut nodes = Nodes::listed(&[("fallback-node", Some("none")), ("new-node", None), ("old-node", Some("cri"))]);
     let api = tokio::spawn(async move {
-        let (query, _, _) = expect(
-            &mut handle,
-            Method::GET,
-            "/api/v1/nodes",
-            StatusCode::OK,
-            json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": [
-                {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": {"name": "old-node"}}
-            ]}),
-        )
-        .await;
-        assert!(query.contains("labelSelector=kip.eclipse.dev%2Fagent%3Dcri"), "{query}");
-        let node = |name: &str| json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}});
         let (_, ct, body) =
             expect(&mut handle, Method::PATCH, "/api/v1/nodes/new-node", StatusCode::OK, node("new-node")).await;
         assert_eq!(ct.as_deref(), Some("application/merge-patch+json"));
-        assert_eq!(body, json!({"metadata": {"labels": {"kip.eclipse.dev/agent": "cri"}}}));
+        assert_eq!(body, label_patch(Some("cri")));
         let (_, _, body) =
             expect(&mut handle, Method::PATCH, "/api/v1/nodes/old-node", StatusCode::OK, node("old-node")).await;
-        assert_eq!(
-            body,
-            json!({"metadata": {"labels": {"kip.eclipse.dev/agent": null}}}),
-            "removal is a null in a merge patch"
-        );
+        assert_eq!(body, label_patch(None), "removal is a null in a merge patch");
         handle
     });
-    let desired: BTreeSet<String> = ["new-node".to_string()].into();
-    fb.sync_labels(&desired).await.unwrap();
+    let desired = BTreeMap::from([
+        ("fallback-node".to_string(), Some("none")),
+        ("new-node".to_string(), Some("cri")),
+        ("old-node".to_string(), None),
+        ("deleted-node".to_string(), Some("cri")),
+    ]);
+    assert_eq!(fb.sync_labels(&desired, &nodes.facts()).await.unwrap(), 2);
     let handle = api.await.unwrap();
-    fb.sync_labels(&desired).await.unwrap();
+    // Before the watch shows the patches: nothing is sent twice.
+    assert_eq!(fb.sync_labels(&desired, &nodes.facts()).await.unwrap(), 0);
+    nodes.show("new-node", Some("cri"));
+    nodes.show("old-node", None);
+    assert_eq!(fb.sync_labels(&desired, &nodes.facts()).await.unwrap(), 0);
     assert_no_more_requests(fb, handle).await;
 }
 
 /// The controller loop of a coordinator that just restarted: it finds two labelled nodes and has
 /// heard from no agent yet. During the grace it sends no label request at all; a report of a
-/// missing runtime is evidence, and only that node's label goes, at once.
+/// missing runtime is evidence, and that node gets the fallback label at once.
 #[tokio::test]
 async fn a_restarted_coordinator_touches_no_label_during_the_grace_but_acts_on_evidence() {
-    use kip_coordinator::fallback;
-    use kip_coordinator::hub::Hub;
-    use kip_coordinator::metrics::Metrics;
-    use std::sync::Arc;
-    use std::time::Duration;
-
     let (fb, mut handle) = mocked();
     let cfg = config(&[]);
     let hub = Hub::new(cfg.clone(), Arc::new(Metrics::new()));
+    let nodes = Nodes::listed(&[("node-1", Some("cri")), ("node-2", Some("cri"))]);
     let current = serde_json::to_value(daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let controller = tokio::spawn(fallback::run(fb, hub.clone(), Duration::from_secs(3600), shutdown.clone()));
+    let controller =
+        tokio::spawn(fallback::run(fb, hub.clone(), nodes.view.clone(), Duration::from_secs(3600), shutdown.clone()));
 
     expect(&mut handle, Method::GET, DS_PATH, StatusCode::OK, current).await;
-    let listed = json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": [
-        {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": {"name": "node-1"}},
-        {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": {"name": "node-2"}}
-    ]});
-    let (query, _, _) = expect(&mut handle, Method::GET, "/api/v1/nodes", StatusCode::OK, listed).await;
-    assert!(query.contains("labelSelector=kip.eclipse.dev%2Fagent%3Dcri"), "{query}");
+    assert_quiet(&mut handle, "a label request right after the start").await;
     // Agents reconnect; one reports a working runtime: still nothing to change.
     hub.node_stream("node-1", true);
-    hub.record_report(kip::v1::NodeReport {
-        node_name: "node-1".into(),
-        runtime: Some(kip::v1::RuntimeState { available: true, name: "containerd".into(), ..Default::default() }),
-        ..Default::default()
-    });
-    let quiet = tokio::time::timeout(Duration::from_millis(500), handle.next_request()).await;
-    assert!(
-        quiet.is_err(),
-        "a label request during the grace: {:?}",
-        quiet.map(|r| r.map(|(req, _)| req.uri().clone()))
-    );
+    hub.record_report(report("node-1", true));
+    assert_quiet(&mut handle, "a label request during the grace").await;
     // node-2's agent reports that its runtime is gone: the fallback is needed there now.
     hub.node_stream("node-2", true);
-    hub.record_report(kip::v1::NodeReport {
-        node_name: "node-2".into(),
-        runtime: Some(kip::v1::RuntimeState {
-            available: false,
-            error: "no CRI socket found".into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
-    let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-2"}});
-    let (_, _, body) = expect(&mut handle, Method::PATCH, "/api/v1/nodes/node-2", StatusCode::OK, node).await;
-    assert_eq!(body, json!({"metadata": {"labels": {"kip.eclipse.dev/agent": null}}}));
+    hub.record_report(report("node-2", false));
+    let (_, _, body) = expect(&mut handle, Method::PATCH, "/api/v1/nodes/node-2", StatusCode::OK, node("node-2")).await;
+    assert_eq!(body, label_patch(Some("none")));
     shutdown.cancel();
     controller.await.unwrap();
     assert!(handle.next_request().await.is_none(), "an unexpected request was sent");
+}
+
+/// A fresh install: no label anywhere. The DaemonSet is created but schedules nowhere (it needs
+/// `kip.eclipse.dev/agent=none`); no node is labelled before its agent reports, except on
+/// evidence: a node whose agent has no runtime gets the fallback at once.
+#[tokio::test]
+async fn a_fresh_install_schedules_the_fallback_only_where_an_agent_reports_no_runtime() {
+    let (fb, mut handle) = mocked();
+    let cfg = config(&[]);
+    let hub = Hub::new(cfg.clone(), Arc::new(Metrics::new()));
+    let nodes = Nodes::listed(&[("a", None), ("b", None), ("c", None)]);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let controller =
+        tokio::spawn(fallback::run(fb, hub.clone(), nodes.view.clone(), Duration::from_secs(3600), shutdown.clone()));
+    expect(&mut handle, Method::GET, DS_PATH, StatusCode::NOT_FOUND, not_found()).await;
+    let (_, _, applied) = expect(&mut handle, Method::PATCH, DS_PATH, StatusCode::CREATED, json!({})).await;
+    let term = &applied["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
+        ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0];
+    assert_eq!(
+        term["matchExpressions"],
+        json!([{"key": "kip.eclipse.dev/agent", "operator": "In", "values": ["none"]}]),
+        "the fallback runs only where kip found it is needed"
+    );
+    assert_quiet(&mut handle, "a label before any agent reported").await;
+    hub.node_stream("b", true);
+    hub.record_report(report("b", false));
+    let (_, _, body) = expect(&mut handle, Method::PATCH, "/api/v1/nodes/b", StatusCode::OK, node("b")).await;
+    assert_eq!(body, label_patch(Some("none")));
+    hub.node_stream("a", true);
+    hub.record_report(report("a", true));
+    let (_, _, body) = expect(&mut handle, Method::PATCH, "/api/v1/nodes/a", StatusCode::OK, node("a")).await;
+    assert_eq!(body, label_patch(Some("cri")));
+    assert_quiet(&mut handle, "node c's agent has not reported: nothing for c during the grace").await;
+    shutdown.cancel();
+    controller.await.unwrap();
+}
+
+/// `helm uninstall`: the pre-delete hook's ConfigMap sets KIP_RELEASE. The DaemonSet goes first
+/// (its pods would otherwise follow the labels), the labels only once every agent confirmed
+/// it let go of its pins, and then all of them, both values.
+#[tokio::test]
+async fn the_uninstall_deletes_the_daemonset_then_waits_for_the_agents_then_takes_every_label() {
+    let (fb, mut handle) = mocked();
+    let cfg = config(&[("KIP_RELEASE", "unpin")]);
+    let hub = Hub::with_release_timeout(cfg, Arc::new(Metrics::new()), Duration::from_secs(3600));
+    let nodes = Nodes::listed(&[("n1", Some("cri")), ("n2", Some("none")), ("n3", None)]);
+    hub.node_stream("n1", true);
+    hub.record_report(report("n1", true));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let controller =
+        tokio::spawn(fallback::run(fb, hub.clone(), nodes.view.clone(), Duration::from_secs(3600), shutdown.clone()));
+    let ours = serde_json::to_value(daemonset::fallback_daemonset(&config(&[]), &Options::default()).unwrap()).unwrap();
+    expect(&mut handle, Method::GET, DS_PATH, StatusCode::OK, ours).await;
+    expect(
+        &mut handle,
+        Method::DELETE,
+        DS_PATH,
+        StatusCode::OK,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+    )
+    .await;
+    assert_quiet(&mut handle, "a label went before the agent confirmed").await;
+    assert!(!hub.status_json()["release"]["done"].as_bool().unwrap());
+    let mut released = report("n1", true);
+    released.released = true;
+    hub.record_report(released);
+    let (_, _, body) = expect(&mut handle, Method::PATCH, "/api/v1/nodes/n1", StatusCode::OK, node("n1")).await;
+    assert_eq!(body, label_patch(None));
+    let (_, _, body) = expect(&mut handle, Method::PATCH, "/api/v1/nodes/n2", StatusCode::OK, node("n2")).await;
+    assert_eq!(body, label_patch(None));
+    assert_quiet(&mut handle, "nothing after the labels").await;
+    let (_, _, cluster) = hub.release_state(std::time::SystemTime::now()).unwrap();
+    assert_eq!(cluster, ClusterCleanup::Done { labels_removed: 2 });
+    let status = hub.status_json();
+    assert_eq!((status["release"]["done"].clone(), status["release"]["incomplete"].clone()), (json!(true), json!([])));
+    shutdown.cancel();
+    controller.await.unwrap();
+    assert!(handle.next_request().await.is_none(), "an unexpected request was sent");
+}
+
+/// A node whose agent never answers (powered off) cannot hold the uninstall: after the release
+/// timeout the labels go anyway, and the status names the node that may keep kip's pins.
+#[tokio::test]
+async fn an_unreachable_node_ends_the_wait_at_the_release_timeout_and_is_named() {
+    let (fb, mut handle) = mocked();
+    let cfg = config(&[("KIP_RELEASE", "unpin"), ("KIP_MODE", "cri")]);
+    let hub = Hub::with_release_timeout(cfg, Arc::new(Metrics::new()), Duration::from_secs(1));
+    let nodes = Nodes::listed(&[("dead", Some("cri"))]);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let controller =
+        tokio::spawn(fallback::run(fb, hub.clone(), nodes.view.clone(), Duration::from_secs(3600), shutdown.clone()));
+    expect(&mut handle, Method::GET, DS_PATH, StatusCode::NOT_FOUND, not_found()).await;
+    // Bounded only so that a regression fails instead of hanging the test run.
+    let (req, send) = tokio::time::timeout(Duration::from_secs(30), handle.next_request()).await.unwrap().unwrap();
+    assert_eq!((req.method(), req.uri().path()), (&Method::PATCH, "/api/v1/nodes/dead"));
+    send.send_response(Response::builder().body(Body::from(serde_json::to_vec(&node("dead")).unwrap())).unwrap());
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while hub.status_json()["release"]["done"] != json!(true) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let status = hub.status_json();
+    assert_eq!(status["release"]["pending"]["dead"], json!("its agent is not connected"));
+    let incomplete = status["release"]["incomplete"][0].as_str().unwrap();
+    assert!(incomplete.starts_with("node dead: pins, state file or drop-in of kip's may be left"), "{incomplete}");
+    shutdown.cancel();
+    controller.await.unwrap();
 }
 
 fn unavailable() -> Value {
@@ -296,17 +443,16 @@ async fn start_up_lookups_are_retried_until_the_api_answers() {
 /// SIGTERM while an API call hangs: the controller ends at once, the call is dropped.
 #[tokio::test]
 async fn shutdown_does_not_wait_for_a_hanging_api_call() {
-    use std::sync::Arc;
-    use std::time::Duration;
-
     let (fb, mut handle) = mocked();
     let cfg = config(&[]);
-    let hub = kip_coordinator::hub::Hub::new(cfg, Arc::new(kip_coordinator::metrics::Metrics::new()));
+    let hub = Hub::new(cfg, Arc::new(Metrics::new()));
+    let nodes = Nodes::listed(&[]);
     let shutdown = tokio_util::sync::CancellationToken::new();
     let controller = tokio::spawn({
         let shutdown = shutdown.clone();
+        let view = nodes.view.clone();
         async move {
-            let work = kip_coordinator::fallback::run(fb, hub, Duration::from_secs(300), shutdown.clone());
+            let work = fallback::run(fb, hub, view, Duration::from_secs(300), shutdown.clone());
             kip_coordinator::fallback::until_shutdown(&shutdown, work).await;
         }
     });
@@ -319,26 +465,24 @@ async fn shutdown_does_not_wait_for_a_hanging_api_call() {
 }
 
 /// `helm upgrade --set mode=daemonset` after auto mode: the new coordinator takes back the agent
-/// labels an earlier process set (the chart keeps the nodes ClusterRole in every mode for this).
+/// labels an earlier process set, both values (the chart keeps the nodes ClusterRole in every
+/// mode for this).
 #[tokio::test]
 async fn leaving_auto_mode_takes_back_labels_set_before() {
-    use std::sync::Arc;
-    use std::time::Duration;
-
     let (fb, mut handle) = mocked();
     let cfg = config(&[("KIP_MODE", "daemonset")]);
-    let hub = kip_coordinator::hub::Hub::new(cfg.clone(), Arc::new(kip_coordinator::metrics::Metrics::new()));
+    let hub = Hub::new(cfg.clone(), Arc::new(Metrics::new()));
+    let nodes = Nodes::listed(&[("node-1", Some("cri")), ("node-2", Some("none")), ("node-3", None)]);
     let current = serde_json::to_value(daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let controller = tokio::spawn(kip_coordinator::fallback::run(fb, hub, Duration::from_secs(3600), shutdown.clone()));
+    let controller =
+        tokio::spawn(fallback::run(fb, hub, nodes.view.clone(), Duration::from_secs(3600), shutdown.clone()));
     expect(&mut handle, Method::GET, DS_PATH, StatusCode::OK, current).await;
-    let listed = json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": [
-        {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": {"name": "node-1"}}
-    ]});
-    expect(&mut handle, Method::GET, "/api/v1/nodes", StatusCode::OK, listed).await;
-    let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}});
-    let (_, _, body) = expect(&mut handle, Method::PATCH, "/api/v1/nodes/node-1", StatusCode::OK, node).await;
-    assert_eq!(body, json!({"metadata": {"labels": {"kip.eclipse.dev/agent": null}}}));
+    for n in ["node-1", "node-2"] {
+        let (_, _, body) =
+            expect(&mut handle, Method::PATCH, &format!("/api/v1/nodes/{n}"), StatusCode::OK, node(n)).await;
+        assert_eq!(body, label_patch(None));
+    }
     shutdown.cancel();
     controller.await.unwrap();
     assert!(handle.next_request().await.is_none(), "an unexpected request was sent");

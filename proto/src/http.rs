@@ -1,4 +1,5 @@
-//! A small HTTP/1 server for the operational endpoints of the agent and the coordinator.
+//! A small HTTP/1 server for the operational endpoints of the agent and the coordinator, and
+//! the one GET that reads them back (the uninstall hook reads the coordinator's `/status`).
 //! Each binary supplies its own router (path → response); this module does the plumbing.
 
 use std::convert::Infallible;
@@ -80,4 +81,67 @@ fn with_type(status: StatusCode, body: String, content_type: &'static str) -> Ht
     *resp.status_mut() = status;
     resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
     resp
+}
+
+/// `GET url` (plain HTTP, as the endpoints above serve it): the status code and the body.
+/// Errors name the URL; the whole exchange is bounded by `timeout`.
+pub async fn get(url: &str, timeout: std::time::Duration) -> Result<(StatusCode, String), String> {
+    use http_body_util::{BodyExt as _, Empty};
+    let fail = |what: String| format!("GET {url}: {what}");
+    let uri: hyper::Uri = url.parse().map_err(|e| fail(format!("not a URL: {e}")))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(fail("only http:// URLs are supported".into()));
+    }
+    let host = uri.host().ok_or_else(|| fail("no host".into()))?.to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let exchange = async {
+        let stream =
+            tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port)).await.map_err(|e| e.to_string())?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = hyper::Request::get(path)
+            .header(header::HOST, host.as_str())
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok::<_, String>((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(r) => r.map_err(fail),
+        Err(_) => Err(fail(format!("no answer within {}s", timeout.as_secs()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn get_reads_back_what_serve_answers() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let router: Router = Arc::new(|path| match path {
+            "/status" => json(StatusCode::OK, "{\"ok\":true}".into()),
+            _ => not_found(),
+        });
+        let server = tokio::spawn(serve(listener, router, shutdown.clone()));
+        let t = std::time::Duration::from_secs(10);
+        let (status, body) = get(&format!("http://{addr}/status"), t).await.unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "{\"ok\":true}"));
+        let (status, _) = get(&format!("http://{addr}/nope"), t).await.unwrap();
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let err = get("https://example.invalid/status", t).await.unwrap_err();
+        assert!(err.contains("only http://"), "{err}");
+        shutdown.cancel();
+        server.await.unwrap();
+        let err = get(&format!("http://{addr}/status"), t).await.unwrap_err();
+        assert!(err.starts_with(&format!("GET http://{addr}/status: ")), "{err}");
+    }
 }

@@ -42,6 +42,10 @@ fn list(images: &[(&str, &str)]) -> ImageList {
     ImageList::from_pairs(images.iter().copied()).unwrap()
 }
 
+fn update(generation: u64, images: &[(&str, &str)], release: v1::Release) -> ListUpdate {
+    ListUpdate { generation, list: list(images), policy: v1::PullPolicy::default(), release }
+}
+
 /// An agent on the fake runtime following a coordinator-like list channel.
 struct Node {
     rt: FakeRuntime,
@@ -56,13 +60,18 @@ struct Node {
 
 impl Node {
     fn start(rt: FakeRuntime, images: &[(&str, &str)]) -> Self {
+        Self::start_with_state(rt, images, None)
+    }
+
+    fn start_with_state(rt: FakeRuntime, images: &[(&str, &str)], state_file: Option<std::path::PathBuf>) -> Self {
         let metrics = Arc::new(Metrics::new());
         let ready = Readiness::starting();
-        let first = ListUpdate { generation: 1, list: list(images), policy: v1::PullPolicy::default() };
+        let first = update(1, images, v1::Release::None);
         let (lists, rx) = watch::channel(Some(first));
         let (report_tx, reports) = watch::channel(v1::NodeReport::default());
         let mut agent = Agent::new(rt.clone(), ListSource::Coordinator(rx), policy(), metrics.clone(), ready.clone());
         agent.reports = Some(("node-1".into(), report_tx));
+        agent.state_file = state_file;
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(agent.run(shutdown.clone()));
         Self { rt, metrics, ready, lists, reports, generation: 1, shutdown, task }
@@ -70,8 +79,13 @@ impl Node {
 
     fn publish(&mut self, images: &[(&str, &str)]) {
         self.generation += 1;
-        let update = ListUpdate { generation: self.generation, list: list(images), policy: v1::PullPolicy::default() };
-        self.lists.send_replace(Some(update));
+        self.lists.send_replace(Some(update(self.generation, images, v1::Release::None)));
+    }
+
+    /// What the coordinator sends when kip is uninstalled.
+    fn release(&mut self, kind: v1::Release) {
+        self.generation += 1;
+        self.lists.send_replace(Some(update(self.generation, &[], kind)));
     }
 
     fn repulls(&self, name: &str, image: &str) -> u64 {
@@ -241,5 +255,76 @@ async fn pins_are_never_released_while_a_pull_is_pinning_its_records() {
     sleep(CHECK).await;
     assert_eq!(node.rt.pin_of(A), Some(Pin::None), "unlisted: released at the next check without a pull");
     assert_eq!(node.rt.state().syncs_during_pulls, 0, "no unpinning while a pull was in flight");
+    node.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_release_removes_kip_s_pins_and_state_file_keeps_the_images_and_others_pins() {
+    let dir = tempfile::tempdir().unwrap();
+    let state_file = dir.path().join(crate::follow::STATE_FILE);
+    std::fs::write(&state_file, "{}").unwrap();
+    let rt = FakeRuntime::default();
+    rt.add(C, Pin::Other);
+    let mut node = Node::start_with_state(rt, &[("a", A), ("b", B), ("c", C)], Some(state_file.clone()));
+    sleep(Duration::from_millis(1)).await;
+    assert_eq!((node.rt.pin_of(A), node.rt.pin_of(B)), (Some(Pin::Kip), Some(Pin::Kip)));
+    assert!(!node.reports.borrow().released);
+    node.release(v1::Release::Unpin);
+    sleep(Duration::from_millis(1)).await;
+    assert_eq!((node.rt.pin_of(A), node.rt.pin_of(B)), (Some(Pin::None), Some(Pin::None)), "kip's pins are gone");
+    assert_eq!(node.rt.pin_of(C), Some(Pin::Other), "the admin's pin stays");
+    assert!(node.rt.state().removed.is_empty(), "the images stay cached for the runtime's GC to judge");
+    assert!(!state_file.exists(), "the state file is gone");
+    assert_eq!(node.rt.state().releases, 1);
+    let report = node.reports.borrow().clone();
+    assert!(report.released && report.release_error.is_empty() && report.images.is_empty(), "{report:?}");
+    // Later checks neither pull nor pin again, nor repeat the release.
+    let pulls = node.rt.state().pulls.len();
+    sleep(CHECK * 3).await;
+    let (pulls_now, releases) = {
+        let state = node.rt.state();
+        (state.pulls.len(), state.releases)
+    };
+    assert_eq!((pulls_now, releases), (pulls, 1));
+    assert_eq!(node.rt.pin_of(A), Some(Pin::None));
+    node.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_release_with_remove_deletes_what_kip_pinned_only() {
+    let rt = FakeRuntime::default();
+    rt.add(C, Pin::Other);
+    let mut node = Node::start(rt, &[("a", A), ("c", C)]);
+    sleep(Duration::from_millis(1)).await;
+    node.release(v1::Release::Remove);
+    sleep(Duration::from_millis(1)).await;
+    assert_eq!(node.rt.pin_of(A), None, "removed");
+    assert_eq!(node.rt.state().removed, vec![A.to_string()]);
+    assert_eq!(node.rt.pin_of(C), Some(Pin::Other), "an image kip did not pin is never deleted");
+    assert!(node.reports.borrow().released);
+    node.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_release_stops_pulls_in_flight_and_a_failed_release_is_reported_and_retried() {
+    let rt = FakeRuntime::default();
+    rt.state().pull_time = CHECK * 3;
+    let mut node = Node::start(rt, &[("a", A)]);
+    sleep(Duration::from_millis(1)).await;
+    assert_eq!(node.rt.pin_of(A), None, "still pulling");
+    node.rt.state().down = true;
+    node.release(v1::Release::Unpin);
+    sleep(Duration::from_millis(1)).await;
+    let report = node.reports.borrow().clone();
+    assert!(!report.released, "{report:?}");
+    node.rt.state().down = false;
+    sleep(CHECK * 4).await;
+    assert!(node.reports.borrow().released, "retried once the runtime answers");
+    assert_eq!(node.rt.pin_of(A), None, "the pull in flight was stopped: nothing pinned after the release");
+    // The coordinator takes the release back (an aborted uninstall, restarted): work resumes.
+    node.publish(&[("a", A)]);
+    sleep(CHECK * 4).await;
+    assert_eq!(node.rt.pin_of(A), Some(Pin::Kip));
+    assert!(!node.reports.borrow().released);
     node.stop().await;
 }

@@ -313,6 +313,25 @@ impl Runtime for Crio {
     async fn remove(&self, reference: &str) -> Result<(), RuntimeError> {
         self.base.remove(reference).await
     }
+
+    /// Deletes kip's drop-in and makes CRI-O reload without it: the admin's own list (or
+    /// CRI-O's default) is in force again and nothing of kip's stays in /etc/crio.
+    async fn release(&self) -> Result<(), RuntimeError> {
+        let path = self.drop_in_path();
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(CrioError::Write { path, reason: e.to_string() }.into()),
+        }
+        let pid = reload(self.base.socket())?;
+        tracing::info!(file = %path.display(), crio_pid = pid, "removed kip's pinned_images drop-in; CRI-O reloads without it");
+        let mut file = self.lock();
+        // As good as an empty list (no drop-in): the next empty sync writes nothing.
+        file.written = Some(vec![]);
+        file.reloaded_at = Some(tokio::time::Instant::now());
+        file.unconfirmed.clear();
+        Ok(())
+    }
 }
 
 #[cfg(test)]

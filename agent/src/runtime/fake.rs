@@ -44,6 +44,8 @@ pub struct FakeState {
     pub status_calls: usize,
     pub pin_calls: usize,
     pub removed: Vec<String>,
+    /// `release` calls (the end of a release: leftovers such as CRI-O's drop-in).
+    pub releases: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -230,6 +232,12 @@ impl Runtime for FakeRuntime {
         let mut state = self.state();
         state.images.remove(reference);
         state.removed.push(reference.to_string());
+        Ok(())
+    }
+
+    async fn release(&self) -> Result<(), RuntimeError> {
+        self.down_error("Release", "*")?;
+        self.state().releases += 1;
         Ok(())
     }
 }

@@ -80,6 +80,12 @@ pub trait Runtime: Clone + Send + Sync + 'static {
 
     /// CRI `RemoveImage` (idempotent).
     fn remove(&self, reference: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+
+    /// After the last pin is gone (kip is being uninstalled): removes what kip keeps on the
+    /// node for its pins besides the pins themselves. Only CRI-O has something (the drop-in).
+    fn release(&self) -> impl Future<Output = Result<(), RuntimeError>> + Send {
+        std::future::ready(Ok(()))
+    }
 }
 
 /// A runtime's version as CRI `Version` gives it (`1.6.20~ds1`, `v1.7.24`, `2.1.9+unknown`,
@@ -176,6 +182,9 @@ impl Runtime for NodeRuntime {
     }
     async fn remove(&self, reference: &str) -> Result<(), RuntimeError> {
         each_backend!(self, rt => rt.remove(reference).await)
+    }
+    async fn release(&self) -> Result<(), RuntimeError> {
+        each_backend!(self, rt => rt.release().await)
     }
 }
 
