@@ -46,7 +46,8 @@ check_configmap() {
   "$PY" - "$1" "$dir" <<'PY'
 import sys, yaml
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
-cms = [d for d in docs if d["kind"] == "ConfigMap"]
+hook = lambda d: "helm.sh/hook" in (d["metadata"].get("annotations") or {})
+cms = [d for d in docs if d["kind"] == "ConfigMap" and not hook(d)]
 assert len(cms) == 1, f"expected one ConfigMap, found {len(cms)}"
 for key, value in cms[0]["data"].items():
     open(f"{sys.argv[2]}/{key}", "w").write(value)
@@ -115,6 +116,54 @@ print(f"agent wiring ok: socket {socket or 'autodetected under /host/run'}, CRI-
 PY
 }
 
+# check_uninstall RENDERED.yaml: the pre-delete hook asks for a release the coordinator accepts,
+# waits on the coordinator's own Service, and everything the coordinator needs to undo its work
+# (RBAC, the Service) is an ordinary object, deleted only after the hooks have run.
+check_uninstall() {
+  "$PY" - "$1" "$WORK/release-cm" <<'PY'
+import os, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+ann = lambda d: d["metadata"].get("annotations") or {}
+hooks = [d for d in docs if "helm.sh/hook" in ann(d)]
+assert {d["kind"] for d in hooks} == {"ConfigMap", "Job"}, [d["kind"] for d in hooks]
+for d in hooks:
+    assert ann(d)["helm.sh/hook"] == "pre-delete", ann(d)
+    assert "hook-succeeded" in ann(d)["helm.sh/hook-delete-policy"], "hook objects must not stay behind"
+(cm,) = [d for d in hooks if d["kind"] == "ConfigMap"]
+(job,) = [d for d in hooks if d["kind"] == "Job"]
+assert int(ann(cm)["helm.sh/hook-weight"]) < int(ann(job)["helm.sh/hook-weight"]), "the ConfigMap comes before the Job"
+main = [d for d in docs if d["kind"] == "ConfigMap" and d not in hooks][0]
+assert cm["metadata"]["name"] == main["metadata"]["name"] + "-release"
+assert cm["data"]["KIP_RELEASE"] in ("unpin", "remove"), cm["data"]
+# The coordinator follows both ConfigMaps by name, with read-only RBAC for just those two.
+(dep,) = [d for d in docs if d["kind"] == "Deployment"]
+env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+assert env["KIP_CONFIG_MAP"] == main["metadata"]["name"], env
+(role,) = [d for d in docs if d["kind"] == "Role"]
+rule = [r for r in role["rules"] if "configmaps" in r["resources"]][0]
+assert sorted(rule["resourceNames"]) == sorted([main["metadata"]["name"], cm["metadata"]["name"]]), rule
+assert sorted(rule["verbs"]) == ["get", "list", "watch"], rule
+(cr,) = [d for d in docs if d["kind"] == "ClusterRole"]
+assert cr["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch", "patch"]}], cr["rules"]
+assert not any("helm.sh/hook" in ann(d) for d in docs if d["kind"] in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding", "Service", "Deployment"))
+# The Job reads /status from the coordinator's Service on its metrics port.
+(svc,) = [d for d in docs if d["kind"] == "Service"]
+cmd = job["spec"]["template"]["spec"]["containers"][0]["command"]
+assert cmd[:2] == ["/usr/local/bin/kip-coordinator", "wait-release"], cmd
+url = cmd[cmd.index("--status-url") + 1]
+ns = svc["metadata"]["namespace"]
+assert url == f"http://{svc['metadata']['name']}.{ns}.svc:8080/status", url
+assert any(p["port"] == 8080 for p in svc["spec"]["ports"])
+assert job["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+os.makedirs(sys.argv[2], exist_ok=True)
+for key, value in {**main["data"], **cm["data"]}.items():
+    open(f"{sys.argv[2]}/{key}", "w").write(value)
+print(f"uninstall hook ok: KIP_RELEASE={cm['data']['KIP_RELEASE']}, waits on {url}")
+PY
+  "$COORD" --check-config --config-dir "$WORK/release-cm"
+  rm -rf "$WORK/release-cm"
+}
+
 echo "==> helm chart" >&2
 "$HELM" lint --strict deploy/helm >&2
 for values in "" deploy/helm/ci/*.yaml; do
@@ -126,6 +175,7 @@ for values in "" deploy/helm/ci/*.yaml; do
   validate "$out"
   check_configmap "$out"
   check_monitors "$out"
+  check_uninstall "$out"
   case $name in
     all-features-values) check_agent "$out" /run/k3s/containerd/containerd.sock true \
       http://kip-coordinator.platform.svc.cluster.local:50051 ;;
@@ -135,6 +185,9 @@ done
 # Without the prometheus-operator CRDs no monitor is rendered, even when enabled.
 "$HELM" template kip deploy/helm -n kip -f deploy/helm/ci/all-features-values.yaml > "$WORK/no-crd.yaml"
 if grep -q 'kind: \(ServiceMonitor\|PodMonitor\)' "$WORK/no-crd.yaml"; then echo "monitors rendered without their CRDs" >&2; exit 1; fi
+# uninstall.release=false renders no hook at all.
+"$HELM" template kip deploy/helm -n kip --set uninstall.release=false > "$WORK/no-hook.yaml"
+if grep -q 'helm.sh/hook' "$WORK/no-hook.yaml"; then echo "a hook rendered with uninstall.release=false" >&2; exit 1; fi
 # values.schema.json rejects wrong types at install time.
 if "$HELM" template kip deploy/helm --set agent.maxParallelPulls=lots >/dev/null 2>&1; then
   echo "values.schema.json accepted agent.maxParallelPulls=lots" >&2; exit 1
@@ -154,6 +207,21 @@ if [ -d deploy/openshift ]; then
   check_agent "$WORK/openshift-app.yaml" /var/run/crio/crio.sock true
   "$PY" tests/openshift-process.py deploy/openshift/configmap.yaml > "$WORK/os-cm.yaml"
   check_configmap "$WORK/os-cm.yaml"
+  # release.yaml's ConfigMap is the companion the coordinator watches (KIP_CONFIG_MAP + -release).
+  "$PY" - "$WORK/os-cm.yaml" "$WORK/openshift-release.yaml" "$WORK/openshift-app.yaml" "$WORK/openshift-serviceaccount.yaml" <<'PY'
+import sys, yaml
+load = lambda f: [d for d in yaml.safe_load_all(open(f)) if d]
+(main,) = load(sys.argv[1])
+rel = [d for d in load(sys.argv[2]) if d["kind"] == "ConfigMap"][0]
+assert rel["metadata"]["name"] == main["metadata"]["name"] + "-release" and rel["data"]["KIP_RELEASE"] == "unpin"
+dep = [d for d in load(sys.argv[3]) if d["kind"] == "Deployment"][0]
+env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+assert env["KIP_CONFIG_MAP"] == main["metadata"]["name"], env
+role = [d for d in load(sys.argv[4]) if d["kind"] == "Role"][0]
+names = [r for r in role["rules"] if "configmaps" in r["resources"]][0]["resourceNames"]
+assert sorted(names) == sorted([main["metadata"]["name"], rel["metadata"]["name"]]), names
+print("OpenShift release template ok")
+PY
 fi
 
 echo "==> fallback DaemonSets generated by the coordinator (golden files)" >&2

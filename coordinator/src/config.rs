@@ -149,6 +149,15 @@ pub fn read_sources(dir: Option<&Path>, env: &HashMap<String, String>) -> Result
     Ok(raw)
 }
 
+/// `KIP_RELEASE` as written in the configuration.
+pub fn release_name(r: kip::v1::Release) -> &'static str {
+    match r {
+        kip::v1::Release::None => "",
+        kip::v1::Release::Unpin => "unpin",
+        kip::v1::Release::Remove => "remove",
+    }
+}
+
 /// The known keys from a ConfigMap's `data` read through the API, over the environment (as
 /// [`read_sources`] does with a mounted directory).
 pub fn from_data(data: &BTreeMap<String, String>, env: &HashMap<String, String>) -> RawConfig {

@@ -440,7 +440,7 @@ impl Hub {
         };
         let done = settled && !matches!(cluster, ClusterCleanup::WaitingForAgents);
         Some(serde_json::json!({
-            "kind": published_release(&self.current()),
+            "kind": crate::config::release_name(self.current().config.release),
             "seconds": now.duration_since(started).map(|d| d.as_secs_f64()).unwrap_or(0.0),
             "released": progress.released,
             "pending": progress.pending,
@@ -448,14 +448,6 @@ impl Hub {
             "done": done,
             "incomplete": if done { incomplete } else { vec![] },
         }))
-    }
-}
-
-fn published_release(p: &Published) -> &'static str {
-    match p.config.release {
-        v1::Release::None => "none",
-        v1::Release::Unpin => "unpin",
-        v1::Release::Remove => "remove",
     }
 }
 

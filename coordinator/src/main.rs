@@ -136,12 +136,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = config::validate(&raw)?;
     if cli.check_config {
         println!(
-            "configuration valid: {} images, mode {}, DaemonSet {}/{}: {}",
+            "configuration valid: {} images, mode {}, DaemonSet {}/{}: {}{}",
             config.images.len(),
             config.mode.as_str(),
             config.namespace,
             config.daemonset_name,
-            config.images
+            config.images,
+            match config.release {
+                kip::v1::Release::None => String::new(),
+                r => format!(" (KIP_RELEASE: {})", config::release_name(r)),
+            }
         );
         return Ok(());
     }

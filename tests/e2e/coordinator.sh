@@ -3,8 +3,10 @@
 # and three real kip-agents, each on its own real containerd ("node"), on loopback. Checks that a
 # ConfigMap change reaches every node (new image cached and pinned, dropped one unpinned), that
 # agents keep working while the coordinator is down (also across an agent restart, from the
-# state dir), that they resume when it is back, and that a broken value is refused live (old
-# list kept, error counted) and at start-up (exit non-zero naming the variable).
+# state dir), that they resume when it is back, that a broken value is refused live (old list
+# kept, error counted) and at start-up (exit non-zero naming the variable), and the uninstall's
+# release: every pin kip set and every state file gone, images and an admin's pin kept, a node
+# whose agent is down named by `kip-coordinator wait-release` and cleaned when it comes back.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . tests/e2e/lib.sh
@@ -37,7 +39,7 @@ write_configmap "$CM" "IMAGES=alpha=$A;beta=$B;" "CACHING_INTERVAL_HOURS=1" "KIP
 GRPC=$(free_port); HTTP=$(free_port)
 COORD_URL="http://127.0.0.1:$HTTP"
 start_coordinator() {
-  "$COORD" --config-dir "$CM" --grpc-listen "127.0.0.1:$GRPC" --listen "127.0.0.1:$HTTP" --log-format json \
+  KIP_RELEASE_TIMEOUT=10s "$COORD" --config-dir "$CM" --grpc-listen "127.0.0.1:$GRPC" --listen "127.0.0.1:$HTTP" --log-format json \
     >> "$KIP_WORK/coordinator.log" 2>&1 &
   COORD_PID=$!
   KIP_PIDS+=("$COORD_PID")
@@ -160,5 +162,48 @@ kill -TERM "$COORD_PID"; wait "$COORD_PID" || fail "coordinator exited non-zero 
 start_coordinator
 wait_for 60 "all three agents reconnected again" metric_is "$COORD_URL" kip_agents_connected 3
 wait_for 30 "all nodes in /status although nothing changed on them" status_has 1 "alpha gamma"
+
+log "uninstall: KIP_RELEASE with node-3's agent down"
+# An admin's own pin on an image kip no longer lists: a release must leave it alone.
+kctr_on node-1 images label "$B" io.cri-containerd.pinned=pinned >/dev/null
+kill -TERM "${AGENT_PID[node-3]}"; wait "${AGENT_PID[node-3]}" || fail "agent exited non-zero on SIGTERM"
+for n in "${NODES[@]}"; do [ -f "$KIP_WORK/state-$n/image-list.json" ] || fail "no state file on $n before the release"; done
+write_configmap "$CM" "IMAGES=alpha=$A;gamma=$C;" "CACHING_INTERVAL_HOURS=1" "KIP_CHECK_INTERVAL=1s" "NODE_SELECTOR={}" "KIP_RELEASE=unpin"
+started=$SECONDS
+set +e
+out=$("$COORD" wait-release --status-url "$COORD_URL/status" --timeout 60s 2>&1); rc=$?
+set -e
+echo "$out" >&2
+[ "$rc" -eq 0 ] || fail "wait-release exited $rc"
+# Bounded: the release timeout (10s) ends the wait for node-3, whose agent cannot answer.
+[ $((SECONDS - started)) -lt 40 ] || fail "the release took $((SECONDS - started))s with one node down"
+has_line "$out" "released nodes (2): node-1, node-2" || fail "wait-release: released nodes"
+has_match "$out" '^left behind: node node-3: .*its agent is not connected' || fail "wait-release does not name node-3"
+has_match "$out" '^left behind: no Kubernetes API' || fail "wait-release does not say the cluster was not touched"
+set +e
+"$COORD" wait-release --status-url "$COORD_URL/status" --timeout 5s --strict >/dev/null 2>&1; rc=$?
+set -e
+[ "$rc" -eq 1 ] || fail "wait-release --strict exited $rc with node-3 left behind"
+kip_pins_on() { local ls; ls=$(kctr_on "$1" images ls) && has_match "$ls" 'kip\.eclipse\.dev/pinned-by=kip'; }
+for n in node-1 node-2; do
+  ! kip_pins_on "$n" || fail "a record on $n still carries kip's pin after the release"
+  for ref in "$A" "$C"; do present_on "$n" "$ref" || fail "$ref was deleted from $n (unpin must keep images)"; done
+  [ ! -e "$KIP_WORK/state-$n/image-list.json" ] || fail "the state file on $n survived the release"
+done
+[[ ",$(labels_on node-1 "$B")," == *",io.cri-containerd.pinned=pinned,"* ]] || fail "the admin's pin on $B was removed"
+kip_pins_on node-3 || fail "node-3 (agent down) lost its pins: the test proves nothing"
+metric_is "http://127.0.0.1:${APORT[node-1]}" kip_images_desired 0 || fail "node-1 still has a list"
+
+log "node-3's agent comes back: it is released too"
+start_agent node-3
+wait_for 30 "node-3 released" json_check "$COORD_URL/status" "'node-3' in d['release']['released']"
+! kip_pins_on node-3 || fail "node-3 kept kip's pins after its agent came back"
+[ ! -e "$KIP_WORK/state-node-3/image-list.json" ] || fail "the state file on node-3 survived"
+for ref in "$A" "$C"; do present_on node-3 "$ref" || fail "$ref was deleted from node-3"; done
+log "a release is final for the process: taking KIP_RELEASE back publishes nothing new"
+write_configmap "$CM" "IMAGES=alpha=$A;gamma=$C;" "CACHING_INTERVAL_HOURS=1" "KIP_CHECK_INTERVAL=1s" "NODE_SELECTOR={}"
+sleep 2
+json_check "$COORD_URL/status" "len(d['release']['released']) == 3" || fail "the release was taken back"
+! kip_pins_on node-1 || fail "node-1 pinned again after KIP_RELEASE was removed"
 
 log "coordinator e2e passed"
