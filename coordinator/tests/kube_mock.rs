@@ -487,3 +487,74 @@ async fn leaving_auto_mode_takes_back_labels_set_before() {
     controller.await.unwrap();
     assert!(handle.next_request().await.is_none(), "an unexpected request was sent");
 }
+
+/// The ConfigMap through the API: the initial list publishes what the mounted copy may not have
+/// yet, a MODIFIED event is published at once, and the uninstall hook's companion ConfigMap
+/// turns into KIP_RELEASE. The directory reloader stands down once the API delivered.
+#[tokio::test]
+async fn the_config_map_is_followed_through_the_api_with_its_release_companion() {
+    use kip_coordinator::reload::ConfigMapWatch;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let (service, mut handle) = pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "kip");
+    let hub = Hub::new(config(&[("IMAGES", "a=busybox")]), Arc::new(Metrics::new()));
+    let api_active = Arc::new(AtomicBool::new(false));
+    let watch = ConfigMapWatch {
+        namespace: "kip".into(),
+        name: "k8s-image-puller".into(),
+        env: Default::default(),
+        api_active: api_active.clone(),
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(watch.run(client, hub.clone(), shutdown.clone()));
+    let cm = |name: &str, rv: &str, data: Value| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": "kip", "resourceVersion": rv}, "data": data});
+    let mut held = Vec::new(); // watches left open: never answered, never failed
+    let (mut main_watches, mut release_watches) = (0, 0);
+    // Both watchers run at once: answer by what each request asks for.
+    while main_watches + release_watches < 4 {
+        let (req, send) = tokio::time::timeout(Duration::from_secs(30), handle.next_request()).await.unwrap().unwrap();
+        assert_eq!((req.method(), req.uri().path()), (&Method::GET, "/api/v1/namespaces/kip/configmaps"));
+        let query = req.uri().query().unwrap_or_default().to_string();
+        let release = query.contains("k8s-image-puller-release");
+        let name = if release { "k8s-image-puller-release" } else { "k8s-image-puller" };
+        assert!(query.contains(&format!("fieldSelector=metadata.name%3D{name}")), "only its own ConfigMap: {query}");
+        let body = if !query.contains("watch=true") {
+            let items =
+                if release { json!([]) } else { json!([cm(name, "10", json!({"IMAGES": "a=busybox;b=nginx"}))]) };
+            serde_json::to_vec(&json!({"apiVersion": "v1", "kind": "ConfigMapList", "metadata": {"resourceVersion": "10"}, "items": items}))
+                .unwrap()
+        } else {
+            let (count, event) = if release {
+                release_watches += 1;
+                (release_watches, json!({"type": "ADDED", "object": cm(name, "12", json!({"KIP_RELEASE": "unpin"}))}))
+            } else {
+                main_watches += 1;
+                (
+                    main_watches,
+                    json!({"type": "MODIFIED", "object": cm(name, "11", json!({"IMAGES": "a=busybox;b=nginx;c=redis"}))}),
+                )
+            };
+            if count > 1 {
+                held.push(send);
+                continue;
+            }
+            let mut line = serde_json::to_vec(&event).unwrap();
+            line.push(b'\n');
+            line
+        };
+        send.send_response(Response::builder().body(Body::from(body)).unwrap());
+    }
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while hub.current().config.release != kip::v1::Release::Unpin || hub.current().config.images.len() != 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the change and the release reached the hub");
+    assert!(api_active.load(Ordering::SeqCst), "the directory reloader stands down");
+    assert_eq!(hub.metrics.config_reload_errors.get(), 0);
+    shutdown.cancel();
+    task.await.unwrap();
+    drop(held);
+}
