@@ -4,7 +4,9 @@
 # Creates a 3-node kind cluster, builds and loads kip's image, installs the chart, and checks on
 # every node with `crictl images -o json` (through `docker exec`) that the images are present and
 # pinned. Then checks the fallback: on one worker the agent gets no runtime socket, so in auto
-# mode that node loses the agent label and the classic sleep DaemonSet runs there, and only there.
+# mode that node is labelled kip.eclipse.dev/agent=none at once and the classic sleep DaemonSet
+# runs there, and only there. Last, `helm uninstall`: no kip label on any node, no image pinned by
+# kip (images still cached), no state file on the hosts, nothing of kip's left in the cluster.
 # KIP_KIND_KEEP=1 keeps the cluster.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -86,10 +88,10 @@ kubectl -n "$NS" get daemonset kubernetes-image-puller-agent -o json | jq --arg 
       + [{name: "KIP_CRI_SOCKET", value: "/host/run/kip-no-runtime/containerd.sock"}])
   | del(.status)' | kubectl apply -f -
 
-label_of() { kubectl get node "$1" -o json | jq -r '.metadata.labels["kip.eclipse.dev/agent"] // "none"'; }
-no_label() { [ "$(label_of "$WORKER")" = none ]; }
-# The coordinator drops the label after its grace period (5m by default).
-wait_until 600 "$WORKER to lose the agent label" no_label
+label_of() { kubectl get node "$1" -o json | jq -r '.metadata.labels["kip.eclipse.dev/agent"] // "(unset)"'; }
+fallback_label() { [ "$(label_of "$WORKER")" = none ]; }
+# The agent there reports no runtime: evidence, so no grace period applies.
+wait_until 120 "$WORKER to be labelled for the fallback" fallback_label
 for node in $(kubectl get nodes -o name | cut -d/ -f2); do
   [ "$node" = "$WORKER" ] && continue
   [ "$(label_of "$node")" = cri ] || fail "$node lost its agent label"
@@ -102,4 +104,22 @@ wait_until 300 "the fallback sleep DaemonSet running on $WORKER only" only_on_wo
 pod=$(kubectl -n "$NS" get pods -l app.kubernetes.io/name=kip-sleep -o jsonpath='{.items[0].metadata.name}')
 kubectl -n "$NS" get pod "$pod" -o json | jq -e '[.spec.containers[].command == ["/kip/sleep", "720h"]] | all' >/dev/null || fail "fallback containers do not run /kip/sleep 720h"
 kubectl -n "$NS" get pod "$pod" -o json | jq -e '.spec.initContainers[0].name == "copy-sleep"' >/dev/null || fail "no copy-sleep initContainer"
+log "helm uninstall: the pre-delete hook releases every node"
+helm uninstall kip -n "$NS" --wait --timeout 5m
+for node in $(kubectl get nodes -o name | cut -d/ -f2); do
+  [ "$(label_of "$node")" = "(unset)" ] || fail "$node still carries kip.eclipse.dev/agent"
+done
+for node in "${NODES[@]}"; do
+  listing=$(docker exec "$node" ctr -n k8s.io images ls)
+  if grep -F 'kip.eclipse.dev/pinned-by=kip' <<<"$listing" >/dev/null; then fail "$node: a record still pinned by kip"; fi
+  docker exec "$node" crictl images -o json |
+    jq -e '[.images[] | select(.repoTags | index("docker.io/library/busybox:1.36"))] | length == 1 and (.[0].pinned | not)' >/dev/null ||
+    fail "$node: busybox should be cached and unpinned"
+  docker exec "$node" test ! -e /var/lib/kip/image-list.json || fail "$node: the state file is left"
+done
+left=$(kubectl get all,configmaps,roles,rolebindings,serviceaccounts -n "$NS" -l app.kubernetes.io/instance=kip -o name)
+[ -z "$left" ] || fail "left in the cluster: $left"
+if kubectl -n "$NS" get daemonset kubernetes-image-puller >/dev/null 2>&1; then fail "the fallback DaemonSet is left"; fi
+left=$(kubectl get clusterroles,clusterrolebindings -o name | grep -F "$NS-kubernetes-image-puller" || true)
+[ -z "$left" ] || fail "left in the cluster: $left"
 log "kind e2e passed"
