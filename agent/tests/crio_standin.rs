@@ -344,3 +344,30 @@ async fn a_pin_crio_never_shows_is_reported_per_image_and_cleared_when_it_goes()
     node.crio.sync_pins(&keep(&[A])).await.unwrap();
     assert_eq!(node.crio.pin_problem(), None, "gone with the image that left the list");
 }
+
+/// The uninstall's release on CRI-O: the agent's release path (every pin of kip's, then the
+/// runtime's leftovers) deletes kip's drop-in and makes CRI-O reload without it; the admin's
+/// own list is in force again and nothing of kip's stays in the config dir.
+#[tokio::test]
+async fn a_release_deletes_kip_s_drop_in_and_crio_reloads_the_admin_s_list() {
+    let node = Node::start(&[A, ADMINS], "", Some("[crio.image]\npinned_images = [\"quay.io/admin-keep*\"]\n"));
+    node.crio.sync_pins(&keep(&[A])).await.unwrap();
+    node.wait_reloads(1).await;
+    let status = node.crio.status(A).await.unwrap().unwrap();
+    assert!(node.crio.pin(A, &status).await.unwrap());
+    let state_file = node.dir.path().join("image-list.json");
+    std::fs::write(&state_file, "{}").unwrap();
+
+    let released = kip_agent::agent::release_node(&node.crio, false, Some(&state_file)).await.unwrap();
+    assert_eq!(released, 1, "kip's one reference");
+    node.wait_reloads(3).await; // the empty list, then the drop-in's removal
+    assert!(!node.crio.drop_in_path().exists(), "kip's drop-in is gone");
+    assert!(!state_file.exists(), "the state file is gone");
+    assert!(!node.pinned(A).await, "CRI-O reloaded without kip's list");
+    assert!(node.pinned(ADMINS).await, "the admin's list is in force again");
+    // A second release (an agent restarted during the uninstall) finds nothing and writes nothing.
+    assert_eq!(kip_agent::agent::release_node(&node.crio, false, Some(&state_file)).await.unwrap(), 0);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!node.crio.drop_in_path().exists());
+    assert_eq!(node.reloads(), 3);
+}
