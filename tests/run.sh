@@ -20,8 +20,11 @@ for containerd in system trixie sid; do
   echo "==> node e2e on containerd $containerd (real containerd, real registries)" >&2
   KIP_CONTAINERD=$containerd bash tests/e2e/node.sh
 done
-echo "==> coordinator + agents e2e (real processes, three containerd 1.7s)" >&2
-KIP_CONTAINERD=trixie bash tests/e2e/coordinator.sh
+# The coordinator with three agents, and the uninstall's release, on each containerd of the matrix.
+for containerd in system trixie sid; do
+  echo "==> coordinator + agents e2e (real processes, three containerds: $containerd)" >&2
+  KIP_CONTAINERD=$containerd bash tests/e2e/coordinator.sh
+done
 echo "==> image e2e (static binaries, image without Docker, FROM-scratch containers on a real containerd)" >&2
 bash tests/e2e/image.sh
 echo "==> helm lint/template, OpenShift templates, manifests against the Kubernetes schema" >&2
