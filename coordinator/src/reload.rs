@@ -214,14 +214,20 @@ mod tests {
         assert_eq!(release_config_map("k8s-image-puller"), "k8s-image-puller-release");
     }
 
-    #[test]
-    fn the_directory_stands_down_once_the_api_delivers() {
+    /// A mounted-ConfigMap-like directory with `IMAGES=a=busybox`, its hub and reloader.
+    fn reloader() -> (tempfile::TempDir, Arc<Hub>, ConfigReloader) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("IMAGES"), "a=busybox").unwrap();
         let env = HashMap::new();
         let raw = config::read_sources(Some(dir.path()), &env).unwrap();
         let hub = Hub::new(config::validate(&raw).unwrap(), Arc::new(Metrics::new()));
-        let mut reloader = ConfigReloader::new(dir.path().to_path_buf(), env, hub.clone(), raw);
+        let reloader = ConfigReloader::new(dir.path().to_path_buf(), env, hub.clone(), raw);
+        (dir, hub, reloader)
+    }
+
+    #[test]
+    fn the_directory_stands_down_once_the_api_delivers() {
+        let (dir, hub, mut reloader) = reloader();
         reloader.api_active.store(true, Ordering::SeqCst);
         std::fs::write(dir.path().join("IMAGES"), "a=busybox;old=nginx").unwrap();
         reloader.reload();
@@ -230,12 +236,7 @@ mod tests {
 
     #[test]
     fn a_broken_change_is_counted_once_and_the_last_good_list_stays() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("IMAGES"), "a=busybox").unwrap();
-        let env = HashMap::new();
-        let raw = config::read_sources(Some(dir.path()), &env).unwrap();
-        let hub = Hub::new(config::validate(&raw).unwrap(), Arc::new(Metrics::new()));
-        let mut reloader = ConfigReloader::new(dir.path().to_path_buf(), env, hub.clone(), raw);
+        let (dir, hub, mut reloader) = reloader();
 
         std::fs::write(dir.path().join("CACHING_CPU_LIMIT"), "lots").unwrap();
         reloader.reload();

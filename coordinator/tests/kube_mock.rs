@@ -120,6 +120,29 @@ fn report(node: &str, runtime: bool) -> kip::v1::NodeReport {
     }
 }
 
+/// The controller loop on the mocked API, with `hub` and the nodes the test plays.
+struct Running {
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    fn start(fb: Fallback, hub: &Arc<Hub>, nodes: &Nodes) -> Self {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let run = fallback::run(fb, hub.clone(), nodes.view.clone(), Duration::from_secs(3600), shutdown.clone());
+        Self { shutdown, task: tokio::spawn(run) }
+    }
+
+    /// SIGTERM: the loop ends; with `handle`, no request is left unanswered.
+    async fn stop(self, handle: Option<ApiHandle>) {
+        self.shutdown.cancel();
+        self.task.await.unwrap();
+        if let Some(mut handle) = handle {
+            assert!(handle.next_request().await.is_none(), "an unexpected request was sent");
+        }
+    }
+}
+
 /// No request arrives for a while (the controller is idle).
 async fn assert_quiet(handle: &mut ApiHandle, why: &str) {
     let quiet = tokio::time::timeout(Duration::from_millis(500), handle.next_request()).await;
@@ -203,21 +226,20 @@ async fn the_health_check_recreates_a_missing_daemonset() {
     assert_no_more_requests(fb, handle).await;
 }
 
+/// kip's own DaemonSet is read, then deleted.
+async fn expect_kips_daemonset_deleted(handle: &mut ApiHandle) {
+    let ours = serde_json::to_value(daemonset::fallback_daemonset(&config(&[]), &Options::default()).unwrap()).unwrap();
+    expect(handle, Method::GET, DS_PATH, StatusCode::OK, ours).await;
+    let success = json!({"kind": "Status", "apiVersion": "v1", "status": "Success"});
+    expect(handle, Method::DELETE, DS_PATH, StatusCode::OK, success).await;
+}
+
 #[tokio::test]
 async fn cri_mode_deletes_only_kips_own_daemonset_once() {
     let (mut fb, mut handle) = mocked();
     let cfg = config(&[("KIP_MODE", "cri")]);
-    let ours = serde_json::to_value(daemonset::fallback_daemonset(&config(&[]), &Options::default()).unwrap()).unwrap();
     let api = tokio::spawn(async move {
-        expect(&mut handle, Method::GET, DS_PATH, StatusCode::OK, ours).await;
-        expect(
-            &mut handle,
-            Method::DELETE,
-            DS_PATH,
-            StatusCode::OK,
-            json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
-        )
-        .await;
+        expect_kips_daemonset_deleted(&mut handle).await;
         handle
     });
     assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Deleted);
@@ -277,9 +299,7 @@ async fn a_restarted_coordinator_touches_no_label_during_the_grace_but_acts_on_e
     let hub = Hub::new(cfg.clone(), Arc::new(Metrics::new()));
     let nodes = Nodes::listed(&[("node-1", Some("cri")), ("node-2", Some("cri"))]);
     let current = serde_json::to_value(daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let controller =
-        tokio::spawn(fallback::run(fb, hub.clone(), nodes.view.clone(), Duration::from_secs(3600), shutdown.clone()));
+    let running = Running::start(fb, &hub, &nodes);
 
     expect(&mut handle, Method::GET, DS_PATH, StatusCode::OK, current).await;
     assert_quiet(&mut handle, "a label request right after the start").await;
@@ -292,9 +312,7 @@ async fn a_restarted_coordinator_touches_no_label_during_the_grace_but_acts_on_e
     hub.record_report(report("node-2", false));
     let (_, _, body) = expect(&mut handle, Method::PATCH, "/api/v1/nodes/node-2", StatusCode::OK, node("node-2")).await;
     assert_eq!(body, label_patch(Some("none")));
-    shutdown.cancel();
-    controller.await.unwrap();
-    assert!(handle.next_request().await.is_none(), "an unexpected request was sent");
+    running.stop(Some(handle)).await;
 }
 
 /// A fresh install: no label anywhere. The DaemonSet is created but schedules nowhere (it needs
@@ -306,9 +324,7 @@ async fn a_fresh_install_schedules_the_fallback_only_where_an_agent_reports_no_r
     let cfg = config(&[]);
     let hub = Hub::new(cfg.clone(), Arc::new(Metrics::new()));
     let nodes = Nodes::listed(&[("a", None), ("b", None), ("c", None)]);
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let controller =
-        tokio::spawn(fallback::run(fb, hub.clone(), nodes.view.clone(), Duration::from_secs(3600), shutdown.clone()));
+    let running = Running::start(fb, &hub, &nodes);
     expect(&mut handle, Method::GET, DS_PATH, StatusCode::NOT_FOUND, not_found()).await;
     let (_, _, applied) = expect(&mut handle, Method::PATCH, DS_PATH, StatusCode::CREATED, json!({})).await;
     let term = &applied["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
@@ -328,8 +344,7 @@ async fn a_fresh_install_schedules_the_fallback_only_where_an_agent_reports_no_r
     let (_, _, body) = expect(&mut handle, Method::PATCH, "/api/v1/nodes/a", StatusCode::OK, node("a")).await;
     assert_eq!(body, label_patch(Some("cri")));
     assert_quiet(&mut handle, "node c's agent has not reported: nothing for c during the grace").await;
-    shutdown.cancel();
-    controller.await.unwrap();
+    running.stop(None).await;
 }
 
 /// `helm uninstall`: the pre-delete hook's ConfigMap sets KIP_RELEASE. The DaemonSet goes first
@@ -343,19 +358,8 @@ async fn the_uninstall_deletes_the_daemonset_then_waits_for_the_agents_then_take
     let nodes = Nodes::listed(&[("n1", Some("cri")), ("n2", Some("none")), ("n3", None)]);
     hub.node_stream("n1", true);
     hub.record_report(report("n1", true));
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let controller =
-        tokio::spawn(fallback::run(fb, hub.clone(), nodes.view.clone(), Duration::from_secs(3600), shutdown.clone()));
-    let ours = serde_json::to_value(daemonset::fallback_daemonset(&config(&[]), &Options::default()).unwrap()).unwrap();
-    expect(&mut handle, Method::GET, DS_PATH, StatusCode::OK, ours).await;
-    expect(
-        &mut handle,
-        Method::DELETE,
-        DS_PATH,
-        StatusCode::OK,
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
-    )
-    .await;
+    let running = Running::start(fb, &hub, &nodes);
+    expect_kips_daemonset_deleted(&mut handle).await;
     assert_quiet(&mut handle, "a label went before the agent confirmed").await;
     assert!(!hub.status_json()["release"]["done"].as_bool().unwrap());
     let mut released = report("n1", true);
@@ -370,9 +374,7 @@ async fn the_uninstall_deletes_the_daemonset_then_waits_for_the_agents_then_take
     assert_eq!(cluster, ClusterCleanup::Done { labels_removed: 2 });
     let status = hub.status_json();
     assert_eq!((status["release"]["done"].clone(), status["release"]["incomplete"].clone()), (json!(true), json!([])));
-    shutdown.cancel();
-    controller.await.unwrap();
-    assert!(handle.next_request().await.is_none(), "an unexpected request was sent");
+    running.stop(Some(handle)).await;
 }
 
 /// A node whose agent never answers (powered off) cannot hold the uninstall: after the release
@@ -383,9 +385,7 @@ async fn an_unreachable_node_ends_the_wait_at_the_release_timeout_and_is_named()
     let cfg = config(&[("KIP_RELEASE", "unpin"), ("KIP_MODE", "cri")]);
     let hub = Hub::with_release_timeout(cfg, Arc::new(Metrics::new()), Duration::from_secs(1));
     let nodes = Nodes::listed(&[("dead", Some("cri"))]);
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let controller =
-        tokio::spawn(fallback::run(fb, hub.clone(), nodes.view.clone(), Duration::from_secs(3600), shutdown.clone()));
+    let running = Running::start(fb, &hub, &nodes);
     expect(&mut handle, Method::GET, DS_PATH, StatusCode::NOT_FOUND, not_found()).await;
     // Bounded only so that a regression fails instead of hanging the test run.
     let (req, send) = tokio::time::timeout(Duration::from_secs(30), handle.next_request()).await.unwrap().unwrap();
@@ -402,8 +402,7 @@ async fn an_unreachable_node_ends_the_wait_at_the_release_timeout_and_is_named()
     assert_eq!(status["release"]["pending"]["dead"], json!("its agent is not connected"));
     let incomplete = status["release"]["incomplete"][0].as_str().unwrap();
     assert!(incomplete.starts_with("node dead: pins, state file or drop-in of kip's may be left"), "{incomplete}");
-    shutdown.cancel();
-    controller.await.unwrap();
+    running.stop(None).await;
 }
 
 fn unavailable() -> Value {
@@ -474,18 +473,14 @@ async fn leaving_auto_mode_takes_back_labels_set_before() {
     let hub = Hub::new(cfg.clone(), Arc::new(Metrics::new()));
     let nodes = Nodes::listed(&[("node-1", Some("cri")), ("node-2", Some("none")), ("node-3", None)]);
     let current = serde_json::to_value(daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let controller =
-        tokio::spawn(fallback::run(fb, hub, nodes.view.clone(), Duration::from_secs(3600), shutdown.clone()));
+    let running = Running::start(fb, &hub, &nodes);
     expect(&mut handle, Method::GET, DS_PATH, StatusCode::OK, current).await;
     for n in ["node-1", "node-2"] {
         let (_, _, body) =
             expect(&mut handle, Method::PATCH, &format!("/api/v1/nodes/{n}"), StatusCode::OK, node(n)).await;
         assert_eq!(body, label_patch(None));
     }
-    shutdown.cancel();
-    controller.await.unwrap();
-    assert!(handle.next_request().await.is_none(), "an unexpected request was sent");
+    running.stop(Some(handle)).await;
 }
 
 /// The ConfigMap through the API: the initial list publishes what the mounted copy may not have
