@@ -347,6 +347,9 @@ pub async fn run(mut fb: Fallback, hub: Arc<Hub>, nodes: NodeView, grace: Durati
         let published = hub.current();
         let config = &published.config;
         let releasing = config.release != kip::v1::Release::None;
+        if nodes.listed() {
+            hub.forget_deleted_nodes(&nodes.facts().into_iter().map(|n| n.name).collect());
+        }
         let mut failed = false;
         if let Err(e) = fb.sync_daemonset(config).await {
             failed = true;

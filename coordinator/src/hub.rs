@@ -341,6 +341,34 @@ impl Hub {
         self.nodes_changed.send_modify(|v| *v += 1);
     }
 
+    /// Forgets the nodes the cluster no longer has (scaled down, deleted) whose agents are not
+    /// connected: they leave `/status`, the metrics and the nodes a release waits for.
+    pub fn forget_deleted_nodes(&self, existing: &BTreeSet<String>) {
+        let connected: BTreeSet<String> = self
+            .connections
+            .read()
+            .map(|c| c.iter().filter(|(_, c)| c.open_streams > 0).map(|(n, _)| n.clone()).collect())
+            .unwrap_or_default();
+        let gone = |n: &String| !existing.contains(n) && !connected.contains(n);
+        let mut forgotten = Vec::new();
+        if let Ok(mut nodes) = self.nodes.write() {
+            forgotten.extend(nodes.keys().filter(|n| gone(n)).cloned());
+            nodes.retain(|n, _| !gone(n));
+        }
+        if let Ok(mut c) = self.connections.write() {
+            c.retain(|n, _| !gone(n));
+        }
+        if let Ok(mut r) = self.release.write() {
+            if let Some(t) = r.as_mut() {
+                t.expected.retain(|n| !gone(n));
+            }
+        }
+        if !forgotten.is_empty() {
+            tracing::info!(nodes = ?forgotten, "forgot nodes the cluster no longer has");
+            self.refresh_image_metrics(&self.current());
+        }
+    }
+
     pub fn nodes(&self) -> BTreeMap<String, NodeEntry> {
         self.nodes.read().map(|n| n.clone()).unwrap_or_default()
     }
@@ -515,6 +543,22 @@ mod tests {
         assert_eq!(hub.publish(config("a=busybox;b=nginx")), Some(3));
         assert_eq!(hub.current().config.release, v1::Release::Unpin);
         assert!(hub.current().to_update().images.is_empty());
+    }
+
+    #[test]
+    fn a_deleted_node_is_forgotten_unless_its_agent_is_still_connected() {
+        let hub = Hub::new(with_release("a=busybox", "unpin"), Arc::new(Metrics::new()));
+        for n in ["kept", "scaled-down", "still-connected"] {
+            hub.node_stream(n, true);
+            hub.record_report(report(n, &[]));
+        }
+        hub.node_stream("scaled-down", false);
+        hub.expect_release_from(["scaled-down".to_string()]);
+        hub.forget_deleted_nodes(&["kept".to_string()].into());
+        assert_eq!(hub.nodes().keys().collect::<Vec<_>>(), vec!["kept", "still-connected"]);
+        assert_eq!(hub.metrics.nodes_reporting.get(), 2);
+        let (progress, _, _) = hub.release_state(SystemTime::now()).unwrap();
+        assert!(!progress.pending.contains_key("scaled-down"), "a release does not wait for a deleted node");
     }
 
     #[test]
