@@ -143,6 +143,17 @@ impl Running {
     }
 }
 
+/// `/status` says the release is done (bounded so that a regression fails instead of hanging).
+async fn wait_until_release_done(hub: &Hub) {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while hub.status_json()["release"]["done"] != json!(true) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the release is done");
+}
+
 /// No request arrives for a while (the controller is idle).
 async fn assert_quiet(handle: &mut ApiHandle, why: &str) {
     let quiet = tokio::time::timeout(Duration::from_millis(500), handle.next_request()).await;
@@ -369,9 +380,10 @@ async fn the_uninstall_deletes_the_daemonset_then_waits_for_the_agents_then_take
     assert_eq!(body, label_patch(None));
     let (_, _, body) = expect(&mut handle, Method::PATCH, "/api/v1/nodes/n2", StatusCode::OK, node("n2")).await;
     assert_eq!(body, label_patch(None));
-    assert_quiet(&mut handle, "nothing after the labels").await;
+    wait_until_release_done(&hub).await;
     let (_, _, cluster) = hub.release_state(std::time::SystemTime::now()).unwrap();
     assert_eq!(cluster, ClusterCleanup::Done { labels_removed: 2 });
+    assert_quiet(&mut handle, "nothing after the labels").await;
     let status = hub.status_json();
     assert_eq!((status["release"]["done"].clone(), status["release"]["incomplete"].clone()), (json!(true), json!([])));
     running.stop(Some(handle)).await;
@@ -391,13 +403,7 @@ async fn an_unreachable_node_ends_the_wait_at_the_release_timeout_and_is_named()
     let (req, send) = tokio::time::timeout(Duration::from_secs(30), handle.next_request()).await.unwrap().unwrap();
     assert_eq!((req.method(), req.uri().path()), (&Method::PATCH, "/api/v1/nodes/dead"));
     send.send_response(Response::builder().body(Body::from(serde_json::to_vec(&node("dead")).unwrap())).unwrap());
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while hub.status_json()["release"]["done"] != json!(true) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .unwrap();
+    wait_until_release_done(&hub).await;
     let status = hub.status_json();
     assert_eq!(status["release"]["pending"]["dead"], json!("its agent is not connected"));
     let incomplete = status["release"]["incomplete"][0].as_str().unwrap();
