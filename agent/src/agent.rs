@@ -526,10 +526,10 @@ impl<R: Runtime> Agent<R> {
                 .collect(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
             released: self.release != v1::Release::None && self.release_outcome == Some(Ok(())),
-            release_error: match (&self.release, &self.release_outcome) {
-                (v1::Release::None, _) => String::new(),
-                (_, Some(Err(e))) => e.clone(),
-                (_, _) => String::new(),
+            // set_list clears the outcome whenever the release changes, so it is `None` without one.
+            release_error: match &self.release_outcome {
+                Some(Err(e)) => e.clone(),
+                _ => String::new(),
             },
         }
     }

@@ -127,7 +127,7 @@ pub fn save_state(dir: &Path, update: &ListUpdate) -> Result<(), StateError> {
     let text = serde_json::to_string_pretty(&saved)
         .map_err(|e| StateError::Invalid { file: file.clone(), reason: e.to_string() })?;
     std::fs::create_dir_all(dir).map_err(io)?;
-    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+    let tmp = temp_of(&file);
     {
         use std::io::Write as _;
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
@@ -138,10 +138,15 @@ pub fn save_state(dir: &Path, update: &ListUpdate) -> Result<(), StateError> {
     Ok(())
 }
 
+/// Where [`save_state`] writes before its rename (`image-list.json.tmp`).
+fn temp_of(file: &Path) -> PathBuf {
+    file.with_extension("json.tmp")
+}
+
 /// Deletes the persisted list (and a temp file a crash may have left): a release leaves no state
 /// file on the host. Absent files are fine.
 pub fn remove_state(file: &Path) -> Result<(), StateError> {
-    let tmp = file.with_extension("json.tmp");
+    let tmp = temp_of(file);
     for f in [file, tmp.as_path()] {
         match std::fs::remove_file(f) {
             Ok(()) => tracing::info!(file = %f.display(), "removed the state file"),

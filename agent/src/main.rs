@@ -52,6 +52,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
     let mut tasks = Vec::new();
     let mut list_rx = None;
+    let state_file = cli.state_dir.join(follow::STATE_FILE);
     let (source, reports) = match (&cli.coordinator, &cli.images) {
         (Some(url), _) => {
             let node = cli.node_name.clone().context("--node-name (NODE_NAME) is required with --coordinator")?;
@@ -103,7 +104,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ready.set(Some(format!("{e}")));
                 // Without a runtime kip pinned nothing here: a release only takes the state file.
                 let releasing = rx.borrow_and_update().as_ref().is_some_and(|u| u.release != kip::v1::Release::None);
-                let release = releasing.then(|| follow::remove_state(&cli.state_dir.join(follow::STATE_FILE)));
+                let release = releasing.then(|| follow::remove_state(&state_file));
                 tx.send_replace(kip::v1::NodeReport {
                     node_name: node.clone(),
                     runtime: Some(kip::v1::RuntimeState {
@@ -135,7 +136,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     agent.secrets_dir = cli.pull_secrets_dir.clone();
     agent.remove_unlisted = cli.remove_unlisted;
     if cli.coordinator.is_some() {
-        agent.state_file = Some(cli.state_dir.join(follow::STATE_FILE));
+        agent.state_file = Some(state_file);
     }
     agent.reports = reports;
     let worker = tokio::spawn(agent.run(shutdown.clone()));

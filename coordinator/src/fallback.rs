@@ -86,6 +86,11 @@ pub fn desired_labels(
         .collect()
 }
 
+/// Every node without the label: what is wanted outside auto mode and after a release.
+fn no_labels(nodes: &[NodeFacts]) -> BTreeMap<String, Option<&'static str>> {
+    nodes.iter().map(|n| (n.name.clone(), None)).collect()
+}
+
 /// The nodes as a metadata watch shows them, and a counter bumped on every change (0 until the
 /// first complete list: before it, no node is decided about).
 #[derive(Clone)]
@@ -170,9 +175,6 @@ impl Fallback {
         Self { client, options, owner_namespace, events, known: Known::Unknown, patched: BTreeMap::new() }
     }
 
-    pub fn client(&self) -> Client {
-        self.client.clone()
-    }
     /// The options for a DaemonSet in `namespace`: without an owner there if the Deployment
     /// lives elsewhere (the garbage collector would delete a DaemonSet with a dangling owner).
     fn options_for(&self, namespace: &str) -> Options {
@@ -347,8 +349,10 @@ pub async fn run(mut fb: Fallback, hub: Arc<Hub>, nodes: NodeView, grace: Durati
         let published = hub.current();
         let config = &published.config;
         let releasing = config.release != kip::v1::Release::None;
-        if nodes.listed() {
-            hub.forget_deleted_nodes(&nodes.facts().into_iter().map(|n| n.name).collect());
+        // The nodes as the watch shows them, once per pass; nothing is decided before the first list.
+        let facts = nodes.listed().then(|| nodes.facts());
+        if let Some(facts) = &facts {
+            hub.forget_deleted_nodes(&facts.iter().map(|n| n.name.clone()).collect());
         }
         let mut failed = false;
         if let Err(e) = fb.sync_daemonset(config).await {
@@ -362,30 +366,29 @@ pub async fn run(mut fb: Fallback, hub: Arc<Hub>, nodes: NodeView, grace: Durati
             )
             .await;
         }
-        if releasing {
-            if !release_labels(&mut fb, &hub, &nodes, failed).await {
-                failed = true;
+        match &facts {
+            Some(facts) if releasing => failed |= !release_labels(&mut fb, &hub, facts, failed).await,
+            Some(facts) => {
+                // Labels matter in auto mode only; in the other modes the ones found (set by this
+                // process or an earlier one, before the mode changed) are taken back.
+                let desired = if config.mode == Mode::Auto {
+                    desired_labels(&hub.liveness(), facts, started, SystemTime::now(), grace)
+                } else {
+                    no_labels(facts)
+                };
+                if let Err(e) = fb.sync_labels(&desired, facts).await {
+                    failed = true;
+                    tracing::error!(error = %e, "updating agent node labels failed");
+                    fb.record(
+                        EventType::Warning,
+                        "NodeLabelFailed",
+                        "Label",
+                        format!("updating node label {AGENT_LABEL}: {e}"),
+                    )
+                    .await;
+                }
             }
-        } else if nodes.listed() {
-            let facts = nodes.facts();
-            // Labels matter in auto mode only; in the other modes the ones found (set by this
-            // process or an earlier one, before the mode changed) are taken back.
-            let desired = if config.mode == Mode::Auto {
-                desired_labels(&hub.liveness(), &facts, started, SystemTime::now(), grace)
-            } else {
-                facts.iter().map(|n| (n.name.clone(), None)).collect()
-            };
-            if let Err(e) = fb.sync_labels(&desired, &facts).await {
-                failed = true;
-                tracing::error!(error = %e, "updating agent node labels failed");
-                fb.record(
-                    EventType::Warning,
-                    "NodeLabelFailed",
-                    "Label",
-                    format!("updating node label {AGENT_LABEL}: {e}"),
-                )
-                .await;
-            }
+            None => {}
         }
         let interval = Duration::from_secs(u64::from(config.caching_interval_hours) * 3600);
         let now = tokio::time::Instant::now();
@@ -427,11 +430,7 @@ pub async fn run(mut fb: Fallback, hub: Arc<Hub>, nodes: NodeView, grace: Durati
 
 /// The cluster's side of a release, after the DaemonSet went: once every agent confirmed (or
 /// the release timeout passed) every kip label goes. Returns false when a request failed.
-async fn release_labels(fb: &mut Fallback, hub: &Hub, nodes: &NodeView, ds_failed: bool) -> bool {
-    if !nodes.listed() {
-        return true;
-    }
-    let facts = nodes.facts();
+async fn release_labels(fb: &mut Fallback, hub: &Hub, facts: &[NodeFacts], ds_failed: bool) -> bool {
     // Nodes labelled for an agent by an earlier process must confirm too.
     hub.expect_release_from(
         facts.iter().filter(|n| n.label.as_deref() == Some(AGENT_LABEL_VALUE)).map(|n| n.name.clone()),
@@ -440,8 +439,7 @@ async fn release_labels(fb: &mut Fallback, hub: &Hub, nodes: &NodeView, ds_faile
     if matches!(cluster, ClusterCleanup::Done { .. }) || !settled {
         return true;
     }
-    let desired: BTreeMap<String, Option<&str>> = facts.iter().map(|n| (n.name.clone(), None)).collect();
-    match fb.sync_labels(&desired, &facts).await {
+    match fb.sync_labels(&no_labels(facts), facts).await {
         Ok(removed) if !ds_failed => {
             hub.set_cluster_cleanup(ClusterCleanup::Done { labels_removed: removed });
             if progress.pending.is_empty() {

@@ -21,18 +21,15 @@ pub struct Published {
 impl Published {
     pub fn to_update(&self) -> v1::ImageListUpdate {
         let p = &self.config.policy;
-        let released = self.config.release != v1::Release::None;
+        // A release keeps nothing: the list goes out empty.
+        let images = match self.config.release {
+            v1::Release::None => self.config.images.entries(),
+            _ => &[],
+        };
         v1::ImageListUpdate {
             generation: self.generation,
             release: self.config.release.into(),
-            images: self
-                .config
-                .images
-                .entries()
-                .iter()
-                .filter(|_| !released)
-                .map(|e| v1::Image { name: e.name.clone(), image: e.image.clone() })
-                .collect(),
+            images: images.iter().map(|e| v1::Image { name: e.name.clone(), image: e.image.clone() }).collect(),
             policy: Some(v1::PullPolicy {
                 max_parallel_pulls: p.max_parallel_pulls.unwrap_or(0),
                 refresh_interval_seconds: u64::from(self.config.caching_interval_hours) * 3600,
