@@ -136,11 +136,7 @@ pub fn release_config_map(name: &str) -> String {
 
 /// Pure: the raw configuration from the main ConfigMap's data and the release ConfigMap's,
 /// over the environment. Only `KIP_RELEASE` is taken from the release ConfigMap.
-pub fn raw_from_config_maps(
-    main: &BTreeMap<String, String>,
-    release: Option<&BTreeMap<String, String>>,
-    env: &HashMap<String, String>,
-) -> RawConfig {
+pub fn raw_from_config_maps(main: &Data, release: Option<&Data>, env: &HashMap<String, String>) -> RawConfig {
     let mut raw = config::from_data(main, env);
     if let Some(v) = release.and_then(|r| r.get("KIP_RELEASE")) {
         raw.insert("KIP_RELEASE".into(), v.clone());
@@ -166,12 +162,18 @@ impl ConfigMapWatch {
             };
             let slot = if is_main { &mut main_data } else { &mut release_data };
             match event {
-                Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) => {
-                    *slot = Some(cm.data.unwrap_or_default())
+                // A (re-)list is taken whole, at its end: no warning and no half state in between.
+                Ok(watcher::Event::Init) => {
+                    *slot = None;
+                    continue;
                 }
-                Ok(watcher::Event::Delete(_)) => *slot = None,
-                Ok(watcher::Event::Init) => *slot = None,
+                Ok(watcher::Event::InitApply(cm)) => {
+                    *slot = Some(cm.data.unwrap_or_default());
+                    continue;
+                }
                 Ok(watcher::Event::InitDone) => {}
+                Ok(watcher::Event::Apply(cm)) => *slot = Some(cm.data.unwrap_or_default()),
+                Ok(watcher::Event::Delete(_)) => *slot = None,
                 Err(e) => {
                     tracing::warn!(error = %e, config_map = %self.name, "watching the ConfigMap failed; retrying (the mounted directory is followed meanwhile)");
                     continue;
