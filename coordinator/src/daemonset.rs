@@ -8,7 +8,7 @@ use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrate
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, EmptyDirVolumeSource, LocalObjectReference, NodeAffinity, NodeSelector,
     NodeSelectorRequirement, NodeSelectorTerm, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
-    SeccompProfile, SecurityContext, Volume, VolumeMount,
+    SeccompProfile, SecurityContext, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -38,6 +38,8 @@ pub struct Options {
     pub openshift: bool,
     /// The coordinator's Deployment, so the DaemonSet goes when kip is uninstalled.
     pub owner: Option<OwnerReference>,
+    /// The startup gate's toleration: the fallback is what opens a gated node without an agent.
+    pub gate_toleration: Option<Toleration>,
 }
 
 /// The DaemonSet for `config.mode`; `None` in `cri` mode and once kip is released.
@@ -141,7 +143,11 @@ pub fn fallback_daemonset(config: &KipConfig, opts: &Options) -> Option<DaemonSe
                     termination_grace_period_seconds: Some(1),
                     node_selector: (!config.node_selector.is_empty()).then(|| config.node_selector.clone()),
                     affinity,
-                    tolerations: (!config.tolerations.is_empty()).then(|| config.tolerations.clone()),
+                    tolerations: {
+                        let all: Vec<Toleration> =
+                            config.tolerations.iter().chain(&opts.gate_toleration).cloned().collect();
+                        (!all.is_empty()).then_some(all)
+                    },
                     image_pull_secrets: (!config.image_pull_secrets.is_empty()).then(|| {
                         config.image_pull_secrets.iter().map(|s| LocalObjectReference { name: s.clone() }).collect()
                     }),
@@ -230,6 +236,11 @@ mod tests {
     }
 
     /// Compares with `tests/golden/NAME.yaml`; `KIP_UPDATE_GOLDEN=1` rewrites it (then review the diff).
+    /// The chart's default: the fallback runs on gated nodes (it is what opens them without an agent).
+    fn gate() -> Toleration {
+        crate::gate::DEFAULT_GATE_TAINT.parse::<crate::gate::GateTaint>().unwrap().toleration()
+    }
+
     fn golden(name: &str, ds: &DaemonSet) {
         let yaml = serde_saphyr::to_string(ds).unwrap();
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(format!("{name}.yaml"));
@@ -255,7 +266,9 @@ mod tests {
             ("IMAGES", "java11=quay.io/eclipse/che-java11-maven:next;theia=quay.io/eclipse/che-theia:next"),
             ("KIP_MODE", "daemonset"),
         ]);
-        let ds = fallback_daemonset(&c, &Options { openshift: false, owner: Some(owner()) }).unwrap();
+        let ds =
+            fallback_daemonset(&c, &Options { openshift: false, owner: Some(owner()), gate_toleration: Some(gate()) })
+                .unwrap();
         golden("daemonset-mode", &ds);
         let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
         assert_eq!(pod.termination_grace_period_seconds, Some(1));
@@ -279,7 +292,9 @@ mod tests {
             ("CACHING_MEMORY_REQUEST", "5Mi"),
             ("CACHING_MEMORY_LIMIT", "5Mi"),
         ]);
-        let ds = fallback_daemonset(&c, &Options { openshift: false, owner: Some(owner()) }).unwrap();
+        let ds =
+            fallback_daemonset(&c, &Options { openshift: false, owner: Some(owner()), gate_toleration: Some(gate()) })
+                .unwrap();
         golden("auto-mode-all-options", &ds);
         let terms = &ds
             .spec
@@ -313,7 +328,8 @@ mod tests {
     #[test]
     fn auto_mode_without_user_affinity_and_openshift_leaves_uids_out() {
         let c = config(&[("IMAGES", "a=busybox")]);
-        let ds = fallback_daemonset(&c, &Options { openshift: true, owner: None }).unwrap();
+        let ds =
+            fallback_daemonset(&c, &Options { openshift: true, owner: None, gate_toleration: Some(gate()) }).unwrap();
         golden("auto-mode-openshift", &ds);
         let sc = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap().security_context.clone().unwrap();
         assert_eq!((sc.run_as_user, sc.run_as_group, sc.run_as_non_root), (None, None, Some(true)));

@@ -9,46 +9,24 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use futures_util::StreamExt as _;
+use std::collections::BTreeSet;
+
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, Patch, PatchParams};
-use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{watcher, WatchStreamExt as _};
 use kube::{Api, Client, Resource as _};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{KipConfig, Mode};
 use crate::daemonset::{self, Options, AGENT_LABEL, AGENT_LABEL_VALUE, MANAGED_BY, NO_AGENT_LABEL_VALUE};
+use crate::gate::{self, GateTaint, Opened, Verdict};
 use crate::hub::{ClusterCleanup, Hub, Liveness};
+use crate::watches::{watch_nodes, Workloads};
+pub use crate::watches::{NodeFacts, NodeView};
 
 pub const FIELD_MANAGER: &str = "kip";
-
-pub type NodeMeta = PartialObjectMeta<Node>;
-
-/// What the label decision needs to know of one node.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NodeFacts {
-    pub name: String,
-    pub created: Option<SystemTime>,
-    /// The value of `kip.eclipse.dev/agent`, if set.
-    pub label: Option<String>,
-}
-
-impl NodeFacts {
-    pub fn of(node: &NodeMeta) -> Option<Self> {
-        let m = &node.metadata;
-        Some(Self {
-            name: m.name.clone()?,
-            created: m.creation_timestamp.as_ref().map(|t| SystemTime::from(t.0)),
-            label: m.labels.as_ref().and_then(|l| l.get(AGENT_LABEL).cloned()),
-        })
-    }
-}
 
 /// The desired `kip.eclipse.dev/agent` value of every known node in auto mode (`None`: no
 /// label). Labels change only on evidence:
@@ -91,53 +69,6 @@ fn no_labels(nodes: &[NodeFacts]) -> BTreeMap<String, Option<&'static str>> {
     nodes.iter().map(|n| (n.name.clone(), None)).collect()
 }
 
-/// The nodes as a metadata watch shows them, and a counter bumped on every change (0 until the
-/// first complete list: before it, no node is decided about).
-#[derive(Clone)]
-pub struct NodeView {
-    pub store: Store<NodeMeta>,
-    pub changed: watch::Receiver<u64>,
-}
-
-impl NodeView {
-    pub fn facts(&self) -> Vec<NodeFacts> {
-        let mut facts: Vec<NodeFacts> = self.store.state().iter().filter_map(|n| NodeFacts::of(n)).collect();
-        facts.sort_by(|a, b| a.name.cmp(&b.name));
-        facts
-    }
-
-    pub fn listed(&self) -> bool {
-        *self.changed.borrow() > 0
-    }
-}
-
-/// Watches the nodes' metadata: the view, and the task that keeps it current (retried with
-/// kube-runtime's backoff; a deleted node leaves the view, and so the label decisions).
-pub fn watch_nodes(client: Client) -> (NodeView, impl std::future::Future<Output = ()>) {
-    let (store, writer) = reflector::store::<NodeMeta>();
-    let (tx, changed) = watch::channel(0u64);
-    let stream = watcher(Api::<NodeMeta>::all(client), watcher::Config::default()).default_backoff().reflect(writer);
-    let task = async move {
-        let mut stream = std::pin::pin!(stream);
-        let mut listed = false;
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(watcher::Event::InitDone) => listed = true,
-                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "watching nodes failed; retrying");
-                    continue;
-                }
-            }
-            if listed {
-                tx.send_modify(|v| *v += 1);
-            }
-        }
-    };
-    (NodeView { store, changed }, task)
-}
-
 /// What kip knows of the DaemonSet in the cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Known {
@@ -163,6 +94,10 @@ pub struct Fallback {
     known: Known,
     /// Label values this process set that the node watch may not show yet: no second patch.
     patched: BTreeMap<String, Option<String>>,
+    /// Nodes whose gate this process removed, until the watch shows it gone: no second patch.
+    gates_opened: BTreeSet<String>,
+    /// When this process started: agents reconnect to a restarted coordinator, labels wait.
+    started: SystemTime,
 }
 
 impl Fallback {
@@ -172,7 +107,16 @@ impl Fallback {
             (Recorder::new(client.clone(), reporter), r)
         });
         let owner_namespace = events.as_ref().and_then(|(_, r)| r.namespace.clone());
-        Self { client, options, owner_namespace, events, known: Known::Unknown, patched: BTreeMap::new() }
+        Self {
+            client,
+            options,
+            owner_namespace,
+            events,
+            known: Known::Unknown,
+            patched: BTreeMap::new(),
+            gates_opened: BTreeSet::new(),
+            started: SystemTime::now(),
+        }
     }
 
     /// The options for a DaemonSet in `namespace`: without an owner there if the Deployment
@@ -186,7 +130,7 @@ impl Fallback {
     /// and the coordinator's own Deployment (owner of the DaemonSet, subject of Events).
     /// Both lookups are retried until the API answers (a DaemonSet applied with a wrong guess
     /// would have to be fixed later); only a definite "not found" ends one without a result.
-    pub async fn discover(client: Client, deployment: Option<(String, String)>) -> Self {
+    pub async fn discover(client: Client, deployment: Option<(String, String)>, gate: Option<&GateTaint>) -> Self {
         let groups =
             crate::retry_forever("listing API groups (OpenShift detection)", || client.list_api_groups()).await;
         let openshift = groups.groups.iter().any(|g| g.name == "route.openshift.io");
@@ -209,7 +153,7 @@ impl Fallback {
             }
         }
         tracing::info!(openshift, owner = owner.is_some(), "fallback controller ready");
-        Self::new(client, Options { openshift, owner }, reference)
+        Self::new(client, Options { openshift, owner, gate_toleration: gate.map(GateTaint::toleration) }, reference)
     }
 
     /// Makes the DaemonSet match `config`. Sends no request when the spec is unchanged.
@@ -262,16 +206,14 @@ impl Fallback {
         Ok(outcome)
     }
 
-    /// The periodic check: recreates a missing DaemonSet, re-applies an edited one, logs readiness.
-    pub async fn check_health(&mut self, config: &KipConfig) -> Result<DsOutcome, kube::Error> {
-        let Some(desired) = daemonset::fallback_daemonset(config, &self.options_for(&config.namespace)) else {
-            return Ok(DsOutcome::Unchanged);
-        };
-        let api = Api::<DaemonSet>::namespaced(self.client.clone(), &config.namespace);
-        let existing = api.get_opt(&config.daemonset_name).await?;
-        match &existing {
+    /// What the DaemonSet watch shows (`None`: absent). A DaemonSet deleted or edited behind
+    /// kip's back is applied again at the next sync (an Event says it was missing).
+    pub async fn observe_daemonset(&mut self, config: &KipConfig, shown: Option<&DaemonSet>) {
+        let Known::Applied(hash) = &self.known else { return };
+        match shown {
             None => {
-                tracing::warn!(daemonset = %config.daemonset_name, "the fallback DaemonSet is missing; recreating it");
+                tracing::warn!(daemonset = %config.daemonset_name, "the fallback DaemonSet was deleted; recreating it");
+                self.known = Known::Unknown;
                 self.record(
                     EventType::Warning,
                     "DaemonSetMissing",
@@ -280,12 +222,12 @@ impl Fallback {
                 )
                 .await;
             }
-            Some(ds) => {
-                let status = ds.status.clone().unwrap_or_default();
-                tracing::info!(daemonset = %config.daemonset_name, ready = status.number_ready, desired = status.desired_number_scheduled, "fallback DaemonSet health");
+            Some(ds) if daemonset::hash_of(ds) != Some(hash.as_str()) => {
+                tracing::warn!(daemonset = %config.daemonset_name, "the fallback DaemonSet was changed; applying kip's spec again");
+                self.known = Known::Unknown;
             }
+            Some(_) => {}
         }
-        self.converge(&api, config, desired, existing).await
     }
 
     /// Sets `kip.eclipse.dev/agent` to the `desired` value on each node (merge patches; `None`
@@ -334,21 +276,61 @@ impl Fallback {
     }
 }
 
-/// Drives a [`Fallback`]: on every list, report or node change, and on the health interval.
-pub async fn run(mut fb: Fallback, hub: Arc<Hub>, nodes: NodeView, grace: Duration, shutdown: CancellationToken) {
+/// The controller's settings that do not come from the configuration.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// How long labels wait for agents (see [`desired_labels`]).
+    pub grace: Duration,
+    /// The startup gate's taint (`None`: no gate).
+    pub gate: Option<GateTaint>,
+    /// After this long since a node's creation its gate opens unverified.
+    pub gate_timeout: Duration,
+}
+
+impl Settings {
+    pub fn new(grace: Duration) -> Self {
+        Self { grace, gate: None, gate_timeout: Duration::from_secs(900) }
+    }
+}
+
+/// Waits for a change of an optional view (forever without one).
+async fn changed(rx: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    let Some(rx) = rx else { return std::future::pending().await };
+    if rx.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Drives a [`Fallback`] on every list, report, node, DaemonSet or fallback pod change, and when
+/// a grace period or a gate timeout runs out. Returns the controller when the configuration moved
+/// the DaemonSet to another namespace or name (`workloads` watch the old one); `None` at shutdown.
+pub async fn run(
+    mut fb: Fallback,
+    hub: Arc<Hub>,
+    nodes: NodeView,
+    workloads: Option<Workloads>,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> Option<Fallback> {
     hub.attach_api();
-    // Agents reconnect to a coordinator that just started: labels wait `grace` for them.
-    let started = SystemTime::now();
     let mut lists = hub.subscribe();
     let mut reports = hub.subscribe_nodes();
     let mut node_changes = nodes.changed.clone();
-    // The first pass creates or checks the DaemonSet; the health check comes an interval later.
-    let mut next_health: Option<tokio::time::Instant> = None;
+    let mut ds_changes = workloads.as_ref().map(|w| w.daemonset.changed.clone());
+    let mut pod_changes = workloads.as_ref().map(|w| w.pods.changed.clone());
     let mut retry = crate::backoff();
     loop {
         let published = hub.current();
         let config = &published.config;
         let releasing = config.release != kip::v1::Release::None;
+        if let Some(w) = &workloads {
+            if (w.namespace.as_str(), w.name.as_str()) != (config.namespace.as_str(), config.daemonset_name.as_str()) {
+                return Some(fb);
+            }
+            if let Some(shown) = w.shown_daemonset() {
+                fb.observe_daemonset(config, shown.as_deref()).await;
+            }
+        }
         // The nodes as the watch shows them, once per pass; nothing is decided before the first list.
         let facts = nodes.listed().then(|| nodes.facts());
         if let Some(facts) = &facts {
@@ -366,13 +348,19 @@ pub async fn run(mut fb: Fallback, hub: Arc<Hub>, nodes: NodeView, grace: Durati
             )
             .await;
         }
+        let mut gate_due: Option<Duration> = None;
+        if let (Some(gate), Some(facts)) = (&settings.gate, &facts) {
+            let (ok, due) = open_gates(&mut fb, &hub, facts, workloads.as_ref(), gate, settings.gate_timeout).await;
+            failed |= !ok;
+            gate_due = due;
+        }
         match &facts {
             Some(facts) if releasing => failed |= !release_labels(&mut fb, &hub, facts, failed).await,
             Some(facts) => {
                 // Labels matter in auto mode only; in the other modes the ones found (set by this
                 // process or an earlier one, before the mode changed) are taken back.
                 let desired = if config.mode == Mode::Auto {
-                    desired_labels(&hub.liveness(), facts, started, SystemTime::now(), grace)
+                    desired_labels(&hub.liveness(), facts, fb.started, SystemTime::now(), settings.grace)
                 } else {
                     no_labels(facts)
                 };
@@ -390,27 +378,17 @@ pub async fn run(mut fb: Fallback, hub: Arc<Hub>, nodes: NodeView, grace: Durati
             }
             None => {}
         }
-        let interval = Duration::from_secs(u64::from(config.caching_interval_hours) * 3600);
-        let now = tokio::time::Instant::now();
-        match next_health {
-            Some(due) if now >= due && !releasing => {
-                if let Err(e) = fb.check_health(config).await {
-                    failed = true;
-                    tracing::error!(error = %e, "fallback DaemonSet health check failed");
-                }
-                next_health = Some(now + interval);
-            }
-            Some(_) => {}
-            None => next_health = Some(now + interval),
-        }
-        let next_health_due = next_health.unwrap_or(now + interval);
         let mut wait = if failed {
             retry.next().unwrap_or(Duration::from_secs(60))
         } else {
             retry = crate::backoff();
             // Wake up to act on grace periods that ran out.
-            grace.min(Duration::from_secs(30))
+            settings.grace.min(Duration::from_secs(30))
         };
+        if let Some(due) = gate_due {
+            // A held gate opens when its timeout passes, not up to 30 s later.
+            wait = wait.min(due + Duration::from_millis(10));
+        }
         if let Some(deadline) = hub.release_deadline() {
             // The labels go when the release timeout passes, not up to 30 s later.
             if let Ok(left) = deadline.duration_since(SystemTime::now()) {
@@ -418,14 +396,94 @@ pub async fn run(mut fb: Fallback, hub: Arc<Hub>, nodes: NodeView, grace: Durati
             }
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return None,
             _ = lists.changed() => {}
             _ = reports.changed() => {}
             Ok(()) = node_changes.changed() => {}
+            _ = changed(&mut ds_changes) => {}
+            _ = changed(&mut pod_changes) => {}
             _ = tokio::time::sleep(wait) => {}
-            _ = tokio::time::sleep_until(next_health_due) => {}
         }
     }
+}
+
+/// The startup gate: every node with the gate taint is decided about ([`gate::decide`]); where
+/// it may go into service the taint is removed. Returns false when a request failed, and how
+/// long until the first held node's timeout.
+async fn open_gates(
+    fb: &mut Fallback,
+    hub: &Hub,
+    facts: &[NodeFacts],
+    workloads: Option<&Workloads>,
+    gate: &GateTaint,
+    timeout: Duration,
+) -> (bool, Option<Duration>) {
+    let published = hub.current();
+    let config = &published.config;
+    let releasing = config.release != kip::v1::Release::None;
+    let images: Vec<&str> = config.images.entries().iter().map(|e| e.image.as_str()).collect();
+    let reports = hub.nodes();
+    let now = SystemTime::now();
+    // Once the watch shows a gate gone (or the node), it is the truth again.
+    fb.gates_opened.retain(|n| facts.iter().any(|f| &f.name == n && gate.find(&f.taints).is_some()));
+    let mut status = hub.gate_status().unwrap_or_default();
+    status.taint = gate.to_string();
+    status.timeout = timeout;
+    status.held.clear();
+    let (mut ok, mut due) = (true, None::<Duration>);
+    let gated: Vec<&NodeFacts> =
+        facts.iter().filter(|n| gate.find(&n.taints).is_some() && !fb.gates_opened.contains(&n.name)).collect();
+    for node in gated {
+        let waited = gate::waited(node.created, now);
+        let fallback_ready = workloads.is_some_and(|w| w.fallback_ready(&node.name, &images));
+        let report = reports.get(&node.name).map(|e| &e.report);
+        let why = match gate::decide(&config.images, report, fallback_ready, waited, timeout, releasing) {
+            Verdict::Hold(why) => {
+                let left = timeout.saturating_sub(waited);
+                due = Some(due.map_or(left, |d| d.min(left)));
+                status.held.insert(node.name.clone(), why);
+                continue;
+            }
+            Verdict::Open(why) => why,
+        };
+        match gate::remove_gate(&fb.client, &node.name, gate, &node.taints).await {
+            Ok(true) => {
+                fb.gates_opened.insert(node.name.clone());
+                hub.metrics.gate_opened(why, waited);
+                status.record_opened(&node.name, why, waited);
+                let after = humantime::format_duration(Duration::from_secs(waited.as_secs()));
+                if why == Opened::Timeout {
+                    let held = gate::images_ready(&config.images, report).err().unwrap_or_default();
+                    tracing::warn!(node = %node.name, taint = %gate, after = %after, held = %held, "gate timeout: the node goes into service unverified");
+                    fb.record(
+                        EventType::Warning,
+                        "GateTimeout",
+                        "Ungate",
+                        format!("node {} went into service unverified after {after} ({held})", node.name),
+                    )
+                    .await;
+                } else {
+                    tracing::info!(node = %node.name, taint = %gate, reason = why.as_str(), after = %after, "gate opened: the node may run workloads");
+                    fb.record(
+                        EventType::Normal,
+                        "GateOpened",
+                        "Ungate",
+                        format!("node {} may run workloads ({}) after {after}", node.name, why.as_str()),
+                    )
+                    .await;
+                }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                ok = false;
+                tracing::error!(node = %node.name, error = %e, "removing the gate taint failed");
+                status.held.insert(node.name.clone(), format!("removing the taint failed: {e}"));
+            }
+        }
+    }
+    hub.metrics.gate_nodes_held.set(status.held.len() as i64);
+    hub.set_gate_status(status);
+    (ok, due)
 }
 
 /// The cluster's side of a release, after the DaemonSet went: once every agent confirmed (or
@@ -484,17 +542,37 @@ async fn release_labels(fb: &mut Fallback, hub: &Hub, facts: &[NodeFacts], ds_fa
 }
 
 /// Runs the controller with `client`: finds out what the DaemonSet depends on, watches the
-/// nodes, then keeps everything in line until shutdown.
+/// nodes, the DaemonSet and its pods, then keeps everything in line until shutdown.
 pub async fn start(
     client: Client,
     hub: Arc<Hub>,
     deployment: Option<(String, String)>,
-    grace: Duration,
+    settings: Settings,
     shutdown: CancellationToken,
 ) {
-    let fb = Fallback::discover(client.clone(), deployment).await;
-    let (nodes, watch_task) = watch_nodes(client);
-    tokio::join!(watch_task, run(fb, hub, nodes, grace, shutdown));
+    let mut fb = Fallback::discover(client.clone(), deployment, settings.gate.as_ref()).await;
+    let (nodes, node_task) = watch_nodes(client.clone());
+    let controller = async {
+        loop {
+            let config = hub.current();
+            let (workloads, workload_task) =
+                Workloads::watch(client.clone(), &config.config.namespace, &config.config.daemonset_name);
+            let run = run(fb, hub.clone(), nodes.clone(), Some(workloads), settings.clone(), shutdown.clone());
+            // The watches of the old DaemonSet end with its run.
+            let stopped = tokio::select! {
+                f = run => f,
+                _ = workload_task => {
+                    tracing::error!("the DaemonSet and pod watches ended; the fallback controller stops");
+                    None
+                }
+            };
+            match stopped {
+                Some(f) => fb = f,
+                None => return,
+            }
+        }
+    };
+    tokio::join!(node_task, controller);
 }
 
 /// Runs `work` until it ends or `shutdown` fires, whichever comes first: an API call in flight
@@ -521,7 +599,7 @@ mod tests {
     }
 
     fn node(name: &str, label: Option<&str>, created: SystemTime) -> NodeFacts {
-        NodeFacts { name: name.into(), created: Some(created), label: label.map(str::to_string) }
+        NodeFacts { name: name.into(), created: Some(created), label: label.map(str::to_string), taints: vec![] }
     }
 
     fn want(pairs: &[(&str, Option<&'static str>)]) -> BTreeMap<String, Option<&'static str>> {

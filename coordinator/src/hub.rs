@@ -9,6 +9,7 @@ use kip::v1;
 use tokio::sync::watch;
 
 use crate::config::KipConfig;
+use crate::gate::GateStatus;
 use crate::metrics::{ImageLabels, Metrics};
 
 /// One published generation of the configuration.
@@ -132,6 +133,8 @@ pub struct Hub {
     release: RwLock<Option<ReleaseTracking>>,
     /// A controller with a Kubernetes API client runs: it cleans the cluster's side.
     api_attached: std::sync::atomic::AtomicBool,
+    /// The startup gate as the controller last saw it (`None`: no gate configured or no API).
+    gate: RwLock<Option<GateStatus>>,
 }
 
 impl Hub {
@@ -153,6 +156,7 @@ impl Hub {
             release_timeout,
             release: RwLock::new(None),
             api_attached: std::sync::atomic::AtomicBool::new(false),
+            gate: RwLock::new(None),
         });
         hub.refresh_image_metrics(&first);
         hub.track_release(&first.config);
@@ -222,6 +226,16 @@ impl Hub {
         let progress = release_progress(&self.liveness(), &self.nodes(), &tracking.expected);
         let settled = progress.pending.is_empty() || now >= tracking.deadline;
         Some((progress, settled, tracking.cluster))
+    }
+
+    pub fn gate_status(&self) -> Option<GateStatus> {
+        self.gate.read().ok()?.clone()
+    }
+
+    pub fn set_gate_status(&self, status: GateStatus) {
+        if let Ok(mut g) = self.gate.write() {
+            *g = Some(status);
+        }
     }
 
     /// When the wait for the agents ends at the latest.
@@ -436,6 +450,9 @@ impl Hub {
         });
         if let Some(release) = self.release_json(now) {
             status["release"] = release;
+        }
+        if let Some(gate) = self.gate_status() {
+            status["gate"] = gate.to_json();
         }
         status
     }

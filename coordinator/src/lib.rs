@@ -6,11 +6,13 @@
 pub mod config;
 pub mod daemonset;
 pub mod fallback;
+pub mod gate;
 pub mod grpc;
 pub mod hub;
 pub mod metrics;
 pub mod release;
 pub mod reload;
+pub mod watches;
 
 /// A Kubernetes API client (in-cluster or kubeconfig), retried until one can be built.
 pub async fn connect_kube() -> kube::Client {

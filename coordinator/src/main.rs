@@ -67,6 +67,15 @@ struct Cli {
     #[arg(long, env = "KIP_RELEASE_TIMEOUT", value_name = "DURATION", default_value = "2m", value_parser = kip::duration::parse_duration)]
     release_timeout: Duration,
 
+    /// The startup gate: kip removes this taint from a node once its images are cached there (the
+    /// node pool registers nodes with it; kip never adds it). KEY[=VALUE]:EFFECT; empty: no gate
+    #[arg(long, env = "KIP_GATE_TAINT", value_name = "TAINT", default_value = kip_coordinator::gate::DEFAULT_GATE_TAINT, value_parser = clap::value_parser!(kip_coordinator::gate::GateSetting))]
+    gate_taint: kip_coordinator::gate::GateSetting,
+
+    /// How long after its creation a gated node goes into service even unverified
+    #[arg(long, env = "KIP_GATE_TIMEOUT", value_name = "DURATION", default_value = "15m", value_parser = kip::duration::parse_duration)]
+    gate_timeout: Duration,
+
     /// Validate the configuration, print a summary and exit (0 when valid)
     #[arg(long)]
     check_config: bool,
@@ -210,7 +219,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // trying while the list is published regardless.
     let deployment = cli.deployment_name.clone().zip(cli.pod_namespace.clone()).map(|(name, ns)| (ns, name));
     let kube = {
-        let (hub, shutdown, grace) = (hub.clone(), shutdown.clone(), cli.node_label_grace);
+        let settings = fallback::Settings {
+            grace: cli.node_label_grace,
+            gate: cli.gate_taint.0.clone(),
+            gate_timeout: cli.gate_timeout,
+        };
+        let (hub, shutdown) = (hub.clone(), shutdown.clone());
         tokio::spawn(async move {
             let work = async {
                 let client = kip_coordinator::connect_kube().await;
@@ -220,7 +234,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         None => std::future::pending().await,
                     }
                 };
-                tokio::join!(watch, fallback::start(client.clone(), hub.clone(), deployment, grace, shutdown.clone()));
+                tokio::join!(
+                    watch,
+                    fallback::start(client.clone(), hub.clone(), deployment, settings, shutdown.clone())
+                );
             };
             fallback::until_shutdown(&shutdown, work).await;
         })

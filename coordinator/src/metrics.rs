@@ -5,8 +5,14 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ImageLabels {
@@ -25,6 +31,11 @@ pub struct Metrics {
     pub nodes_runtime_unavailable: Gauge,
     pub image_nodes_cached: Family<ImageLabels, Gauge>,
     pub image_nodes_pinned: Family<ImageLabels, Gauge>,
+    pub gate_nodes_held: Gauge,
+    gate_opened: Family<ReasonLabels, Counter>,
+    gate_wait_seconds: Histogram,
+    /// Agent calls refused, by reason (unauthenticated, permission_denied, unavailable).
+    pub agent_calls_refused: Family<ReasonLabels, Counter>,
 }
 
 impl Metrics {
@@ -41,6 +52,11 @@ impl Metrics {
             nodes_runtime_unavailable: Gauge::default(),
             image_nodes_cached: Family::default(),
             image_nodes_pinned: Family::default(),
+            gate_nodes_held: Gauge::default(),
+            gate_opened: Family::default(),
+            // From a node's creation to its gate opening: a minute to an hour.
+            gate_wait_seconds: Histogram::new([15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0]),
+            agent_calls_refused: Family::default(),
         };
         registry.register(
             "kip_config_generation",
@@ -72,11 +88,41 @@ impl Metrics {
             m.image_nodes_pinned.clone(),
         );
         registry.register(
+            "kip_gate_nodes_held",
+            "Nodes with the startup gate taint that kip holds (images not cached yet)",
+            m.gate_nodes_held.clone(),
+        );
+        registry.register(
+            "kip_gate_opened",
+            "Startup gates kip removed, by reason (cached, fallback_ready, timeout: unverified, uninstall)",
+            m.gate_opened.clone(),
+        );
+        registry.register(
+            "kip_gate_wait_seconds",
+            "Time from a gated node's creation until kip removed its gate",
+            m.gate_wait_seconds.clone(),
+        );
+        registry.register(
+            "kip_agent_calls_refused",
+            "Agent calls refused by --agent-auth, by reason",
+            m.agent_calls_refused.clone(),
+        );
+        registry.register(
             "kip_build",
             "kip-coordinator build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION")), ("component", "coordinator")]),
         );
         Self { registry, ..m }
+    }
+
+    /// A gate opened for `why`, `waited` after the node was created.
+    pub fn gate_opened(&self, why: crate::gate::Opened, waited: std::time::Duration) {
+        self.gate_opened.get_or_create(&ReasonLabels { reason: why.as_str().into() }).inc();
+        self.gate_wait_seconds.observe(waited.as_secs_f64());
+    }
+
+    pub fn refused(&self, reason: &str) {
+        self.agent_calls_refused.get_or_create(&ReasonLabels { reason: reason.into() }).inc();
     }
 
     pub fn render(&self) -> String {

@@ -14,11 +14,11 @@ use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kip_coordinator::config::{validate, KipConfig, RawConfig};
 use kip_coordinator::daemonset::{self, Options};
-use kip_coordinator::fallback::{self, DsOutcome, Fallback, NodeFacts, NodeMeta, NodeView};
+use kip_coordinator::fallback::{self, DsOutcome, Fallback, NodeFacts, NodeView, Settings};
 use kip_coordinator::hub::{ClusterCleanup, Hub};
 use kip_coordinator::metrics::Metrics;
+use kip_coordinator::watches::{View, Workloads};
 use kube::client::Body;
-use kube::core::PartialObjectMetaExt as _;
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
 use serde_json::{json, Value};
@@ -66,14 +66,14 @@ fn not_found() -> Value {
 
 /// The node watch, played by the test: nodes created long ago, with their agent label.
 struct Nodes {
-    writer: Writer<NodeMeta>,
+    writer: Writer<Node>,
     tx: tokio::sync::watch::Sender<u64>,
     view: NodeView,
 }
 
 impl Nodes {
     fn listed(nodes: &[(&str, Option<&str>)]) -> Self {
-        let (store, writer) = reflector::store::<NodeMeta>();
+        let (store, writer) = reflector::store::<Node>();
         let (tx, changed) = tokio::sync::watch::channel(0);
         let mut this = Self { writer, tx, view: NodeView { store, changed } };
         for (name, label) in nodes {
@@ -90,13 +90,34 @@ impl Nodes {
             creation_timestamp: Some(Time("2020-01-01T00:00:00Z".parse().unwrap())),
             ..Default::default()
         };
-        self.writer.apply_watcher_event(&watcher::Event::Apply(meta.into_request_partial::<Node>()));
+        self.writer.apply_watcher_event(&watcher::Event::Apply(Node { metadata: meta, ..Default::default() }));
+        self.tx.send_modify(|v| *v += 1);
+    }
+
+    /// The watch shows `node` as given (taints, creation time).
+    fn show_node(&mut self, node: Value) {
+        self.writer.apply_watcher_event(&watcher::Event::Apply(serde_json::from_value(node).unwrap()));
         self.tx.send_modify(|v| *v += 1);
     }
 
     fn facts(&self) -> Vec<NodeFacts> {
         self.view.facts()
     }
+}
+
+const GATE: &str = "kip.eclipse.dev/images-pending";
+
+/// A node created `age` ago with `taints` (as JSON), as the API returns it.
+fn tainted_node(name: &str, age: Duration, taints: Value) -> Value {
+    let created = chrono_like(std::time::SystemTime::now() - age);
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "creationTimestamp": created}, "spec": {"taints": taints}})
+}
+
+/// RFC 3339 in UTC, seconds precision (the API's format), without a date crate.
+fn chrono_like(t: std::time::SystemTime) -> String {
+    let secs = t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let ts = k8s_openapi::jiff::Timestamp::from_second(secs as i64).unwrap();
+    ts.to_string()
 }
 
 fn node(name: &str) -> Value {
@@ -128,9 +149,24 @@ struct Running {
 
 impl Running {
     fn start(fb: Fallback, hub: &Arc<Hub>, nodes: &Nodes) -> Self {
+        Self::start_with(fb, hub, nodes, None, Settings::new(Duration::from_secs(3600)))
+    }
+
+    fn start_with(
+        fb: Fallback,
+        hub: &Arc<Hub>,
+        nodes: &Nodes,
+        workloads: Option<Workloads>,
+        settings: Settings,
+    ) -> Self {
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let run = fallback::run(fb, hub.clone(), nodes.view.clone(), Duration::from_secs(3600), shutdown.clone());
-        Self { shutdown, task: tokio::spawn(run) }
+        let run = fallback::run(fb, hub.clone(), nodes.view.clone(), workloads, settings, shutdown.clone());
+        Self {
+            shutdown,
+            task: tokio::spawn(async move {
+                run.await;
+            }),
+        }
     }
 
     /// SIGTERM: the loop ends; with `handle`, no request is left unanswered.
@@ -152,6 +188,17 @@ async fn wait_until_release_done(hub: &Hub) {
     })
     .await
     .expect("the release is done");
+}
+
+/// `check` holds within a bounded wait (the controller records after the API answered).
+async fn eventually(what: &str, check: impl Fn() -> bool) {
+    let waited = tokio::time::timeout(Duration::from_secs(30), async {
+        while !check() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "{what}");
 }
 
 /// No request arrives for a while (the controller is idle).
@@ -213,27 +260,35 @@ async fn an_existing_daemonset_with_the_same_hash_is_left_alone_and_a_changed_sp
 }
 
 #[tokio::test]
-async fn the_health_check_recreates_a_missing_daemonset() {
+async fn a_daemonset_the_watch_shows_deleted_or_edited_is_applied_again_at_once() {
     let (mut fb, mut handle) = mocked();
     let cfg = config(&[]);
     let desired = serde_json::to_value(daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
     let api = tokio::spawn(async move {
         expect(&mut handle, Method::GET, DS_PATH, StatusCode::NOT_FOUND, not_found()).await;
         expect(&mut handle, Method::PATCH, DS_PATH, StatusCode::CREATED, desired.clone()).await;
-        // Deleted behind kip's back: the health check sees the 404 and applies again.
+        // Deleted behind kip's back: read once more (404) and applied again.
         expect(&mut handle, Method::GET, DS_PATH, StatusCode::NOT_FOUND, not_found()).await;
         let (query, _, _) = expect(&mut handle, Method::PATCH, DS_PATH, StatusCode::CREATED, desired.clone()).await;
         assert!(query.contains("fieldManager=kip"));
-        // Present and unchanged: only the GET.
-        let mut with_status = desired.clone();
-        with_status["status"] = json!({"currentNumberScheduled": 3, "desiredNumberScheduled": 3, "numberMisscheduled": 0, "numberReady": 2});
-        expect(&mut handle, Method::GET, DS_PATH, StatusCode::OK, with_status).await;
-        handle
+        // Edited (another hash): read and applied again.
+        let mut edited = desired.clone();
+        edited["metadata"]["annotations"]["kip.eclipse.dev/spec-hash"] = json!("edited");
+        expect(&mut handle, Method::GET, DS_PATH, StatusCode::OK, edited).await;
+        expect(&mut handle, Method::PATCH, DS_PATH, StatusCode::OK, desired.clone()).await;
+        (handle, desired)
     });
     assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Created);
-    assert_eq!(fb.check_health(&cfg).await.unwrap(), DsOutcome::Created);
-    assert_eq!(fb.check_health(&cfg).await.unwrap(), DsOutcome::Unchanged);
-    let handle = api.await.unwrap();
+    fb.observe_daemonset(&cfg, None).await;
+    assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Created);
+    let mut edited = daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap();
+    edited.metadata.annotations.as_mut().unwrap().insert("kip.eclipse.dev/spec-hash".into(), "edited".into());
+    fb.observe_daemonset(&cfg, Some(&edited)).await;
+    assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Updated);
+    let (handle, desired) = api.await.unwrap();
+    // What the watch shows next is kip's own object: nothing to do.
+    fb.observe_daemonset(&cfg, Some(&serde_json::from_value(desired).unwrap())).await;
+    assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Unchanged);
     assert_no_more_requests(fb, handle).await;
 }
 
@@ -434,7 +489,7 @@ async fn start_up_lookups_are_retried_until_the_api_answers() {
         expect(&mut handle, Method::GET, path, StatusCode::OK, deployment).await;
         handle
     });
-    let fb = Fallback::discover(client, Some(("kip".into(), "kip-coordinator".into()))).await;
+    let fb = Fallback::discover(client, Some(("kip".into(), "kip-coordinator".into())), None).await;
     assert!(fb.options.openshift, "detected after the retry, not assumed false");
     let owner = fb.options.owner.clone().expect("an owner after the retry");
     assert_eq!(
@@ -457,8 +512,11 @@ async fn shutdown_does_not_wait_for_a_hanging_api_call() {
         let shutdown = shutdown.clone();
         let view = nodes.view.clone();
         async move {
-            let work = fallback::run(fb, hub, view, Duration::from_secs(300), shutdown.clone());
-            kip_coordinator::fallback::until_shutdown(&shutdown, work).await;
+            let work = fallback::run(fb, hub, view, None, Settings::new(Duration::from_secs(300)), shutdown.clone());
+            kip_coordinator::fallback::until_shutdown(&shutdown, async {
+                work.await;
+            })
+            .await;
         }
     });
     // The first request arrives and is never answered.
@@ -558,4 +616,154 @@ async fn the_config_map_is_followed_through_the_api_with_its_release_companion()
     shutdown.cancel();
     task.await.unwrap();
     drop(held);
+}
+
+fn gate_settings(timeout: Duration) -> Settings {
+    Settings {
+        gate: Some(kip_coordinator::gate::DEFAULT_GATE_TAINT.parse().unwrap()),
+        gate_timeout: timeout,
+        ..Settings::new(Duration::from_secs(3600))
+    }
+}
+
+/// A report of a node whose agent has every image of `config(&[])` cached and pinned.
+fn all_cached(node: &str) -> kip::v1::NodeReport {
+    let mut r = report(node, true);
+    r.images = [("a", "busybox"), ("b", "nginx")]
+        .iter()
+        .map(|(n, i)| kip::v1::ImageState {
+            name: n.to_string(),
+            image: i.to_string(),
+            cached: true,
+            pinned: true,
+            ..Default::default()
+        })
+        .collect();
+    r
+}
+
+fn invalid(message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid", "code": 422, "message": message})
+}
+
+fn removal(index: usize, taint: &Value) -> Value {
+    let path = format!("/spec/taints/{index}");
+    json!([{"op": "test", "path": path, "value": taint}, {"op": "remove", "path": path}])
+}
+
+/// A new node registered with the gate: held until its agent reports every image cached and
+/// pinned, then the taint goes with a JSON patch that tests it at its index; when someone changed
+/// the taints meanwhile (the API answers 422), the node is read again and the patch retried
+/// against what it shows — the other taints are never rewritten.
+#[tokio::test]
+async fn the_gate_opens_when_the_agent_has_every_image_with_a_tested_patch_retried_on_conflict() {
+    let (fb, mut handle) = mocked();
+    let hub = Hub::new(config(&[("KIP_MODE", "cri")]), Arc::new(Metrics::new()));
+    let gate = json!({"key": GATE, "effect": "NoSchedule"});
+    let not_ready = json!({"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"});
+    let dedicated = json!({"key": "example.com/dedicated", "value": "ide", "effect": "NoSchedule"});
+    let mut nodes = Nodes::listed(&[]);
+    nodes.show_node(tainted_node("new", Duration::from_secs(60), json!([not_ready, gate])));
+    nodes.show_node(tainted_node("plain", Duration::from_secs(60), json!([not_ready])));
+    let running = Running::start_with(fb, &hub, &nodes, None, gate_settings(Duration::from_secs(3600)));
+    expect(&mut handle, Method::GET, DS_PATH, StatusCode::NOT_FOUND, not_found()).await;
+    assert_quiet(&mut handle, "the gate opened before the agent reported").await;
+    assert_eq!(hub.status_json()["gate"]["held"], json!({"new": "its agent has not reported"}));
+
+    let mut partial = all_cached("new");
+    partial.images[1].cached = false;
+    hub.record_report(partial);
+    assert_quiet(&mut handle, "the gate opened with an image missing").await;
+    assert_eq!(hub.status_json()["gate"]["held"]["new"], json!("1 of 2 images not cached yet: b"));
+
+    hub.record_report(all_cached("new"));
+    let path = "/api/v1/nodes/new";
+    let (_, ct, body) =
+        expect(&mut handle, Method::PATCH, path, StatusCode::UNPROCESSABLE_ENTITY, invalid("test failed")).await;
+    assert_eq!(ct.as_deref(), Some("application/json-patch+json"));
+    assert_eq!(body, removal(1, &gate));
+    // The not-ready taint went and another came meanwhile: read again, retried at the new index.
+    let now_shown = tainted_node("new", Duration::from_secs(60), json!([gate, dedicated]));
+    expect(&mut handle, Method::GET, path, StatusCode::OK, now_shown).await;
+    let (_, _, body) = expect(&mut handle, Method::PATCH, path, StatusCode::OK, node("new")).await;
+    assert_eq!(body, removal(0, &gate));
+    assert_quiet(&mut handle, "the gate was removed twice").await;
+
+    eventually("the opening counted", || {
+        let metrics = hub.metrics.render();
+        metrics.contains("kip_gate_opened_total{reason=\"cached\"} 1") && metrics.contains("kip_gate_nodes_held 0")
+    })
+    .await;
+    let status = hub.status_json();
+    assert_eq!(
+        (status["gate"]["opened"][0]["node"].clone(), status["gate"]["opened"][0]["reason"].clone()),
+        (json!("new"), json!("cached"))
+    );
+    running.stop(Some(handle)).await;
+}
+
+/// Played DaemonSet and pod watches (listed): the DaemonSet shows `ds`, no pod yet.
+fn played_workloads(
+    ds: &Value,
+) -> (Workloads, Writer<k8s_openapi::api::core::v1::Pod>, tokio::sync::watch::Sender<u64>) {
+    let (ds_store, mut ds_writer) = reflector::store();
+    ds_writer.apply_watcher_event(&watcher::Event::Apply(serde_json::from_value(ds.clone()).unwrap()));
+    let (pod_store, pod_writer) = reflector::store();
+    // The DaemonSet does not change in these tests: its sender may go.
+    let (_, ds_changed) = tokio::sync::watch::channel(1);
+    let (pod_tx, pod_changed) = tokio::sync::watch::channel(1);
+    let workloads = Workloads {
+        namespace: "k8s-image-puller".into(),
+        name: "kubernetes-image-puller".into(),
+        daemonset: View { store: ds_store, changed: ds_changed },
+        pods: View { store: pod_store, changed: pod_changed },
+    };
+    (workloads, pod_writer, pod_tx)
+}
+
+/// Without an agent report a gated node opens when the fallback DaemonSet's pod on it is Ready
+/// with every listed image, or unverified once the gate timeout has passed since its creation
+/// (a broken registry never strands a node).
+#[tokio::test]
+async fn without_an_agent_the_gate_opens_on_a_ready_fallback_pod_or_at_the_timeout() {
+    let (fb, mut handle) = mocked();
+    let cfg = config(&[]);
+    let hub = Hub::new(cfg.clone(), Arc::new(Metrics::new()));
+    let gate = json!({"key": GATE, "effect": "NoSchedule"});
+    let mut nodes = Nodes::listed(&[]);
+    nodes.show_node(tainted_node("old", Duration::from_secs(7200), json!([gate])));
+    nodes.show_node(tainted_node("fresh", Duration::from_secs(10), json!([gate])));
+    let current = serde_json::to_value(daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
+    let (workloads, mut pods, pods_changed) = played_workloads(&current);
+    let running = Running::start_with(fb, &hub, &nodes, Some(workloads), gate_settings(Duration::from_secs(3600)));
+    expect(&mut handle, Method::GET, DS_PATH, StatusCode::OK, current).await;
+    let (_, _, body) = expect(&mut handle, Method::PATCH, "/api/v1/nodes/old", StatusCode::OK, node("old")).await;
+    assert_eq!(body, removal(0, &gate));
+    assert_quiet(&mut handle, "the fresh node opened without evidence").await;
+
+    // A pod of an older list (nginx missing) does not count; the current one does.
+    let pod = |name: &str, images: &[&str]| -> k8s_openapi::api::core::v1::Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "k8s-image-puller"},
+            "spec": {"nodeName": "fresh", "containers": images.iter().map(|i| json!({"name": "c", "image": i})).collect::<Vec<_>>()},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+        }))
+        .unwrap()
+    };
+    pods.apply_watcher_event(&watcher::Event::Apply(pod("old-list", &["busybox"])));
+    pods_changed.send_modify(|v| *v += 1);
+    assert_quiet(&mut handle, "a pod of an older list opened the gate").await;
+    pods.apply_watcher_event(&watcher::Event::Apply(pod("current", &["busybox", "nginx"])));
+    pods_changed.send_modify(|v| *v += 1);
+    let (_, _, body) = expect(&mut handle, Method::PATCH, "/api/v1/nodes/fresh", StatusCode::OK, node("fresh")).await;
+    assert_eq!(body, removal(0, &gate));
+
+    eventually("both openings counted", || {
+        let metrics = hub.metrics.render();
+        metrics.contains("kip_gate_opened_total{reason=\"timeout\"} 1")
+            && metrics.contains("kip_gate_opened_total{reason=\"fallback_ready\"} 1")
+            && metrics.contains("kip_gate_nodes_held 0")
+    })
+    .await;
+    running.stop(None).await;
 }

@@ -1,0 +1,257 @@
+//! What the coordinator follows in the cluster, through kube-runtime watchers into reflector
+//! stores: the nodes (labels, taints, creation), the fallback DaemonSet and its pods. Each view
+//! carries a counter bumped on every change after the first complete list, so the controller
+//! wakes on changes instead of polling. Objects are stripped of what kip never reads (node
+//! status with its image list, managed fields) before they are stored.
+
+use std::time::SystemTime;
+
+use futures_util::StreamExt as _;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Node, Pod, Taint};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt as _};
+use kube::{Api, Client, Resource};
+use tokio::sync::watch;
+
+use crate::daemonset::AGENT_LABEL;
+
+/// A reflector store and a counter bumped on every change (0 until the first complete list:
+/// before it, nothing is decided from the view).
+pub struct View<K: Resource + 'static>
+where
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    pub store: Store<K>,
+    pub changed: watch::Receiver<u64>,
+}
+
+impl<K: Resource + 'static> Clone for View<K>
+where
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    fn clone(&self) -> Self {
+        Self { store: self.store.clone(), changed: self.changed.clone() }
+    }
+}
+
+impl<K: Resource + 'static> View<K>
+where
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    pub fn listed(&self) -> bool {
+        *self.changed.borrow() > 0
+    }
+}
+
+/// Watches `api` into a [`View`]: the view, and the task that keeps it current (retried with
+/// kube-runtime's backoff; a deleted object leaves the view). `strip` drops what is not needed.
+pub fn follow<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    strip: fn(&mut K),
+    what: &'static str,
+) -> (View<K>, impl std::future::Future<Output = ()>)
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store::<K>();
+    let (tx, changed) = watch::channel(0u64);
+    let stream = watcher(api, config).default_backoff().modify(strip).reflect(writer);
+    let task = async move {
+        let mut stream = std::pin::pin!(stream);
+        let mut listed = false;
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(watcher::Event::InitDone) => listed = true,
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "watching {what} failed; retrying");
+                    continue;
+                }
+            }
+            if listed {
+                tx.send_modify(|v| *v += 1);
+            }
+        }
+    };
+    (View { store, changed }, task)
+}
+
+pub type NodeView = View<Node>;
+
+/// What the label and gate decisions need to know of one node.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeFacts {
+    pub name: String,
+    pub created: Option<SystemTime>,
+    /// The value of `kip.eclipse.dev/agent`, if set.
+    pub label: Option<String>,
+    pub taints: Vec<Taint>,
+}
+
+impl NodeFacts {
+    pub fn of(node: &Node) -> Option<Self> {
+        let m = &node.metadata;
+        Some(Self {
+            name: m.name.clone()?,
+            created: m.creation_timestamp.as_ref().map(|t| SystemTime::from(t.0)),
+            label: m.labels.as_ref().and_then(|l| l.get(AGENT_LABEL).cloned()),
+            taints: node.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default(),
+        })
+    }
+}
+
+impl View<Node> {
+    /// Every node, by name.
+    pub fn facts(&self) -> Vec<NodeFacts> {
+        let mut facts: Vec<NodeFacts> = self.store.state().iter().filter_map(|n| NodeFacts::of(n)).collect();
+        facts.sort_by(|a, b| a.name.cmp(&b.name));
+        facts
+    }
+}
+
+/// Nodes keep metadata and taints; their status (conditions, the image list) changes often and
+/// is large.
+fn strip_node(node: &mut Node) {
+    node.status = None;
+    node.metadata.managed_fields = None;
+    node.metadata.annotations = None;
+    if let Some(spec) = node.spec.as_mut() {
+        let taints = spec.taints.take();
+        *spec = Default::default();
+        spec.taints = taints;
+    }
+}
+
+pub fn watch_nodes(client: Client) -> (NodeView, impl std::future::Future<Output = ()>) {
+    follow(Api::<Node>::all(client), watcher::Config::default(), strip_node, "nodes")
+}
+
+/// The fallback DaemonSet and its pods, in one namespace under one name: the controller
+/// re-applies a deleted or edited DaemonSet at once and opens the gate of a node whose
+/// fallback pod is Ready.
+#[derive(Clone)]
+pub struct Workloads {
+    pub namespace: String,
+    pub name: String,
+    pub daemonset: View<DaemonSet>,
+    pub pods: View<Pod>,
+}
+
+/// The labels the fallback DaemonSet gives its pods (its selector).
+pub fn fallback_pod_selector(name: &str) -> String {
+    format!("app.kubernetes.io/name=kip-sleep,app.kubernetes.io/instance={name}")
+}
+
+fn strip_daemonset(ds: &mut DaemonSet) {
+    ds.metadata.managed_fields = None;
+    ds.spec = None;
+}
+
+fn strip_pod(pod: &mut Pod) {
+    pod.metadata.managed_fields = None;
+    pod.metadata.annotations = None;
+    if let Some(spec) = pod.spec.as_mut() {
+        let (node, containers) = (spec.node_name.take(), std::mem::take(&mut spec.containers));
+        *spec = Default::default();
+        spec.node_name = node;
+        spec.containers = containers
+            .into_iter()
+            .map(|c| k8s_openapi::api::core::v1::Container { name: c.name, image: c.image, ..Default::default() })
+            .collect();
+    }
+    if let Some(status) = pod.status.as_mut() {
+        let conditions = status.conditions.take();
+        *status = Default::default();
+        status.conditions = conditions;
+    }
+}
+
+impl Workloads {
+    pub fn watch(client: Client, namespace: &str, name: &str) -> (Self, impl std::future::Future<Output = ()>) {
+        let (daemonset, ds_task) = follow(
+            Api::<DaemonSet>::namespaced(client.clone(), namespace),
+            watcher::Config::default().fields(&format!("metadata.name={name}")),
+            strip_daemonset,
+            "the fallback DaemonSet",
+        );
+        let (pods, pod_task) = follow(
+            Api::<Pod>::namespaced(client, namespace),
+            watcher::Config::default().labels(&fallback_pod_selector(name)),
+            strip_pod,
+            "the fallback DaemonSet's pods",
+        );
+        let task = async move {
+            tokio::join!(ds_task, pod_task);
+        };
+        (Self { namespace: namespace.into(), name: name.into(), daemonset, pods }, task)
+    }
+
+    /// The DaemonSet as the watch shows it: `None` before the first list, `Some(None)` when absent.
+    pub fn shown_daemonset(&self) -> Option<Option<std::sync::Arc<DaemonSet>>> {
+        self.daemonset.listed().then(|| self.daemonset.store.get(&ObjectRef::new(&self.name).within(&self.namespace)))
+    }
+
+    /// Whether the fallback pod on `node` is Ready and runs every image in `images`.
+    pub fn fallback_ready(&self, node: &str, images: &[&str]) -> bool {
+        self.pods.store.state().iter().any(|p| pod_serves(p, node, images))
+    }
+}
+
+/// Pure: `pod` runs on `node`, is Ready, and has a container for every image in `images` (a pod
+/// of an older list does not count).
+pub fn pod_serves(pod: &Pod, node: &str, images: &[&str]) -> bool {
+    let Some(spec) = pod.spec.as_ref() else { return false };
+    let ready = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    spec.node_name.as_deref() == Some(node)
+        && ready
+        && images.iter().all(|i| spec.containers.iter().any(|c| c.image.as_deref() == Some(*i)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(node: &str, ready: &str, images: &[&str]) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p"},
+            "spec": {"nodeName": node, "containers": images.iter().map(|i| serde_json::json!({"name": "c", "image": i})).collect::<Vec<_>>()},
+            "status": {"conditions": [{"type": "Ready", "status": ready}]},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_fallback_pod_serves_its_node_when_ready_with_every_listed_image() {
+        let p = pod("n1", "True", &["busybox", "nginx"]);
+        assert!(pod_serves(&p, "n1", &["busybox", "nginx"]));
+        assert!(!pod_serves(&p, "n2", &["busybox"]), "another node");
+        assert!(!pod_serves(&p, "n1", &["busybox", "redis"]), "a pod of an older list");
+        assert!(!pod_serves(&pod("n1", "False", &["busybox"]), "n1", &["busybox"]), "not ready");
+    }
+
+    #[test]
+    fn stripping_keeps_what_the_decisions_read() {
+        let mut n: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n", "labels": {AGENT_LABEL: "cri"}, "annotations": {"a": "b"}},
+            "spec": {"podCIDR": "10.0.0.0/24", "taints": [{"key": "k", "effect": "NoSchedule"}]},
+            "status": {"images": [{"names": ["busybox"], "sizeBytes": 1}]},
+        }))
+        .unwrap();
+        strip_node(&mut n);
+        let f = NodeFacts::of(&n).unwrap();
+        assert_eq!((f.label.as_deref(), f.taints.len()), (Some("cri"), 1));
+        assert!(n.status.is_none() && n.metadata.annotations.is_none());
+        assert_eq!(n.spec.unwrap().pod_cidr, None);
+
+        let mut p = pod("n1", "True", &["busybox"]);
+        strip_pod(&mut p);
+        assert!(pod_serves(&p, "n1", &["busybox"]));
+    }
+}
