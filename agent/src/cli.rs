@@ -43,6 +43,11 @@ pub struct Cli {
     #[arg(long, env = "NODE_NAME", value_name = "NAME", required_if_eq_any = [("coordinator", "*")])]
     pub node_name: Option<String>,
 
+    /// A file with this pod's ServiceAccount token for the coordinator (a projected token with
+    /// audience kip; re-read for every call, as the kubelet rotates it)
+    #[arg(long, env = "KIP_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
     /// Where the last list from the coordinator is kept, so a restart without the coordinator keeps the images
     #[arg(long, env = "KIP_STATE_DIR", value_name = "DIR", default_value = "/var/lib/kip")]
     pub state_dir: PathBuf,

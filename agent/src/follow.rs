@@ -167,8 +167,38 @@ pub fn coordinator_channel(url: &str) -> Result<Channel, tonic::transport::Error
         .connect_lazy())
 }
 
+/// Adds the agent's ServiceAccount token to every call, read from its file each time: the kubelet
+/// rotates the projected token in place, so the file always has the current one.
+#[derive(Clone, Debug, Default)]
+pub struct BearerToken {
+    pub file: Option<PathBuf>,
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let Some(file) = &self.file else { return Ok(request) };
+        let token = std::fs::read_to_string(file).map_err(|e| {
+            tonic::Status::unauthenticated(format!("cannot read the token file {} (--token-file): {e}", file.display()))
+        })?;
+        let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {
+            tonic::Status::unauthenticated(format!("the token file {} does not hold a token", file.display()))
+        })?;
+        request.metadata_mut().insert("authorization", value);
+        Ok(request)
+    }
+}
+
+pub type Client = CoordinatorClient<tonic::service::interceptor::InterceptedService<Channel, BearerToken>>;
+
+/// A client of the coordinator that sends the token of `token` with every call.
+pub fn client(channel: Channel, token: BearerToken) -> Client {
+    CoordinatorClient::with_interceptor(channel, token)
+}
+
 pub struct Follower {
     pub channel: Channel,
+    /// The token sent with every call (`--token-file`).
+    pub token: BearerToken,
     pub url: String,
     pub node_name: String,
     pub state_dir: PathBuf,
@@ -209,7 +239,7 @@ impl Follower {
 
     /// Follows one stream to its end; returns how many updates it delivered.
     async fn follow_stream(&self) -> Result<usize, (usize, tonic::Status)> {
-        let mut client = CoordinatorClient::new(self.channel.clone());
+        let mut client = client(self.channel.clone(), self.token.clone());
         let req =
             v1::WatchRequest { node_name: self.node_name.clone(), agent_version: env!("CARGO_PKG_VERSION").into() };
         let mut stream = client.watch(req).await.map_err(|s| (0, s))?.into_inner();
@@ -261,11 +291,12 @@ impl Follower {
 /// Watch stream (re)connects, since a restarted coordinator knows nothing; retries with backoff.
 pub async fn report_changes(
     channel: Channel,
+    token: BearerToken,
     mut reports: watch::Receiver<v1::NodeReport>,
     connected: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
-    let mut client = CoordinatorClient::new(channel);
+    let mut client = client(channel, token);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -285,7 +316,12 @@ pub async fn report_changes(
                 Ok(_) => break,
                 Err(s) => {
                     let delay = backoff.next().unwrap_or(Duration::from_secs(30));
-                    tracing::debug!(error = %s, retry_in_ms = delay.as_millis() as u64, "report not delivered");
+                    // Refusals are the operator's business; a coordinator that is away is not.
+                    if matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied) {
+                        tracing::warn!(error = %s, retry_in_ms = delay.as_millis() as u64, "the coordinator refused the report");
+                    } else {
+                        tracing::debug!(error = %s, retry_in_ms = delay.as_millis() as u64, "report not delivered");
+                    }
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(delay) => {}

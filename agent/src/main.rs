@@ -76,8 +76,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let (updates, updates_rx) = tokio::sync::watch::channel(initial);
             list_rx = Some(updates_rx.clone());
             let connected = Arc::new(tokio::sync::Notify::new());
+            let token = follow::BearerToken { file: cli.token_file.clone() };
             let follower = follow::Follower {
                 channel: channel.clone(),
+                token: token.clone(),
                 url: url.clone(),
                 node_name: node.clone(),
                 state_dir: cli.state_dir.clone(),
@@ -86,7 +88,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             tasks.push(tokio::spawn(follower.run(shutdown.clone())));
             let (report_tx, report_rx) = tokio::sync::watch::channel(kip::v1::NodeReport::default());
-            tasks.push(tokio::spawn(follow::report_changes(channel, report_rx, connected, shutdown.clone())));
+            tasks.push(tokio::spawn(follow::report_changes(channel, token, report_rx, connected, shutdown.clone())));
             (ListSource::Coordinator(updates_rx), Some((node, report_tx)))
         }
         (None, Some(images)) => (ListSource::Fixed(images.clone()), None),

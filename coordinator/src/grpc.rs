@@ -10,17 +10,20 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::auth::AgentAuth;
 use crate::hub::Hub;
 
 pub struct CoordinatorService {
     hub: Arc<Hub>,
+    /// Who may call as which node (`--agent-auth`).
+    auth: Arc<AgentAuth>,
     /// Ends every Watch stream, so a graceful shutdown does not wait for them forever.
     shutdown: CancellationToken,
 }
 
 impl CoordinatorService {
-    pub fn new(hub: Arc<Hub>, shutdown: CancellationToken) -> Self {
-        Self { hub, shutdown }
+    pub fn new(hub: Arc<Hub>, auth: Arc<AgentAuth>, shutdown: CancellationToken) -> Self {
+        Self { hub, auth, shutdown }
     }
 }
 
@@ -45,10 +48,11 @@ impl Coordinator for CoordinatorService {
     type WatchStream = UpdateStream;
 
     async fn watch(&self, request: Request<v1::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        let req = request.into_inner();
-        if req.node_name.trim().is_empty() {
+        if request.get_ref().node_name.trim().is_empty() {
             return Err(Status::invalid_argument("node_name is empty"));
         }
+        self.auth.check(request.metadata(), &request.get_ref().node_name, &self.hub.metrics).await?;
+        let req = request.into_inner();
         tracing::info!(node = %req.node_name, agent_version = %req.agent_version, "agent connected");
         self.hub.metrics.agents_connected.inc();
         self.hub.node_stream(&req.node_name, true);
@@ -63,10 +67,11 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn report(&self, request: Request<v1::NodeReport>) -> Result<Response<v1::ReportAck>, Status> {
-        let report = request.into_inner();
-        if report.node_name.trim().is_empty() {
+        if request.get_ref().node_name.trim().is_empty() {
             return Err(Status::invalid_argument("node_name is empty"));
         }
+        self.auth.check(request.metadata(), &request.get_ref().node_name, &self.hub.metrics).await?;
+        let report = request.into_inner();
         self.hub.record_report(report);
         Ok(Response::new(v1::ReportAck {}))
     }

@@ -14,6 +14,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use kip::http;
 use kip::process::{init_logging, wait_for_signal, LogFormat};
+use kip_coordinator::auth::{AgentAuth, AuthMode, ServiceAccount, TokenVerifier};
 use kip_coordinator::reload::{ConfigMapWatch, ConfigReloader};
 use kip_coordinator::{config, fallback, grpc::CoordinatorService, hub::Hub, metrics::Metrics, release};
 use tokio_util::sync::CancellationToken;
@@ -75,6 +76,20 @@ struct Cli {
     /// How long after its creation a gated node goes into service even unverified
     #[arg(long, env = "KIP_GATE_TIMEOUT", value_name = "DURATION", default_value = "15m", value_parser = kip::duration::parse_duration)]
     gate_timeout: Duration,
+
+    /// How agents are authenticated: `tokenreview` verifies each call's ServiceAccount token with
+    /// the API server and binds it to the token's node (refusing calls while it cannot verify);
+    /// `none` accepts every call (outside Kubernetes only: the demo, tests on loopback)
+    #[arg(long, env = "KIP_AGENT_AUTH", value_enum, default_value = "tokenreview")]
+    agent_auth: AuthMode,
+
+    /// The agents' ServiceAccount, NAMESPACE:NAME (required with --agent-auth tokenreview)
+    #[arg(long, env = "KIP_AGENT_SERVICE_ACCOUNT", value_name = "NAMESPACE:NAME")]
+    agent_service_account: Option<ServiceAccount>,
+
+    /// The audience of the agents' projected tokens
+    #[arg(long, env = "KIP_AGENT_AUDIENCE", value_name = "AUDIENCE", default_value = kip_coordinator::auth::DEFAULT_AUDIENCE)]
+    agent_audience: String,
 
     /// Validate the configuration, print a summary and exit (0 when valid)
     #[arg(long)]
@@ -160,6 +175,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     tracing::info!(images = config.images.len(), list = %config.images, "configuration valid");
 
+    // The verifier gets the API client once it is reached; until then agent calls are refused.
+    let (api_client, api_client_rx) = tokio::sync::watch::channel(None::<kube::Client>);
+    let auth = match (cli.agent_auth, cli.agent_service_account.clone()) {
+        (AuthMode::None, _) => {
+            tracing::warn!("--agent-auth none: any caller may report as any node (use only outside Kubernetes)");
+            AgentAuth::None
+        }
+        (AuthMode::Tokenreview, Some(sa)) => {
+            tracing::info!(service_account = %sa.username(), audience = %cli.agent_audience, "agents authenticate with ServiceAccount tokens (TokenReview)");
+            AgentAuth::TokenReview(TokenVerifier::new(api_client_rx, sa, cli.agent_audience.clone()))
+        }
+        (AuthMode::Tokenreview, None) => anyhow::bail!(
+            "--agent-auth tokenreview needs the agents' ServiceAccount: --agent-service-account NAMESPACE:NAME (KIP_AGENT_SERVICE_ACCOUNT); outside Kubernetes give --agent-auth none"
+        ),
+    };
+    let auth = Arc::new(auth);
     let metrics = Arc::new(Metrics::new());
     let hub = Hub::with_release_timeout(config, metrics.clone(), cli.release_timeout);
     let shutdown = CancellationToken::new();
@@ -173,8 +204,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing::info!(grpc = %cli.grpc_listen, http = %cli.listen, "serving");
 
     let grpc = {
-        let service =
-            kip::v1::coordinator_server::CoordinatorServer::new(CoordinatorService::new(hub.clone(), shutdown.clone()));
+        let service = kip::v1::coordinator_server::CoordinatorServer::new(CoordinatorService::new(
+            hub.clone(),
+            auth.clone(),
+            shutdown.clone(),
+        ));
         let shutdown = shutdown.clone();
         tokio::spawn(
             tonic::transport::Server::builder()
@@ -228,6 +262,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let work = async {
                 let client = kip_coordinator::connect_kube().await;
+                api_client.send_replace(Some(client.clone()));
                 let watch = async {
                     match config_map {
                         Some(w) => w.run(client.clone(), hub.clone(), shutdown.clone()).await,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kip_agent::follow::{coordinator_channel, Follower, ListUpdate};
+use kip_coordinator::auth::AgentAuth;
 use kip_coordinator::{config, grpc::CoordinatorService, hub::Hub, metrics::Metrics};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -26,8 +27,11 @@ async fn a_list_change_reaches_50_agents() {
     let hub = Hub::new(config_with("a=busybox;b=nginx"), Arc::new(Metrics::new()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let service =
-        kip::v1::coordinator_server::CoordinatorServer::new(CoordinatorService::new(hub.clone(), shutdown.clone()));
+    let service = kip::v1::coordinator_server::CoordinatorServer::new(CoordinatorService::new(
+        hub.clone(),
+        Arc::new(AgentAuth::None),
+        shutdown.clone(),
+    ));
     let server = {
         let shutdown = shutdown.clone();
         tokio::spawn(
@@ -46,6 +50,7 @@ async fn a_list_change_reaches_50_agents() {
         let (tx, rx) = watch::channel(None);
         let follower = Follower {
             channel: coordinator_channel(&url).unwrap(),
+            token: Default::default(),
             url: url.clone(),
             node_name: format!("node-{i}"),
             state_dir: state.path().join(format!("node-{i}")),

@@ -34,7 +34,7 @@ CM="$KIP_WORK/configmap"
 write_configmap "$CM" "IMAGES=$IMAGES" "CACHING_INTERVAL_HOURS=1" "KIP_CHECK_INTERVAL=5s"
 GRPC=$(free_port); CPORT=$(free_port); PORT=${KIP_DEMO_PORT:-$(free_port)}
 log "starting kip-coordinator (config dir $CM): IMAGES=\"$IMAGES\""
-"$COORD" --config-dir "$CM" --grpc-listen "127.0.0.1:$GRPC" --listen "127.0.0.1:$CPORT" &
+"$COORD" --config-dir "$CM" --grpc-listen "127.0.0.1:$GRPC" --listen "127.0.0.1:$CPORT" --agent-auth none &
 KIP_PIDS+=($!)
 wait_for 20 "the coordinator" curl -sf "http://127.0.0.1:$CPORT/readyz"
 log "starting kip-agent for node demo-node"

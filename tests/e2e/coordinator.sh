@@ -39,7 +39,7 @@ write_configmap "$CM" "IMAGES=alpha=$A;beta=$B;" "CACHING_INTERVAL_HOURS=1" "KIP
 GRPC=$(free_port); HTTP=$(free_port)
 COORD_URL="http://127.0.0.1:$HTTP"
 start_coordinator() {
-  KIP_RELEASE_TIMEOUT=10s "$COORD" --config-dir "$CM" --grpc-listen "127.0.0.1:$GRPC" --listen "127.0.0.1:$HTTP" --log-format json \
+  KIP_RELEASE_TIMEOUT=10s "$COORD" --config-dir "$CM" --grpc-listen "127.0.0.1:$GRPC" --listen "127.0.0.1:$HTTP" --agent-auth none --log-format json \
     >> "$KIP_WORK/coordinator.log" 2>&1 &
   COORD_PID=$!
   KIP_PIDS+=("$COORD_PID")
@@ -150,6 +150,12 @@ set +e
 out=$("$COORD" --config-dir "$CM" --grpc-listen "127.0.0.1:$(free_port)" --listen "127.0.0.1:$(free_port)" 2>&1); rc=$?
 set -e
 if [ "$rc" -eq 0 ] || [[ $out != *"NODE_SELECTOR: invalid JSON"* ]]; then fail "broken start-up: rc=$rc $out"; fi
+log "agent authentication is never assumed off: tokenreview (the default) needs the agents' ServiceAccount"
+write_configmap "$CM" "IMAGES=alpha=$A;gamma=$C;" "CACHING_INTERVAL_HOURS=1" "KIP_CHECK_INTERVAL=1s" "NODE_SELECTOR={}"
+set +e
+out=$("$COORD" --config-dir "$CM" --grpc-listen "127.0.0.1:$(free_port)" --listen "127.0.0.1:$(free_port)" 2>&1); rc=$?
+set -e
+if [ "$rc" -eq 0 ] || [[ $out != *"--agent-service-account"* ]]; then fail "start-up without agent auth settings: rc=$rc $out"; fi
 
 log "coordinator back: agents resume"
 write_configmap "$CM" "IMAGES=alpha=$A;gamma=$C;" "CACHING_INTERVAL_HOURS=1" "KIP_CHECK_INTERVAL=1s" "NODE_SELECTOR={}"

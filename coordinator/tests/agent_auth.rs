@@ -1,0 +1,194 @@
+//! `--agent-auth tokenreview` end to end on loopback: the coordinator's real gRPC server, the
+//! agent's real client code (the `Follower` and its token interceptor reading a token file), and
+//! a stub API server answering TokenReviews and pod reads through a tower-test mock client.
+
+#![allow(clippy::unwrap_used)] // a test: an unwrap that fails is a failed test
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt as _;
+use kip::v1::NodeReport;
+use kip_agent::follow::{self, coordinator_channel, BearerToken, Follower, ListUpdate};
+use kip_coordinator::auth::{AgentAuth, TokenVerifier};
+use kip_coordinator::{config, grpc::CoordinatorService, hub::Hub, metrics::Metrics};
+use kube::client::Body;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tower_test::mock::{pair, Handle};
+
+const AGENT: &str = "system:serviceaccount:kip:kip-agent";
+
+/// What the stub API server says of each token, and how many reviews it answered per token.
+struct StubApi {
+    reviews: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+    pod_reads: Arc<AtomicUsize>,
+}
+
+fn review_of(token: &str) -> Value {
+    let user = |username: &str, extra: Value| json!({"username": username, "extra": extra});
+    let status = match token {
+        // A 1.30+ cluster: the node is in the token.
+        "token-of-node-a" => json!({"authenticated": true, "audiences": ["kip"], "user": user(AGENT, json!({
+            "authentication.kubernetes.io/pod-name": ["kip-agent-a"],
+            "authentication.kubernetes.io/node-name": ["node-a"]}))}),
+        // An older cluster: only the pod; its spec.nodeName is read.
+        "token-of-pod-b" => json!({"authenticated": true, "audiences": ["kip"], "user": user(AGENT, json!({
+            "authentication.kubernetes.io/pod-name": ["kip-agent-b"]}))}),
+        "token-of-another-account" => json!({"authenticated": true, "audiences": ["kip"],
+            "user": user("system:serviceaccount:default:default", json!({"authentication.kubernetes.io/node-name": ["node-a"]}))}),
+        _ => json!({"authenticated": false, "error": "invalid bearer token"}),
+    };
+    json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {}, "status": status})
+}
+
+impl StubApi {
+    fn serve(mut handle: Handle<Request<Body>, Response<Body>>) -> Self {
+        let reviews = Arc::new(std::sync::Mutex::new(HashMap::new()));
+        let pod_reads = Arc::new(AtomicUsize::new(0));
+        let (r, p) = (reviews.clone(), pod_reads.clone());
+        tokio::spawn(async move {
+            while let Some((req, send)) = handle.next_request().await {
+                let (method, path) = (req.method().clone(), req.uri().path().to_string());
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                let (status, reply) = match (method, path.as_str()) {
+                    (Method::POST, "/apis/authentication.k8s.io/v1/tokenreviews") => {
+                        let sent: Value = serde_json::from_slice(&body).unwrap();
+                        assert_eq!(sent["spec"]["audiences"], json!(["kip"]), "the review asks for kip's audience");
+                        let token = sent["spec"]["token"].as_str().unwrap().to_string();
+                        *r.lock().unwrap().entry(token.clone()).or_default() += 1;
+                        (StatusCode::CREATED, review_of(&token))
+                    }
+                    (Method::GET, "/api/v1/namespaces/kip/pods/kip-agent-b") => {
+                        p.fetch_add(1, Ordering::SeqCst);
+                        (
+                            StatusCode::OK,
+                            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "kip-agent-b"}, "spec": {"nodeName": "node-b", "containers": []}}),
+                        )
+                    }
+                    (m, other) => panic!("unexpected request {m} {other}"),
+                };
+                send.send_response(
+                    Response::builder().status(status).body(Body::from(serde_json::to_vec(&reply).unwrap())).unwrap(),
+                );
+            }
+        });
+        Self { reviews, pod_reads }
+    }
+
+    fn reviews_of(&self, token: &str) -> usize {
+        self.reviews.lock().unwrap().get(token).copied().unwrap_or(0)
+    }
+}
+
+struct Coordinator {
+    url: String,
+    hub: Arc<Hub>,
+    shutdown: CancellationToken,
+}
+
+async fn coordinator(api: Option<kube::Client>) -> Coordinator {
+    let raw: config::RawConfig = [("IMAGES".to_string(), "a=busybox".to_string())].into_iter().collect();
+    let hub = Hub::new(config::validate(&raw).unwrap(), Arc::new(Metrics::new()));
+    let (_tx, client) = watch::channel(api);
+    let verifier = TokenVerifier::new(client, "kip:kip-agent".parse().unwrap(), "kip".into());
+    let shutdown = CancellationToken::new();
+    let service = kip::v1::coordinator_server::CoordinatorServer::new(CoordinatorService::new(
+        hub.clone(),
+        Arc::new(AgentAuth::TokenReview(verifier)),
+        shutdown.clone(),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = shutdown.clone();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+                stop.cancelled().await
+            }),
+    );
+    Coordinator { url, hub, shutdown }
+}
+
+/// A token file as the kubelet's projected volume holds it.
+fn token_file(dir: &tempfile::TempDir, token: &str) -> BearerToken {
+    let file = dir.path().join("token");
+    std::fs::write(&file, format!("{token}\n")).unwrap();
+    BearerToken { file: Some(file) }
+}
+
+async fn report(url: &str, token: BearerToken, node: &str) -> Result<(), tonic::Status> {
+    let mut client = follow::client(coordinator_channel(url).unwrap(), token);
+    client.report(NodeReport { node_name: node.into(), ..Default::default() }).await.map(|_| ())
+}
+
+#[tokio::test]
+async fn only_the_agent_of_a_node_may_watch_and_report_as_that_node() {
+    let (service, handle) = pair::<Request<Body>, Response<Body>>();
+    let api = StubApi::serve(handle);
+    let c = coordinator(Some(kube::Client::new(service, "default"))).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // The real follower with node-a's token receives the list.
+    let (tx, mut rx) = watch::channel::<Option<ListUpdate>>(None);
+    let follower = Follower {
+        channel: coordinator_channel(&c.url).unwrap(),
+        token: token_file(&dir, "token-of-node-a"),
+        url: c.url.clone(),
+        node_name: "node-a".into(),
+        state_dir: dir.path().join("state"),
+        updates: tx,
+        connected: Arc::new(tokio::sync::Notify::new()),
+    };
+    tokio::spawn(follower.run(c.shutdown.clone()));
+    tokio::time::timeout(Duration::from_secs(30), rx.wait_for(Option::is_some)).await.unwrap().unwrap();
+    assert_eq!(c.hub.metrics.agents_connected.get(), 1);
+
+    // Its reports as node-a are taken (the review is cached: still one review of that token)...
+    report(&c.url, token_file(&dir, "token-of-node-a"), "node-a").await.unwrap();
+    assert_eq!(api.reviews_of("token-of-node-a"), 1);
+    assert!(c.hub.nodes().contains_key("node-a"));
+    // ...but not as node-b.
+    let refused = report(&c.url, token_file(&dir, "token-of-node-a"), "node-b").await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("node \"node-a\""), "{}", refused.message());
+    assert!(!c.hub.nodes().contains_key("node-b"), "a refused report is not recorded");
+
+    // No token, a bad one, another ServiceAccount's.
+    let none = report(&c.url, BearerToken::default(), "node-a").await.unwrap_err();
+    assert_eq!(none.code(), tonic::Code::Unauthenticated);
+    let bad = report(&c.url, token_file(&dir, "forged"), "node-a").await.unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::Unauthenticated);
+    assert!(!bad.message().contains("forged"), "the token is never echoed: {}", bad.message());
+    let other = report(&c.url, token_file(&dir, "token-of-another-account"), "node-a").await.unwrap_err();
+    assert_eq!(other.code(), tonic::Code::PermissionDenied);
+
+    // A rotated token file is read again; a token without a node claim binds to its pod's node.
+    report(&c.url, token_file(&dir, "token-of-pod-b"), "node-b").await.unwrap();
+    assert_eq!(api.pod_reads.load(Ordering::SeqCst), 1);
+    assert!(c.hub.nodes().contains_key("node-b"));
+
+    let metrics = c.hub.metrics.render();
+    assert!(metrics.contains("kip_agent_calls_refused_total{reason=\"unauthenticated\"} 2"), "{metrics}");
+    assert!(metrics.contains("kip_agent_calls_refused_total{reason=\"permission_denied\"} 2"), "{metrics}");
+    c.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn without_an_api_to_verify_with_every_call_is_refused() {
+    let c = coordinator(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let refused = report(&c.url, token_file(&dir, "token-of-node-a"), "node-a").await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let mut client = follow::client(coordinator_channel(&c.url).unwrap(), token_file(&dir, "token-of-node-a"));
+    let watch = client.watch(kip::v1::WatchRequest { node_name: "node-a".into(), agent_version: "test".into() }).await;
+    assert_eq!(watch.err().map(|s| s.code()), Some(tonic::Code::Unavailable));
+    assert!(c.hub.nodes().is_empty());
+    assert!(c.hub.metrics.render().contains("kip_agent_calls_refused_total{reason=\"unavailable\"} 2"));
+    c.shutdown.cancel();
+}
