@@ -12,7 +12,7 @@ HELM="$TOOLS/helm/helm"
 PY="$TOOLS/venv/bin/python"
 COORD=${KIP_COORDINATOR_BIN:-target/debug/kip-coordinator}
 for t in "$KV" "$HELM" "$COORD"; do [ -x "$t" ] || { echo "validate-manifests: $t missing (tests/install-deps.sh, cargo build)" >&2; exit 1; }; done
-read -r -a VERSIONS <<< "${KIP_K8S_VERSIONS:-1.29.0 1.33.0}"
+read -r -a VERSIONS <<< "${KIP_K8S_VERSIONS:-1.30.0 1.31.0 1.32.0 1.33.0 1.34.0 1.35.0}"
 WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT
 
 validate() { # validate FILE...: every resource, every version; CRD kinds are checked by check_monitors
@@ -144,7 +144,7 @@ rule = [r for r in role["rules"] if "configmaps" in r["resources"]][0]
 assert sorted(rule["resourceNames"]) == sorted([main["metadata"]["name"], cm["metadata"]["name"]]), rule
 assert sorted(rule["verbs"]) == ["get", "list", "watch"], rule
 (cr,) = [d for d in docs if d["kind"] == "ClusterRole"]
-assert cr["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch", "patch"]}], cr["rules"]
+assert cr["rules"][0] == {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]}, cr["rules"]
 assert not any("helm.sh/hook" in ann(d) for d in docs if d["kind"] in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding", "Service", "Deployment"))
 # The Job reads /status from the coordinator's Service on its metrics port.
 (svc,) = [d for d in docs if d["kind"] == "Service"]
@@ -164,6 +164,60 @@ PY
   rm -rf "$WORK/release-cm"
 }
 
+# check_access RENDERED.yaml: agent authentication and the startup gate are wired end to end —
+# the coordinator names the agents' ServiceAccount, the agent sends a projected token for
+# audience kip, RBAC grants exactly what they need, the agent tolerates the gate, and the
+# NetworkPolicy (when on) admits the agent pods to gRPC. Prints the gate taint for --check-config.
+# With `any-toleration` the agent may tolerate the gate through a catch-all toleration.
+check_access() {
+  "$PY" - "$@" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+own_toleration = sys.argv[2:] != ["any-toleration"]  # the chart adds its own; OpenShift's agent tolerates all
+kind = lambda k: [d for d in docs if d["kind"] == k]
+(dep,) = kind("Deployment")
+env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+ns = dep["metadata"]["namespace"]
+(agent,) = [d for d in kind("DaemonSet") if d["metadata"]["name"].endswith("-agent")]
+pod = agent["spec"]["template"]["spec"]
+(c,) = pod["containers"]
+aenv = {e["name"]: e.get("value") for e in c["env"]}
+(cr,) = kind("ClusterRole")
+(role,) = kind("Role")
+reviews = [r for r in cr["rules"] if "tokenreviews" in r["resources"]]
+assert [r for r in role["rules"] if "pods" in r["resources"]] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+assert env["KIP_AGENT_AUTH"] in ("tokenreview", "none"), env
+if env["KIP_AGENT_AUTH"] == "tokenreview":
+    assert env["KIP_AGENT_SERVICE_ACCOUNT"] == f"{ns}:{pod['serviceAccountName']}", env
+    assert pod["serviceAccountName"] in [s["metadata"]["name"] for s in kind("ServiceAccount")]
+    assert reviews == [{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}], cr["rules"]
+    mount = [m for m in c["volumeMounts"] if aenv["KIP_TOKEN_FILE"].startswith(m["mountPath"] + "/")][0]
+    (vol,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    (src,) = vol["projected"]["sources"]
+    tok = src["serviceAccountToken"]
+    assert tok["audience"] == "kip" and 600 <= tok["expirationSeconds"] <= 3600, tok
+    assert aenv["KIP_TOKEN_FILE"] == mount["mountPath"] + "/" + tok["path"] and mount["readOnly"] is True
+else:
+    assert not reviews and "KIP_TOKEN_FILE" not in aenv, (cr["rules"], aenv)
+gate = env["KIP_GATE_TAINT"]
+if gate:
+    key, effect = gate.split("=")[0].split(":")[0], gate.rsplit(":", 1)[1]
+    tol = pod.get("tolerations", [])
+    assert any(t.get("operator") == "Exists" and t.get("key") in (None, key) and t.get("effect") in (None, effect) for t in tol), tol
+    if own_toleration:
+        assert {"key": key, "operator": "Exists", "effect": effect} in tol, "the gate toleration stays when agent.tolerations is changed"
+for np in kind("NetworkPolicy"):
+    sel = np["spec"]["podSelector"]["matchLabels"]
+    assert all(dep["spec"]["template"]["metadata"]["labels"].get(k) == v for k, v in sel.items()), "selects the coordinator"
+    (grpc,) = [r for r in np["spec"]["ingress"] if any(p["port"] == 50051 for p in r["ports"])]
+    (peer,) = grpc["from"]
+    labels = agent["spec"]["template"]["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in peer["podSelector"]["matchLabels"].items()), "admits the agent pods"
+    assert any(p["port"] == 8080 for r in np["spec"]["ingress"] for p in r["ports"]), "metrics and the hook stay reachable"
+print(gate)
+PY
+}
+
 echo "==> helm chart" >&2
 "$HELM" lint --strict deploy/helm >&2
 for values in "" deploy/helm/ci/*.yaml; do
@@ -176,6 +230,9 @@ for values in "" deploy/helm/ci/*.yaml; do
   check_configmap "$out"
   check_monitors "$out"
   check_uninstall "$out"
+  gate=$(check_access "$out")
+  KIP_GATE_TAINT="$gate" "$COORD" --check-config --config-dir "$WORK/cm-$(basename "$out" .yaml)" >/dev/null
+  echo "access ok: agent auth and gate ${gate:-(none)}" >&2
   case $name in
     all-features-values) check_agent "$out" /run/k3s/containerd/containerd.sock true \
       http://kip-coordinator.platform.svc.cluster.local:50051 ;;
@@ -195,6 +252,11 @@ fi
 if "$HELM" template kip deploy/helm --set mode=sometimes >/dev/null 2>&1; then
   echo "values.schema.json accepted mode=sometimes" >&2; exit 1
 fi
+for bad in gate.taint=kip.eclipse.dev/images-pending coordinator.agentAuth=maybe; do
+  if "$HELM" template kip deploy/helm --set "$bad" >/dev/null 2>&1; then
+    echo "values.schema.json accepted $bad" >&2; exit 1
+  fi
+done
 
 if [ -d deploy/openshift ]; then
   echo "==> OpenShift templates" >&2
@@ -205,6 +267,9 @@ if [ -d deploy/openshift ]; then
     validate "$out"
   done
   check_agent "$WORK/openshift-app.yaml" /var/run/crio/crio.sock true
+  cat "$WORK/openshift-app.yaml" <(echo ---) "$WORK/openshift-serviceaccount.yaml" > "$WORK/openshift-all.yaml"
+  gate=$(check_access "$WORK/openshift-all.yaml" any-toleration)
+  echo "OpenShift access ok: agent auth and gate $gate" >&2
   "$PY" tests/openshift-process.py deploy/openshift/configmap.yaml > "$WORK/os-cm.yaml"
   check_configmap "$WORK/os-cm.yaml"
   # release.yaml's ConfigMap is the companion the coordinator watches (KIP_CONFIG_MAP + -release).

@@ -37,3 +37,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 priorityClassName: {{ . }}
 {{- end }}
 {{- end -}}
+
+{{/* The toleration of the startup gate taint `KEY[=VALUE]:EFFECT` (the argument). */}}
+{{- define "kip.gateToleration" -}}
+{{- $parts := splitList ":" . -}}
+- key: {{ first (splitList "=" (first $parts)) | quote }}
+  operator: Exists
+  effect: {{ last $parts | quote }}
+{{- end }}
