@@ -73,6 +73,21 @@ for node in "${NODES[@]}"; do
   echo "$node: ${NAMES[*]} present and pinned"
 done
 
+log "agents authenticate (TokenReview) and the startup gate opens a node whose images are cached"
+kubectl -n "$NS" get deployment kubernetes-image-puller -o json |
+  jq -e '[.spec.template.spec.containers[0].env[] | select(.name == "KIP_AGENT_AUTH") | .value] == ["tokenreview"]' >/dev/null ||
+  fail "the chart does not turn agent authentication on"
+GATED=${NODES[-1]}
+kubectl taint node "$GATED" kip.eclipse.dev/images-pending=true:NoSchedule example.com/keep=me:NoSchedule
+gate_gone() { ! kubectl get node "$GATED" -o json | jq -e '(.spec.taints // []) | map(.key) | index("kip.eclipse.dev/images-pending")' >/dev/null; }
+wait_until 60 "the gate on $GATED removed" gate_gone
+kubectl get node "$GATED" -o json | jq -e '(.spec.taints // []) | map(.key) | index("example.com/keep")' >/dev/null ||
+  fail "removing the gate removed another taint"
+kubectl taint node "$GATED" example.com/keep- >/dev/null
+kubectl -n "$NS" get events.events.k8s.io -o json |
+  jq -e --arg n "$GATED" '[.items[] | select(.reason == "GateOpened" and (.note | contains($n)))] | length > 0' >/dev/null ||
+  fail "no GateOpened Event for $GATED"
+
 log "fallback: the agent on one worker gets no runtime socket"
 mapfile -t WORKERS < <(kubectl get nodes -o name -l '!node-role.kubernetes.io/control-plane')
 WORKER=${WORKERS[0]#node/}
