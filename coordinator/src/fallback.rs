@@ -9,8 +9,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use std::collections::BTreeSet;
-
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -94,8 +92,12 @@ pub struct Fallback {
     known: Known,
     /// Label values this process set that the node watch may not show yet: no second patch.
     patched: BTreeMap<String, Option<String>>,
-    /// Nodes whose gate this process removed, until the watch shows it gone: no second patch.
-    gates_opened: BTreeSet<String>,
+    /// Nodes whose gate this process removed, until the watch shows it gone (or a while has
+    /// passed: someone may have put it back): no second patch meanwhile.
+    gates_opened: BTreeMap<String, tokio::time::Instant>,
+    /// The watch has shown the DaemonSet as kip last applied it: only from then on does its
+    /// absence mean "deleted" (before, the watch has not caught up with the apply yet).
+    applied_shown: bool,
     /// When this process started: agents reconnect to a restarted coordinator, labels wait.
     started: SystemTime,
 }
@@ -114,7 +116,8 @@ impl Fallback {
             events,
             known: Known::Unknown,
             patched: BTreeMap::new(),
-            gates_opened: BTreeSet::new(),
+            gates_opened: BTreeMap::new(),
+            applied_shown: false,
             started: SystemTime::now(),
         }
     }
@@ -196,11 +199,13 @@ impl Fallback {
         let hash = daemonset::hash_of(&desired).unwrap_or_default().to_string();
         if existing.as_ref().and_then(daemonset::hash_of) == Some(hash.as_str()) {
             self.known = Known::Applied(hash);
+            self.applied_shown = false;
             return Ok(DsOutcome::Unchanged);
         }
         let name = &config.daemonset_name;
         api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&desired)).await?;
         self.known = Known::Applied(hash.clone());
+        self.applied_shown = false;
         let outcome = if existing.is_some() { DsOutcome::Updated } else { DsOutcome::Created };
         tracing::info!(daemonset = %name, namespace = %config.namespace, hash = %hash, mode = config.mode.as_str(), outcome = ?outcome, "applied the fallback DaemonSet");
         Ok(outcome)
@@ -211,6 +216,9 @@ impl Fallback {
     pub async fn observe_daemonset(&mut self, config: &KipConfig, shown: Option<&DaemonSet>) {
         let Known::Applied(hash) = &self.known else { return };
         match shown {
+            Some(ds) if daemonset::hash_of(ds) == Some(hash.as_str()) => self.applied_shown = true,
+            // The watch still shows what was there before kip's apply.
+            _ if !self.applied_shown => {}
             None => {
                 tracing::warn!(daemonset = %config.daemonset_name, "the fallback DaemonSet was deleted; recreating it");
                 self.known = Known::Unknown;
@@ -222,11 +230,10 @@ impl Fallback {
                 )
                 .await;
             }
-            Some(ds) if daemonset::hash_of(ds) != Some(hash.as_str()) => {
+            Some(_) => {
                 tracing::warn!(daemonset = %config.daemonset_name, "the fallback DaemonSet was changed; applying kip's spec again");
                 self.known = Known::Unknown;
             }
-            Some(_) => {}
         }
     }
 
@@ -422,17 +429,21 @@ async fn open_gates(
     let config = &published.config;
     let releasing = config.release != kip::v1::Release::None;
     let images: Vec<&str> = config.images.entries().iter().map(|e| e.image.as_str()).collect();
-    let reports = hub.nodes();
     let now = SystemTime::now();
-    // Once the watch shows a gate gone (or the node), it is the truth again.
-    fb.gates_opened.retain(|n| facts.iter().any(|f| &f.name == n && gate.find(&f.taints).is_some()));
+    // Once the watch shows a gate gone (or the node), it is the truth again; a gate still shown
+    // a while after its removal was put back (or the removal was lost): it is decided again.
+    fb.gates_opened.retain(|n, at| {
+        at.elapsed() < Duration::from_secs(30) && facts.iter().any(|f| &f.name == n && gate.find(&f.taints).is_some())
+    });
     let mut status = hub.gate_status().unwrap_or_default();
     status.taint = gate.to_string();
     status.timeout = timeout;
     status.held.clear();
     let (mut ok, mut due) = (true, None::<Duration>);
     let gated: Vec<&NodeFacts> =
-        facts.iter().filter(|n| gate.find(&n.taints).is_some() && !fb.gates_opened.contains(&n.name)).collect();
+        facts.iter().filter(|n| gate.find(&n.taints).is_some() && !fb.gates_opened.contains_key(&n.name)).collect();
+    // Every report is read only when a node is gated (most passes have none).
+    let reports = if gated.is_empty() { BTreeMap::new() } else { hub.nodes() };
     for node in gated {
         let waited = gate::waited(node.created, now);
         let fallback_ready = workloads.is_some_and(|w| w.fallback_ready(&node.name, &images));
@@ -448,7 +459,7 @@ async fn open_gates(
         };
         match gate::remove_gate(&fb.client, &node.name, gate, &node.taints).await {
             Ok(true) => {
-                fb.gates_opened.insert(node.name.clone());
+                fb.gates_opened.insert(node.name.clone(), tokio::time::Instant::now());
                 hub.metrics.gate_opened(why, waited);
                 status.record_opened(&node.name, why, waited);
                 let after = humantime::format_duration(Duration::from_secs(waited.as_secs()));

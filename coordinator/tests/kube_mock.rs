@@ -279,9 +279,15 @@ async fn a_daemonset_the_watch_shows_deleted_or_edited_is_applied_again_at_once(
         (handle, desired)
     });
     assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Created);
+    // Until the watch has shown the created DaemonSet, its absence there is only lag.
+    fb.observe_daemonset(&cfg, None).await;
+    assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Unchanged);
+    let created = daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap();
+    fb.observe_daemonset(&cfg, Some(&created)).await;
     fb.observe_daemonset(&cfg, None).await;
     assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Created);
-    let mut edited = daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap();
+    fb.observe_daemonset(&cfg, Some(&created)).await;
+    let mut edited = created.clone();
     edited.metadata.annotations.as_mut().unwrap().insert("kip.eclipse.dev/spec-hash".into(), "edited".into());
     fb.observe_daemonset(&cfg, Some(&edited)).await;
     assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Updated);

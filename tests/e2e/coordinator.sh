@@ -105,7 +105,7 @@ wait_for 30 "Prometheus: kip_images_cached equals the list's length (2) on every
   "sorted((r['metric']['node'], r['value'][1]) for r in d['data']['result']) == [('node-1', '2'), ('node-2', '2'), ('node-3', '2')]"
 json_check "$PROM/api/v1/query?query=kip_image_nodes_pinned" "sorted((r['metric']['name'], r['value'][1]) for r in d['data']['result']) == [('alpha', '3'), ('beta', '3')]" \
   || fail "Prometheus: kip_image_nodes_pinned"
-json_check "$PROM/api/v1/rules" "sum(len(g['rules']) for g in d['data']['groups']) == 6" || fail "Prometheus did not load kip's alerting rules"
+json_check "$PROM/api/v1/rules" "sum(len(g['rules']) for g in d['data']['groups']) == 8" || fail "Prometheus did not load kip's alerting rules"
 # promtool check metrics only knows the classic text format; Prometheus itself parses OpenMetrics:
 json_check "$PROM/api/v1/query?query=kip_build_info" "sorted(r['metric']['component'] for r in d['data']['result']) == ['agent'] * 3 + ['coordinator']" \
   || fail "Prometheus: kip_build_info of every component"
