@@ -351,6 +351,27 @@ mod tests {
     }
 
     #[test]
+    fn the_token_is_read_from_its_file_for_every_call() {
+        use tonic::service::Interceptor as _;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        let mut token = BearerToken { file: Some(file.clone()) };
+        let err = token.call(tonic::Request::new(())).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        assert!(err.message().contains("--token-file"), "{}", err.message());
+        std::fs::write(&file, "first\n").unwrap();
+        let req = token.call(tonic::Request::new(())).unwrap();
+        assert_eq!(req.metadata().get("authorization").unwrap(), "Bearer first");
+        // The kubelet rotated it.
+        std::fs::write(&file, "second").unwrap();
+        let req = token.call(tonic::Request::new(())).unwrap();
+        assert_eq!(req.metadata().get("authorization").unwrap(), "Bearer second");
+        // Without a token file nothing is added.
+        let req = BearerToken::default().call(tonic::Request::new(())).unwrap();
+        assert!(req.metadata().get("authorization").is_none());
+    }
+
+    #[test]
     fn coordinator_policy_overrides_only_what_it_sets() {
         let u = ListUpdate::from_proto(&update(3, &[("a", "busybox")])).unwrap();
         let base = Policy::default();
