@@ -1,8 +1,9 @@
 //! Keeps the fallback sleep DaemonSet and the agent node labels in line with the configuration
 //! and the agents' reports, through the Kubernetes API: server-side apply (field manager `kip`)
-//! only when the spec hash changes, recreation when the DaemonSet is missing, a health check
-//! every CACHING_INTERVAL_HOURS, node labels on evidence only (nodes come from a watch), the
-//! cluster's side of a release (KIP_RELEASE), and Events on the coordinator's Deployment.
+//! only when the spec hash changes, recreation at once when the DaemonSet watch shows it deleted
+//! or edited, node labels on evidence only, the startup gate (removing the gate taint once a
+//! node's images are cached), the cluster's side of a release (KIP_RELEASE), and Events on the
+//! coordinator's Deployment. Everything it reads of the cluster comes from watches (`watches`).
 //! Runs beside the list publisher: an unreachable API never stops the list from being published.
 
 use std::collections::BTreeMap;

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)] // a test: an unwrap that fails is a failed test
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,11 +16,10 @@ use http_body_util::BodyExt as _;
 use kip::v1::NodeReport;
 use kip_agent::follow::{self, coordinator_channel, BearerToken, Follower, ListUpdate};
 use kip_coordinator::auth::{AgentAuth, TokenVerifier};
-use kip_coordinator::{config, grpc::CoordinatorService, hub::Hub, metrics::Metrics};
+use kip_coordinator::{hub::Hub, metrics::Metrics};
 use kube::client::Body;
 use serde_json::{json, Value};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 use tower_test::mock::{pair, Handle};
 
 const AGENT: &str = "system:serviceaccount:kip:kip-agent";
@@ -85,34 +86,12 @@ impl StubApi {
     }
 }
 
-struct Coordinator {
-    url: String,
-    hub: Arc<Hub>,
-    shutdown: CancellationToken,
-}
-
-async fn coordinator(api: Option<kube::Client>) -> Coordinator {
-    let raw: config::RawConfig = [("IMAGES".to_string(), "a=busybox".to_string())].into_iter().collect();
-    let hub = Hub::new(config::validate(&raw).unwrap(), Arc::new(Metrics::new()));
-    let (_tx, client) = watch::channel(api);
+/// A coordinator with `--agent-auth tokenreview` whose verifier asks `api` (`None`: not reached).
+async fn coordinator(api: Option<kube::Client>) -> (common::Served, Arc<Hub>) {
+    let hub = Hub::new(common::config_with("a=busybox"), Arc::new(Metrics::new()));
+    let (_, client) = watch::channel(api);
     let verifier = TokenVerifier::new(client, "kip:kip-agent".parse().unwrap(), "kip".into());
-    let shutdown = CancellationToken::new();
-    let service = kip::v1::coordinator_server::CoordinatorServer::new(CoordinatorService::new(
-        hub.clone(),
-        Arc::new(AgentAuth::TokenReview(verifier)),
-        shutdown.clone(),
-    ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let stop = shutdown.clone();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
-                stop.cancelled().await
-            }),
-    );
-    Coordinator { url, hub, shutdown }
+    (common::serve(hub.clone(), AgentAuth::TokenReview(verifier)).await, hub)
 }
 
 /// A token file as the kubelet's projected volume holds it.
@@ -131,7 +110,7 @@ async fn report(url: &str, token: BearerToken, node: &str) -> Result<(), tonic::
 async fn only_the_agent_of_a_node_may_watch_and_report_as_that_node() {
     let (service, handle) = pair::<Request<Body>, Response<Body>>();
     let api = StubApi::serve(handle);
-    let c = coordinator(Some(kube::Client::new(service, "default"))).await;
+    let (c, hub) = coordinator(Some(kube::Client::new(service, "default"))).await;
     let dir = tempfile::tempdir().unwrap();
 
     // The real follower with node-a's token receives the list.
@@ -147,17 +126,17 @@ async fn only_the_agent_of_a_node_may_watch_and_report_as_that_node() {
     };
     tokio::spawn(follower.run(c.shutdown.clone()));
     tokio::time::timeout(Duration::from_secs(30), rx.wait_for(Option::is_some)).await.unwrap().unwrap();
-    assert_eq!(c.hub.metrics.agents_connected.get(), 1);
+    assert_eq!(hub.metrics.agents_connected.get(), 1);
 
     // Its reports as node-a are taken (the review is cached: still one review of that token)...
     report(&c.url, token_file(&dir, "token-of-node-a"), "node-a").await.unwrap();
     assert_eq!(api.reviews_of("token-of-node-a"), 1);
-    assert!(c.hub.nodes().contains_key("node-a"));
+    assert!(hub.nodes().contains_key("node-a"));
     // ...but not as node-b.
     let refused = report(&c.url, token_file(&dir, "token-of-node-a"), "node-b").await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     assert!(refused.message().contains("node \"node-a\""), "{}", refused.message());
-    assert!(!c.hub.nodes().contains_key("node-b"), "a refused report is not recorded");
+    assert!(!hub.nodes().contains_key("node-b"), "a refused report is not recorded");
 
     // No token, a bad one, another ServiceAccount's.
     let none = report(&c.url, BearerToken::default(), "node-a").await.unwrap_err();
@@ -171,9 +150,9 @@ async fn only_the_agent_of_a_node_may_watch_and_report_as_that_node() {
     // A rotated token file is read again; a token without a node claim binds to its pod's node.
     report(&c.url, token_file(&dir, "token-of-pod-b"), "node-b").await.unwrap();
     assert_eq!(api.pod_reads.load(Ordering::SeqCst), 1);
-    assert!(c.hub.nodes().contains_key("node-b"));
+    assert!(hub.nodes().contains_key("node-b"));
 
-    let metrics = c.hub.metrics.render();
+    let metrics = hub.metrics.render();
     assert!(metrics.contains("kip_agent_calls_refused_total{reason=\"unauthenticated\"} 2"), "{metrics}");
     assert!(metrics.contains("kip_agent_calls_refused_total{reason=\"permission_denied\"} 2"), "{metrics}");
     c.shutdown.cancel();
@@ -181,14 +160,14 @@ async fn only_the_agent_of_a_node_may_watch_and_report_as_that_node() {
 
 #[tokio::test]
 async fn without_an_api_to_verify_with_every_call_is_refused() {
-    let c = coordinator(None).await;
+    let (c, hub) = coordinator(None).await;
     let dir = tempfile::tempdir().unwrap();
     let refused = report(&c.url, token_file(&dir, "token-of-node-a"), "node-a").await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     let mut client = follow::client(coordinator_channel(&c.url).unwrap(), token_file(&dir, "token-of-node-a"));
     let watch = client.watch(kip::v1::WatchRequest { node_name: "node-a".into(), agent_version: "test".into() }).await;
     assert_eq!(watch.err().map(|s| s.code()), Some(tonic::Code::Unavailable));
-    assert!(c.hub.nodes().is_empty());
-    assert!(c.hub.metrics.render().contains("kip_agent_calls_refused_total{reason=\"unavailable\"} 2"));
+    assert!(hub.nodes().is_empty());
+    assert!(hub.metrics.render().contains("kip_agent_calls_refused_total{reason=\"unavailable\"} 2"));
     c.shutdown.cancel();
 }

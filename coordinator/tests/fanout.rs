@@ -4,47 +4,24 @@
 
 #![allow(clippy::unwrap_used)] // a test: an unwrap that fails is a failed test
 
-use std::collections::HashMap;
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::config_with;
 use kip_agent::follow::{coordinator_channel, Follower, ListUpdate};
 use kip_coordinator::auth::AgentAuth;
-use kip_coordinator::{config, grpc::CoordinatorService, hub::Hub, metrics::Metrics};
+use kip_coordinator::{hub::Hub, metrics::Metrics};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 const AGENTS: usize = 50;
 
-fn config_with(images: &str) -> config::KipConfig {
-    let raw: config::RawConfig = HashMap::from([("IMAGES".to_string(), images.to_string())]).into_iter().collect();
-    config::validate(&raw).expect("valid test config")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_list_change_reaches_50_agents() {
-    let shutdown = CancellationToken::new();
     let hub = Hub::new(config_with("a=busybox;b=nginx"), Arc::new(Metrics::new()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let service = kip::v1::coordinator_server::CoordinatorServer::new(CoordinatorService::new(
-        hub.clone(),
-        Arc::new(AgentAuth::None),
-        shutdown.clone(),
-    ));
-    let server = {
-        let shutdown = shutdown.clone();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
-                    shutdown.cancelled().await
-                }),
-        )
-    };
-
+    let common::Served { url, shutdown, server } = common::serve(hub.clone(), AgentAuth::None).await;
     let state = tempfile::tempdir().unwrap();
-    let url = format!("http://{addr}");
     let mut receivers: Vec<watch::Receiver<Option<ListUpdate>>> = Vec::new();
     for i in 0..AGENTS {
         let (tx, rx) = watch::channel(None);

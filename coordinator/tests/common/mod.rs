@@ -1,0 +1,43 @@
+//! Fixtures shared by the coordinator's integration tests: a valid configuration and the real
+//! gRPC server on a loopback port.
+
+#![allow(dead_code, clippy::unwrap_used)] // each test file uses part of it; a failed unwrap fails the test
+
+use std::sync::Arc;
+
+use kip_coordinator::auth::AgentAuth;
+use kip_coordinator::{config, grpc::CoordinatorService, hub::Hub};
+use tokio_util::sync::CancellationToken;
+
+/// A configuration with `IMAGES=images` and every other key at its default.
+pub fn config_with(images: &str) -> config::KipConfig {
+    let raw: config::RawConfig = [("IMAGES".to_string(), images.to_string())].into_iter().collect();
+    config::validate(&raw).expect("valid test config")
+}
+
+/// The coordinator's gRPC service, served on 127.0.0.1 until `shutdown`.
+pub struct Served {
+    pub url: String,
+    pub shutdown: CancellationToken,
+    pub server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+pub async fn serve(hub: Arc<Hub>, auth: AgentAuth) -> Served {
+    let shutdown = CancellationToken::new();
+    let service = kip::v1::coordinator_server::CoordinatorServer::new(CoordinatorService::new(
+        hub,
+        Arc::new(auth),
+        shutdown.clone(),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = shutdown.clone();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+                stop.cancelled().await
+            }),
+    );
+    Served { url, shutdown, server }
+}
