@@ -14,6 +14,10 @@ echo "==> cargo build" >&2
 cargo build --workspace --locked --all-targets
 echo "==> cargo test" >&2
 cargo test --workspace --locked
+# kip-sleep is a workspace of its own (no_std, panic = "abort"); its cargo config puts its
+# target directory under target/sleep.
+echo "==> kip-sleep (no_std): fmt, clippy, tests" >&2
+(cd sleep && cargo fmt --check && cargo clippy --lib --bins --tests --locked -- -D warnings && cargo test --locked)
 # The runtime matrix: Debian bookworm's containerd 1.6, trixie's 1.7.x and sid's 2.x (the newer two
 # unpacked beside the system package by tests/install-deps.sh), each in its own mount namespace.
 for containerd in system trixie sid; do

@@ -45,16 +45,22 @@ fn sleeps_for_the_duration() {
     assert!(elapsed >= Duration::from_millis(300) && elapsed < Duration::from_secs(60), "{elapsed:?}");
 }
 
-/// Waits until the child waits for SIGTERM/SIGINT (so a signal is received, not fatal): the
-/// kernel shows it in `sigtimedwait`, during which the waited signals do not appear as blocked.
+/// Waits until the child handles SIGTERM and SIGINT (so a signal is received, not fatal): the
+/// kernel lists caught signals in `SigCgt` of /proc/PID/status.
 fn wait_until_waiting_for_signals(pid: u32) {
     let deadline = Instant::now() + Duration::from_secs(5);
+    let wanted = (1u64 << (libc::SIGTERM - 1)) | (1u64 << (libc::SIGINT - 1));
     loop {
-        let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
-        if wchan.contains("sigtimedwait") {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let caught = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0);
+        if caught & wanted == wanted {
             return;
         }
-        assert!(Instant::now() < deadline, "kip-sleep never waited for SIGTERM/SIGINT (wchan {wchan})");
+        assert!(Instant::now() < deadline, "kip-sleep never caught SIGTERM/SIGINT (SigCgt {caught:x})");
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -87,8 +93,10 @@ fn sigint_ends_it_at_once_with_status_0() {
 
 #[test]
 fn copy_to_copies_the_executable_with_mode_0755() {
-    let dir = tempfile::tempdir().unwrap();
-    let target = dir.path().join("sleep");
+    // No tempfile crate here: it would bring std into kip-sleep's own dependencies (see Cargo.toml).
+    let dir = std::env::temp_dir().join(format!("kip-sleep-copy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let target = dir.join("sleep");
     let status = Command::new(BIN).args(["--copy-to", target.to_str().unwrap()]).status().unwrap();
     assert!(status.success());
     let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o7777;
@@ -98,4 +106,5 @@ fn copy_to_copies_the_executable_with_mode_0755() {
     let out = Command::new(BIN).args(["--copy-to", "/nonexistent/dir/sleep"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot copy itself to /nonexistent/dir/sleep"));
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -24,6 +24,10 @@ sleep 0.3
 rss=$(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status")
 kill -TERM "$pid"; wait "$pid" || fail "kip-sleep exited non-zero on SIGTERM"
 echo "kip-sleep resident while sleeping: ${rss} kB"
+# It runs once per image per node: a few pages on disk and in memory.
+size=$(stat -c %s "$SLEEP")
+[ "$size" -le 65536 ] || fail "kip-sleep is ${size} bytes (at most 64 KiB)"
+[ "$rss" -le 256 ] || fail "kip-sleep is resident with ${rss} kB while sleeping (at most 256 kB)"
 
 kip_workdir
 trap kip_cleanup EXIT
