@@ -37,6 +37,8 @@ echo "==> Prometheus rules (promtool check + unit tests)" >&2
 promtool check rules deploy/prometheus/kip-rules.yaml
 (cd deploy/prometheus && promtool test rules kip-rules.test.yaml)
 bash tests/check-dashboard.sh
+echo "==> README: every path it names exists" >&2
+bash tests/check-readme.sh
 echo "==> shellcheck" >&2
 shellcheck -x tests/*.sh tests/e2e/*.sh deploy/local/demo.sh deploy/image/*.sh .ci/run
 echo "==> local demo smoke run" >&2
