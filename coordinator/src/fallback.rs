@@ -358,7 +358,8 @@ pub async fn run(
         }
         let mut gate_due: Option<Duration> = None;
         if let (Some(gate), Some(facts)) = (&settings.gate, &facts) {
-            let (ok, due) = open_gates(&mut fb, &hub, facts, workloads.as_ref(), gate, settings.gate_timeout).await;
+            let (ok, due) =
+                open_gates(&mut fb, &hub, config, facts, workloads.as_ref(), gate, settings.gate_timeout).await;
             failed |= !ok;
             gate_due = due;
         }
@@ -415,19 +416,18 @@ pub async fn run(
     }
 }
 
-/// The startup gate: every node with the gate taint is decided about ([`gate::decide`]); where
-/// it may go into service the taint is removed. Returns false when a request failed, and how
-/// long until the first held node's timeout.
+/// The startup gate: every node with the gate taint is decided about ([`gate::decide`]) against
+/// `config`, the list of this pass; where it may go into service the taint is removed. Returns
+/// false when a request failed, and how long until the first held node's timeout.
 async fn open_gates(
     fb: &mut Fallback,
     hub: &Hub,
+    config: &KipConfig,
     facts: &[NodeFacts],
     workloads: Option<&Workloads>,
     gate: &GateTaint,
     timeout: Duration,
 ) -> (bool, Option<Duration>) {
-    let published = hub.current();
-    let config = &published.config;
     let releasing = config.release != kip::v1::Release::None;
     let images: Vec<&str> = config.images.entries().iter().map(|e| e.image.as_str()).collect();
     let now = SystemTime::now();

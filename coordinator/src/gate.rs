@@ -280,27 +280,16 @@ mod tests {
         ImageList::parse(s).unwrap()
     }
 
+    /// The shared fixture, with the runtime's availability and pin problem as given.
     fn report(runtime: bool, pin_error: &str, images: &[(&str, &str, bool, bool)]) -> v1::NodeReport {
-        v1::NodeReport {
-            node_name: "n".into(),
-            runtime: Some(v1::RuntimeState {
-                available: runtime,
-                pin_error: pin_error.into(),
-                error: if runtime { String::new() } else { "no CRI socket found".into() },
-                ..Default::default()
-            }),
-            images: images
-                .iter()
-                .map(|(n, i, cached, pinned)| v1::ImageState {
-                    name: n.to_string(),
-                    image: i.to_string(),
-                    cached: *cached,
-                    pinned: *pinned,
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
+        let mut r = crate::fixtures::report("n", images);
+        let rt = r.runtime.get_or_insert_with(Default::default);
+        rt.available = runtime;
+        rt.pin_error = pin_error.into();
+        if !runtime {
+            rt.error = "no CRI socket found".into();
         }
+        r
     }
 
     const T: Duration = Duration::from_secs(900);

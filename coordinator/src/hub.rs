@@ -501,25 +501,7 @@ mod tests {
         crate::config::validate(&[("IMAGES".to_string(), images.to_string())].into_iter().collect()).unwrap()
     }
 
-    fn report(node: &str, images: &[(&str, &str, bool, bool)]) -> v1::NodeReport {
-        v1::NodeReport {
-            node_name: node.into(),
-            runtime: Some(v1::RuntimeState { available: true, name: "containerd".into(), ..Default::default() }),
-            generation: 1,
-            images: images
-                .iter()
-                .map(|(n, i, c, p)| v1::ImageState {
-                    name: n.to_string(),
-                    image: i.to_string(),
-                    cached: *c,
-                    pinned: *p,
-                    ..Default::default()
-                })
-                .collect(),
-            agent_version: "test".into(),
-            ..Default::default()
-        }
-    }
+    use crate::fixtures::report;
 
     fn with_release(images: &str, release: &str) -> KipConfig {
         let raw =

@@ -7,6 +7,8 @@ pub mod auth;
 pub mod config;
 pub mod daemonset;
 pub mod fallback;
+#[cfg(test)]
+mod fixtures;
 pub mod gate;
 pub mod grpc;
 pub mod hub;
