@@ -14,13 +14,13 @@ use tokio_util::sync::CancellationToken;
 use kip::images::{ImageEntry, ImageList};
 use kip::v1;
 
-use crate::auth::{Credentials, Keyring};
 use crate::cri::{CriError, ImageInfo};
 use crate::follow::ListUpdate;
 use crate::http::Readiness;
 use crate::metrics::{ImageLabels, Metrics, PullLabels, ResultLabels, RESULT_FAILURE, RESULT_SUCCESS};
 use crate::reconcile::{self, Action, Observation, Policy, PullReason, States};
 use crate::runtime::{Runtime, RuntimeError};
+use kip::pull_secrets::{Credentials, Keyring};
 
 /// Why one image could not be cached and pinned; names the image, never a secret.
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +28,7 @@ pub enum ImageError {
     #[error("{0}")]
     Runtime(#[from] RuntimeError),
     #[error("pull secrets for `{image}`: {source}")]
-    Secrets { image: String, source: crate::auth::AuthError },
+    Secrets { image: String, source: kip::pull_secrets::AuthError },
     #[error("`{image}` was pulled but the runtime does not list it")]
     MissingAfterPull { image: String },
 }
@@ -146,6 +146,7 @@ pub async fn release_node<R: Runtime>(
 
 struct PullDone {
     reference: String,
+    registry: String,
     reason: PullReason,
     elapsed: Duration,
     result: Result<Observation, ImageError>,
@@ -170,10 +171,14 @@ pub struct Agent<R: Runtime> {
     pub state_file: Option<PathBuf>,
     /// Node name and where to publish the state the coordinator is sent.
     pub reports: Option<(String, tokio::sync::watch::Sender<v1::NodeReport>)>,
+    /// The cluster's pull budget (with a coordinator): pulls start only while it allows.
+    pub lease: Option<crate::lease::LeaseHandle>,
     base_policy: Policy,
     policy: Policy,
     source: ListSource,
     list: ImageList,
+    /// The coordinator's digest per listed tag.
+    digests: reconcile::Digests,
     generation: u64,
     /// False until a list is known: without one, no pin may be judged unlisted.
     list_known: bool,
@@ -202,10 +207,12 @@ impl<R: Runtime> Agent<R> {
             remove_unlisted: false,
             state_file: None,
             reports: None,
+            lease: None,
             base_policy: policy.clone(),
             policy,
             source,
             list: ImageList::default(),
+            digests: reconcile::Digests::new(),
             generation: 0,
             list_known: false,
             states: States::new(),
@@ -233,6 +240,7 @@ impl<R: Runtime> Agent<R> {
         reconcile::sync_states(&mut self.states, &list);
         self.policy = update.map_or_else(|| self.base_policy.clone(), |u| u.apply_to(&self.base_policy));
         self.list = list;
+        self.digests = update.map(|u| u.digests.clone()).unwrap_or_default();
         self.generation = update.map_or(0, |u| u.generation);
         self.list_known = true;
         let release = update.map_or(v1::Release::None, |u| u.release);
@@ -274,17 +282,23 @@ impl<R: Runtime> Agent<R> {
                     }
                 }
             }
+            let mut pulls_due = false;
             if self.cri_up {
                 // Pins of present images are tried with each check, not on every wake-up: a
                 // runtime that refuses them is not asked again until the next check.
-                self.start_due_work(&mut pulls, checked).await;
+                pulls_due = self.start_due_work(&mut pulls, checked).await;
+            }
+            if let Some(lease) = &self.lease {
+                // Held while pulls run or wait for it; given back when nothing is left.
+                lease.want(pulls_due || !pulls.is_empty());
             }
             self.publish_state();
-            let wake =
-                reconcile::next_wake(&self.list, &self.states, &self.policy).map_or(next_check, |t| t.min(next_check));
+            let wake = reconcile::next_wake(&self.list, &self.digests, &self.states, &self.policy)
+                .map_or(next_check, |t| t.min(next_check));
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep_until(wake) => {}
+                _ = crate::lease::LeaseHandle::changed(&mut self.lease) => {}
                 Some(done) = pulls.join_next(), if !pulls.is_empty() => match done {
                     Ok(done) => self.finish_pull(done),
                     Err(e) => tracing::error!(error = %e, "pull task failed"),
@@ -313,11 +327,14 @@ impl<R: Runtime> Agent<R> {
         for reference in refs {
             match observe_image(&self.rt, &reference).await {
                 Ok(obs) => {
+                    let published = self.digests.get(&reference).map(String::as_str);
                     let Some(state) = self.states.get_mut(&reference) else { continue };
                     if state.in_flight {
                         continue; // the pull's own result is fresher
                     }
-                    if state.observe(obs) {
+                    let vanished = state.observe(obs);
+                    state.confirm(published, Instant::now());
+                    if vanished {
                         let labels = self.labels_for(&reference);
                         tracing::warn!(image = %reference, "cached image disappeared; pulling it again");
                         for l in labels {
@@ -364,8 +381,12 @@ impl<R: Runtime> Agent<R> {
         Ok(())
     }
 
-    async fn start_due_work(&mut self, pulls: &mut JoinSet<PullDone>, pins_due: bool) {
-        for action in reconcile::plan(&self.list, &self.states, Instant::now(), &self.policy) {
+    /// Starts the pulls and pins that are due; returns true when a pull was due (started, or
+    /// waiting for the cluster's pull budget).
+    async fn start_due_work(&mut self, pulls: &mut JoinSet<PullDone>, pins_due: bool) -> bool {
+        let may_pull = self.lease.as_ref().is_none_or(|l| l.may_pull());
+        let mut pulls_due = false;
+        for action in reconcile::plan(&self.list, &self.digests, &self.states, Instant::now(), &self.policy) {
             match action {
                 Action::Pin { reference } if pins_due => {
                     let Some(image) = self.states.get(&reference).and_then(|s| s.seen.image.clone()) else {
@@ -377,12 +398,15 @@ impl<R: Runtime> Agent<R> {
                     }
                 }
                 Action::Pin { .. } => {}
+                Action::Pull { .. } if !may_pull => pulls_due = true,
                 Action::Pull { reference, reason } => {
+                    pulls_due = true;
                     let Some(entry) = self.list.entries().iter().find(|e| e.reference == reference).cloned() else {
                         continue;
                     };
+                    let published = self.digests.get(&reference).cloned();
                     let known = self.states.get_mut(&reference).and_then(|s| {
-                        s.pull_started();
+                        s.pull_started(published.as_deref());
                         s.seen.image.clone()
                     });
                     tracing::info!(image = %reference, reason = reason.as_str(), "pulling");
@@ -390,16 +414,21 @@ impl<R: Runtime> Agent<R> {
                     pulls.spawn(async move {
                         let started = Instant::now();
                         let result = pull_and_pin(&rt, dir.as_deref(), &entry, timeout, known).await;
-                        PullDone { reference, reason, elapsed: started.elapsed(), result }
+                        PullDone { reference, registry: entry.registry, reason, elapsed: started.elapsed(), result }
                     });
                 }
             }
         }
+        pulls_due
     }
 
     fn finish_pull(&mut self, done: PullDone) {
-        let PullDone { reference, reason, elapsed, result } = done;
+        let PullDone { reference, registry, reason, elapsed, result } = done;
         let result_label = if result.is_ok() { RESULT_SUCCESS } else { RESULT_FAILURE };
+        self.metrics
+            .registry_requests
+            .get_or_create(&crate::metrics::RegistryLabels { registry, method: "GET", result: result_label })
+            .inc();
         self.metrics
             .image_pull_duration
             .get_or_create(&ResultLabels { result: result_label })
@@ -411,12 +440,14 @@ impl<R: Runtime> Agent<R> {
                 .inc();
         }
         let policy = self.policy.clone();
+        let published = self.digests.get(&reference).cloned();
         let Some(state) = self.states.get_mut(&reference) else { return };
         let elapsed_ms = elapsed.as_millis() as u64;
         match result {
             Ok(obs) => {
                 tracing::info!(image = %reference, reason = reason.as_str(), digest = obs.digest.as_deref().unwrap_or(""), pinned = obs.pinned, elapsed_ms, "cached");
                 state.pull_succeeded(Instant::now(), obs);
+                state.confirm(published.as_deref(), Instant::now());
             }
             Err(e) => {
                 if e.is_runtime_down() {
@@ -519,7 +550,10 @@ impl<R: Runtime> Agent<R> {
                         image: e.image.clone(),
                         cached: s.is_some_and(|s| s.seen.present),
                         pinned: s.is_some_and(|s| s.seen.pinned),
-                        digest: s.and_then(|s| s.seen.digest.clone()).unwrap_or_default(),
+                        digest: s
+                            .and_then(|s| s.reported_digest(self.digests.get(&e.reference).map(String::as_str)))
+                            .unwrap_or_default()
+                            .to_string(),
                         last_error: s.and_then(|s| s.last_error.clone()).unwrap_or_default(),
                     }
                 })

@@ -68,6 +68,11 @@ pub struct Cli {
     #[arg(long, env = "KIP_PULL_TIMEOUT", value_name = "DURATION", default_value = "30m", value_parser = parse_duration)]
     pub pull_timeout: Duration,
 
+    /// How long to wait for a pull lease while the coordinator does not answer before pulling on
+    /// this agent's own limits (a coordinator that answers "not yet" is waited for)
+    #[arg(long, env = "KIP_LEASE_TIMEOUT", value_name = "DURATION", default_value = "1m", value_parser = parse_duration)]
+    pub lease_timeout: Duration,
+
     /// How often to verify that the images are still there
     #[arg(long, env = "KIP_CHECK_INTERVAL", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub check_interval: Duration,

@@ -98,8 +98,17 @@ impl ImageInfo {
 
     /// The digest this image has in `reference`'s repository (what a tag resolves to now).
     pub fn digest_in(&self, reference: &str) -> Option<&str> {
-        let repo = repository_of(reference);
-        self.repo_digests.iter().filter_map(|d| d.split_once('@')).find(|(r, _)| *r == repo).map(|(_, d)| d)
+        self.digests_in(reference).next()
+    }
+
+    /// Every digest this image has in `reference`'s repository.
+    pub fn digests_in<'a>(&'a self, reference: &str) -> impl Iterator<Item = &'a str> + 'a {
+        let repo = repository_of(reference).to_string();
+        self.repo_digests
+            .iter()
+            .filter_map(|d| d.split_once('@'))
+            .filter(move |(r, _)| *r == repo.as_str())
+            .map(|(_, d)| d)
     }
 }
 

@@ -20,6 +20,8 @@ use crate::reconcile::{self, Policy};
 pub struct ListUpdate {
     pub generation: u64,
     pub list: ImageList,
+    /// The coordinator's digest per listed tag (normalized reference), where it resolved one.
+    pub digests: reconcile::Digests,
     pub policy: v1::PullPolicy,
     /// kip is being uninstalled: let go of everything (the list is then empty).
     pub release: v1::Release,
@@ -31,7 +33,8 @@ impl ListUpdate {
         let release = update.release();
         // A release keeps nothing, whatever an (old or broken) coordinator sent along.
         let list = if release == v1::Release::None { list } else { ImageList::default() };
-        Ok(Self { generation: update.generation, list, policy: update.policy.unwrap_or_default(), release })
+        let digests = digests_of(&list, update.images.iter().map(|i| (i.name.as_str(), i.digest.as_str())));
+        Ok(Self { generation: update.generation, list, digests, policy: update.policy.unwrap_or_default(), release })
     }
 
     /// The agent's own policy with the coordinator's non-zero settings on top.
@@ -50,6 +53,23 @@ impl ListUpdate {
             ..base.clone()
         }
     }
+}
+
+/// The published digests by the entries' references: a name's digest counts when it has the form
+/// of one (`algorithm:hex`); anything else is ignored, as an empty one is (the tag is then
+/// refreshed on the interval, as without a coordinator).
+fn digests_of<'a>(list: &ImageList, by_name: impl Iterator<Item = (&'a str, &'a str)>) -> reconcile::Digests {
+    let by_name: std::collections::BTreeMap<&str, &str> = by_name.collect();
+    list.entries()
+        .iter()
+        .filter(|e| !e.by_digest)
+        .filter_map(|e| {
+            let d = *by_name.get(e.name.as_str())?;
+            let (algorithm, hex) = d.split_once(':')?;
+            let well_formed = !algorithm.is_empty() && !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit());
+            well_formed.then(|| (e.reference.clone(), d.to_string()))
+        })
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +98,8 @@ struct SavedList {
 struct SavedImage {
     name: String,
     image: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    digest: String,
 }
 
 pub const STATE_FILE: &str = "image-list.json";
@@ -94,9 +116,11 @@ pub fn load_state(dir: &Path) -> Result<Option<ListUpdate>, StateError> {
     let saved: SavedList = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
     let list = ImageList::from_pairs(saved.images.iter().map(|i| (i.name.as_str(), i.image.as_str())))
         .map_err(|e| invalid(e.to_string()))?;
+    let digests = digests_of(&list, saved.images.iter().map(|i| (i.name.as_str(), i.digest.as_str())));
     Ok(Some(ListUpdate {
         generation: saved.generation,
         list,
+        digests,
         policy: v1::PullPolicy {
             max_parallel_pulls: saved.max_parallel_pulls,
             refresh_interval_seconds: saved.refresh_interval_seconds,
@@ -117,7 +141,11 @@ pub fn save_state(dir: &Path, update: &ListUpdate) -> Result<(), StateError> {
             .list
             .entries()
             .iter()
-            .map(|e| SavedImage { name: e.name.clone(), image: e.image.clone() })
+            .map(|e| SavedImage {
+                name: e.name.clone(),
+                image: e.image.clone(),
+                digest: update.digests.get(&e.reference).cloned().unwrap_or_default(),
+            })
             .collect(),
         max_parallel_pulls: update.policy.max_parallel_pulls,
         refresh_interval_seconds: update.policy.refresh_interval_seconds,
@@ -339,7 +367,10 @@ mod tests {
     fn update(generation: u64, images: &[(&str, &str)]) -> v1::ImageListUpdate {
         v1::ImageListUpdate {
             generation,
-            images: images.iter().map(|(n, i)| v1::Image { name: n.to_string(), image: i.to_string() }).collect(),
+            images: images
+                .iter()
+                .map(|(n, i)| v1::Image { name: n.to_string(), image: i.to_string(), digest: String::new() })
+                .collect(),
             policy: Some(v1::PullPolicy {
                 max_parallel_pulls: 7,
                 refresh_interval_seconds: 7200,
@@ -389,10 +420,27 @@ mod tests {
     }
 
     #[test]
+    fn published_digests_are_keyed_by_reference_and_malformed_ones_ignored() {
+        let d = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let mut u = update(2, &[("a", "busybox"), ("b", "quay.io/x/y:1"), ("c", "r/c:1"), ("e", "r/e:1")]);
+        u.images[0].digest = d.into();
+        u.images[2].digest = "sha256:not-hex".into();
+        u.images[3].digest = "garbage".into();
+        let u = ListUpdate::from_proto(&u).unwrap();
+        assert_eq!(
+            u.digests,
+            reconcile::Digests::from([("docker.io/library/busybox:latest".to_string(), d.to_string())])
+        );
+    }
+
+    #[test]
     fn state_round_trips_and_bad_state_is_named() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(load_state(dir.path()).unwrap(), None);
-        let u = ListUpdate::from_proto(&update(5, &[("a", "busybox"), ("b", "quay.io/x/y:1")])).unwrap();
+        let mut u = update(5, &[("a", "busybox"), ("b", "quay.io/x/y:1")]);
+        u.images[1].digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef".into();
+        let u = ListUpdate::from_proto(&u).unwrap();
+        assert_eq!(u.digests.len(), 1, "the digest survives a restart without the coordinator");
         save_state(dir.path(), &u).unwrap();
         assert_eq!(load_state(dir.path()).unwrap(), Some(u));
         std::fs::write(dir.path().join(STATE_FILE), "{").unwrap();

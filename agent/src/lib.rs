@@ -3,11 +3,11 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
-pub mod auth;
 pub mod cli;
 pub mod cri;
 pub mod follow;
 pub mod http;
+pub mod lease;
 pub mod metrics;
 pub mod reconcile;
 pub mod runtime;

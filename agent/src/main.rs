@@ -53,6 +53,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut tasks = Vec::new();
     let mut list_rx = None;
     let state_file = cli.state_dir.join(follow::STATE_FILE);
+    let mut lease = None;
     let (source, reports) = match (&cli.coordinator, &cli.images) {
         (Some(url), _) => {
             let node = cli.node_name.clone().context("--node-name (NODE_NAME) is required with --coordinator")?;
@@ -88,6 +89,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             tasks.push(tokio::spawn(follower.run(shutdown.clone())));
             let (report_tx, report_rx) = tokio::sync::watch::channel(kip::v1::NodeReport::default());
+            lease = Some(
+                kip_agent::lease::LeaseClient {
+                    channel: channel.clone(),
+                    token: token.clone(),
+                    node: node.clone(),
+                    timeout: cli.lease_timeout,
+                    metrics: metrics.clone(),
+                }
+                .start(shutdown.clone()),
+            );
             tasks.push(tokio::spawn(follow::report_changes(channel, token, report_rx, connected, shutdown.clone())));
             (ListSource::Coordinator(updates_rx), Some((node, report_tx)))
         }
@@ -141,6 +152,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         agent.state_file = Some(state_file);
     }
     agent.reports = reports;
+    agent.lease = lease;
     let worker = tokio::spawn(agent.run(shutdown.clone()));
 
     wait_for_signal().await.context("installing the SIGTERM/SIGINT handlers")?;

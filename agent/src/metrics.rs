@@ -34,6 +34,20 @@ pub struct RuntimeLabels {
     pub version: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+/// A manifest request the runtime made to a registry for kip: one GET per pull (what Docker Hub
+/// counts as a pull).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RegistryLabels {
+    pub registry: String,
+    pub method: &'static str,
+    pub result: &'static str,
+}
+
 pub const RESULT_SUCCESS: &str = "success";
 pub const RESULT_FAILURE: &str = "failure";
 
@@ -50,6 +64,9 @@ pub struct Metrics {
     pub cri_up: Gauge,
     pub pinning_available: Gauge,
     pub runtime_info: Family<RuntimeLabels, Gauge>,
+    /// From wanting to pull to being allowed, by how (granted, coordinator_unreachable, unsupported).
+    pub pull_lease_wait: Family<OutcomeLabels, Histogram>,
+    pub registry_requests: Family<RegistryLabels, Counter>,
 }
 
 impl Metrics {
@@ -68,6 +85,10 @@ impl Metrics {
             cri_up: Gauge::default(),
             pinning_available: Gauge::default(),
             runtime_info: Family::default(),
+            pull_lease_wait: Family::new_with_constructor(|| {
+                Histogram::new([0.1, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0])
+            }),
+            registry_requests: Family::default(),
             registry: Registry::default(),
         };
         registry.register("kip_images_desired", "Images in the current list", m.images_desired.clone());
@@ -98,6 +119,17 @@ impl Metrics {
             m.pinning_available.clone(),
         );
         registry.register("kip_runtime", "Container runtime behind the CRI socket", m.runtime_info.clone());
+        registry.register_with_unit(
+            "kip_pull_lease_wait",
+            "Time from having images to pull until the cluster's pull budget let this node pull, by outcome",
+            Unit::Seconds,
+            m.pull_lease_wait.clone(),
+        );
+        registry.register(
+            "kip_registry_requests",
+            "Manifest requests made to registries for kip: one GET per pull the runtime ran, by registry and result",
+            m.registry_requests.clone(),
+        );
         registry.register(
             "kip_build",
             "kip-agent build information",

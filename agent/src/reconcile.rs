@@ -3,6 +3,10 @@
 //! No sockets here, so every rule is tested with plain values and a fake clock.
 
 use std::collections::{BTreeMap, HashSet};
+
+/// The digest the coordinator resolved each listed tag to, by normalized reference (absent:
+/// not resolved, or no coordinator).
+pub type Digests = BTreeMap<String, String>;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
@@ -56,13 +60,16 @@ pub struct Observation {
     /// Every record name of the image (tags, digests, ID): the ones to pin.
     pub refs: Vec<String>,
     pub digest: Option<String>,
+    /// Every digest the image has in the reference's repository (CRI-O lists the index's and
+    /// the platform manifest's; containerd the one it resolved).
+    pub digests: Vec<String>,
     /// The runtime's answer it came from, passed on to the pin and the next pull.
     pub image: Option<ImageInfo>,
 }
 
 impl Observation {
     pub fn absent() -> Self {
-        Self { present: false, pinned: false, refs: vec![], digest: None, image: None }
+        Self { present: false, pinned: false, refs: vec![], digest: None, digests: vec![], image: None }
     }
 
     /// A present image as the runtime described it.
@@ -72,6 +79,7 @@ impl Observation {
             pinned,
             refs: image.refs_of(reference),
             digest: image.digest_in(reference).map(str::to_string),
+            digests: image.digests_in(reference).map(str::to_string).collect(),
             image: Some(image.clone()),
         }
     }
@@ -84,8 +92,10 @@ pub enum PullReason {
     Missing,
     /// Was cached and has disappeared (GC, eviction, `crictl rmi`).
     Vanished,
-    /// Present, but the tag is due to be resolved again.
+    /// Present, but the tag is due to be resolved again (no digest from the coordinator).
     Refresh,
+    /// The coordinator resolved the tag to a digest this node does not have.
+    Moved,
 }
 
 impl PullReason {
@@ -94,6 +104,7 @@ impl PullReason {
             PullReason::Missing => "missing",
             PullReason::Vanished => "vanished",
             PullReason::Refresh => "refresh",
+            PullReason::Moved => "moved",
         }
     }
 }
@@ -114,6 +125,13 @@ pub struct ImageState {
     pub next_attempt: Option<Instant>,
     pub last_error: Option<String>,
     pub consecutive_failures: u32,
+    /// The published digest when the last pull started: a node that pulled for it and still
+    /// has another (the tag moved again, a mirror serves older content) does not pull for it again.
+    pub pulled_for: Option<String>,
+    /// When a check last found the published digest on the node: the tag is current then, so
+    /// the refresh clock starts again (an image the coordinator stops resolving is refreshed an
+    /// interval after that, not all nodes at once).
+    pub confirmed: Option<Instant>,
     backoff: Option<ExponentialBackoff>,
 }
 
@@ -127,6 +145,8 @@ impl Default for ImageState {
             next_attempt: None,
             last_error: None,
             consecutive_failures: 0,
+            pulled_for: None,
+            confirmed: None,
             backoff: None,
         }
     }
@@ -143,8 +163,29 @@ impl ImageState {
         vanished
     }
 
-    pub fn pull_started(&mut self) {
+    pub fn pull_started(&mut self, published: Option<&str>) {
         self.in_flight = true;
+        self.pulled_for = published.map(str::to_string);
+    }
+
+    /// Notes that the node has `published` (the coordinator's digest for the tag) as of `now`.
+    pub fn confirm(&mut self, published: Option<&str>, now: Instant) {
+        if self.has(published) {
+            self.confirmed = Some(now);
+        }
+    }
+
+    /// The node has the published digest.
+    fn has(&self, published: Option<&str>) -> bool {
+        published.is_some_and(|d| self.seen.present && self.seen.digests.iter().any(|h| h == d))
+    }
+
+    /// The digest to report: the published one where the node has it, else the node's own.
+    pub fn reported_digest<'a>(&'a self, published: Option<&'a str>) -> Option<&'a str> {
+        if self.has(published) {
+            return published;
+        }
+        self.seen.digest.as_deref()
     }
 
     pub fn pull_succeeded(&mut self, now: Instant, obs: Observation) {
@@ -172,9 +213,35 @@ impl ImageState {
         !self.in_flight && self.next_attempt.is_none_or(|t| now >= t)
     }
 
-    fn refresh_due(&self, entry: &ImageEntry, now: Instant, policy: &Policy) -> bool {
-        // A digest never moves; a tag may.
-        !entry.by_digest && self.last_pulled.is_none_or(|t| now.duration_since(t) >= policy.refresh_interval)
+    /// Why a present image is to be pulled again, if it is: never for a digest; for a tag whose
+    /// digest the coordinator published, only when the node lacks it (once per published digest);
+    /// otherwise when the refresh interval since the last pull or confirmation has passed.
+    fn refresh_reason(
+        &self,
+        entry: &ImageEntry,
+        published: Option<&str>,
+        now: Instant,
+        policy: &Policy,
+    ) -> Option<PullReason> {
+        if entry.by_digest || self.has(published) {
+            return None;
+        }
+        if let Some(d) = published {
+            if self.pulled_for.as_deref() != Some(d) {
+                return Some(PullReason::Moved);
+            }
+        }
+        let due = self.refresh_at(policy).is_none_or(|t| now >= t);
+        due.then_some(PullReason::Refresh)
+    }
+
+    /// When the time-based refresh falls due (`None`: now, nothing was pulled or confirmed).
+    fn refresh_at(&self, policy: &Policy) -> Option<Instant> {
+        let last = match (self.last_pulled, self.confirmed) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        last.map(|t| t + policy.refresh_interval)
     }
 }
 
@@ -191,7 +258,7 @@ pub fn sync_states(states: &mut States, list: &ImageList) {
 
 /// Decides the next actions. Pulls are limited to the free slots, in list order; pins of
 /// present images cost nothing and are always listed.
-pub fn plan(list: &ImageList, states: &States, now: Instant, policy: &Policy) -> Vec<Action> {
+pub fn plan(list: &ImageList, digests: &Digests, states: &States, now: Instant, policy: &Policy) -> Vec<Action> {
     let in_flight = states.values().filter(|s| s.in_flight).count();
     let mut free = policy.max_parallel_pulls.saturating_sub(in_flight);
     let mut actions = Vec::new();
@@ -203,10 +270,8 @@ pub fn plan(list: &ImageList, states: &States, now: Instant, policy: &Policy) ->
         }
         let reason = if !state.seen.present {
             Some(if state.ever_cached { PullReason::Vanished } else { PullReason::Missing })
-        } else if state.refresh_due(entry, now, policy) {
-            Some(PullReason::Refresh)
         } else {
-            None
+            state.refresh_reason(entry, digests.get(&entry.reference).map(String::as_str), now, policy)
         };
         match reason {
             Some(reason) if free > 0 && state.may_pull(now) => {
@@ -237,7 +302,7 @@ pub fn to_release<'a>(kip_pinned: impl IntoIterator<Item = &'a str>, keep: &Keep
 }
 
 /// The earliest moment a failed pull may be retried or a refresh falls due.
-pub fn next_wake(list: &ImageList, states: &States, policy: &Policy) -> Option<Instant> {
+pub fn next_wake(list: &ImageList, digests: &Digests, states: &States, policy: &Policy) -> Option<Instant> {
     list.entries()
         .iter()
         .filter_map(|e| {
@@ -248,10 +313,11 @@ pub fn next_wake(list: &ImageList, states: &States, policy: &Policy) -> Option<I
             if !s.seen.present {
                 return s.next_attempt;
             }
-            if e.by_digest {
+            let published = digests.get(&e.reference).map(String::as_str);
+            if e.by_digest || s.has(published) {
                 return None;
             }
-            let refresh = s.last_pulled? + policy.refresh_interval;
+            let refresh = s.refresh_at(policy)?;
             Some(s.next_attempt.map_or(refresh, |retry| retry.max(refresh)))
         })
         .min()
@@ -271,8 +337,103 @@ mod tests {
             pinned,
             refs: refs.iter().map(|r| r.to_string()).collect(),
             digest: None,
+            digests: vec![],
             image: None,
         }
+    }
+
+    fn with_digest(digest: &str) -> Observation {
+        Observation { digest: Some(digest.into()), digests: vec![digest.into()], ..present(true, &["r/t:1"]) }
+    }
+
+    const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+    fn published(reference: &str, digest: &str) -> Digests {
+        Digests::from([(reference.to_string(), digest.to_string())])
+    }
+
+    #[test]
+    fn a_tag_whose_published_digest_the_node_has_is_never_pulled_again() {
+        let l = list("t=r/t:1");
+        let mut states = States::new();
+        sync_states(&mut states, &l);
+        let t0 = Instant::now();
+        let p = policy(3);
+        let s = states.get_mut("docker.io/r/t:1").unwrap();
+        s.observe(with_digest(D1));
+        let digests = published("docker.io/r/t:1", D1);
+        // Present from before the agent started, never pulled by it: without a digest that is
+        // a refresh at once; with the coordinator's matching digest, nothing.
+        assert_eq!(plan(&l, &Digests::new(), &states, t0, &p), vec![pull("docker.io/r/t:1", PullReason::Refresh)]);
+        assert!(plan(&l, &digests, &states, t0, &p).is_empty());
+        assert!(
+            plan(&l, &digests, &states, t0 + p.refresh_interval * 10, &p).is_empty(),
+            "no refresh while it matches"
+        );
+        assert_eq!(next_wake(&l, &digests, &states, &p), None);
+        let s = &states["docker.io/r/t:1"];
+        assert_eq!(s.reported_digest(Some(D1)), Some(D1));
+    }
+
+    #[test]
+    fn a_moved_tag_is_pulled_once_per_published_digest() {
+        let l = list("t=r/t:1");
+        let mut states = States::new();
+        sync_states(&mut states, &l);
+        let t0 = Instant::now();
+        let p = policy(3);
+        states.get_mut("docker.io/r/t:1").unwrap().observe(with_digest(D1));
+        let moved = published("docker.io/r/t:1", D2);
+        assert_eq!(plan(&l, &moved, &states, t0, &p), vec![pull("docker.io/r/t:1", PullReason::Moved)]);
+        let s = states.get_mut("docker.io/r/t:1").unwrap();
+        s.pull_started(Some(D2));
+        assert!(plan(&l, &moved, &states, t0, &p).is_empty(), "in flight");
+        // The registry served D1 again (the tag moved back, or a mirror lags): no loop.
+        let s = states.get_mut("docker.io/r/t:1").unwrap();
+        s.pull_succeeded(t0, with_digest(D1));
+        assert!(plan(&l, &moved, &states, t0 + Duration::from_secs(60), &p).is_empty());
+        // ... until the refresh interval, as for a tag nobody resolved.
+        assert_eq!(next_wake(&l, &moved, &states, &p), Some(t0 + p.refresh_interval));
+        assert_eq!(
+            plan(&l, &moved, &states, t0 + p.refresh_interval, &p),
+            vec![pull("docker.io/r/t:1", PullReason::Refresh)]
+        );
+        // The node reports its own digest while it lacks the published one.
+        assert_eq!(states["docker.io/r/t:1"].reported_digest(Some(D2)), Some(D1));
+    }
+
+    #[test]
+    fn confirmation_restarts_the_refresh_clock_when_the_digest_goes_away() {
+        let l = list("t=r/t:1");
+        let mut states = States::new();
+        sync_states(&mut states, &l);
+        let t0 = Instant::now();
+        let p = policy(3);
+        let s = states.get_mut("docker.io/r/t:1").unwrap();
+        s.pull_succeeded(t0, with_digest(D1));
+        let later = t0 + p.refresh_interval * 3;
+        s.confirm(Some(D1), later);
+        assert_eq!(s.confirmed, Some(later));
+        s.confirm(Some(D2), later + Duration::from_secs(1));
+        assert_eq!(s.confirmed, Some(later), "a digest the node lacks confirms nothing");
+        // The coordinator stopped resolving (registry down): refresh one interval after the
+        // last confirmation, not at once.
+        let none = Digests::new();
+        assert!(plan(&l, &none, &states, later + Duration::from_secs(1), &p).is_empty());
+        assert_eq!(next_wake(&l, &none, &states, &p), Some(later + p.refresh_interval));
+    }
+
+    #[test]
+    fn images_listed_by_digest_and_missing_images_ignore_published_digests() {
+        let d = "sha256:0123456789012345678901234567890123456789012345678901234567890123";
+        let l = list(&format!("d=r/d@{d};m=r/m:1"));
+        let mut states = States::new();
+        sync_states(&mut states, &l);
+        let now = Instant::now();
+        states.get_mut(&format!("docker.io/r/d@{d}")).unwrap().observe(with_digest(D1));
+        let digests = published("docker.io/r/m:1", D2);
+        assert_eq!(plan(&l, &digests, &states, now, &policy(3)), vec![pull("docker.io/r/m:1", PullReason::Missing)]);
     }
 
     fn policy(parallel: usize) -> Policy {
@@ -289,13 +450,13 @@ mod tests {
         let mut states = States::new();
         sync_states(&mut states, &l);
         let now = Instant::now();
-        let actions = plan(&l, &states, now, &policy(2));
+        let actions = plan(&l, &Digests::new(), &states, now, &policy(2));
         assert_eq!(
             actions,
             vec![pull("docker.io/r/a:1", PullReason::Missing), pull("docker.io/r/b:1", PullReason::Missing)]
         );
-        states.get_mut("docker.io/r/a:1").unwrap().pull_started();
-        let actions = plan(&l, &states, now, &policy(2));
+        states.get_mut("docker.io/r/a:1").unwrap().pull_started(None);
+        let actions = plan(&l, &Digests::new(), &states, now, &policy(2));
         assert_eq!(actions, vec![pull("docker.io/r/b:1", PullReason::Missing)], "one slot left, a is in flight");
     }
 
@@ -307,9 +468,12 @@ mod tests {
         let now = Instant::now();
         let s = states.get_mut("docker.io/r/a:1").unwrap();
         s.pull_succeeded(now, present(false, &["r/a:1"]));
-        assert_eq!(plan(&l, &states, now, &policy(3)), vec![Action::Pin { reference: "docker.io/r/a:1".into() }]);
+        assert_eq!(
+            plan(&l, &Digests::new(), &states, now, &policy(3)),
+            vec![Action::Pin { reference: "docker.io/r/a:1".into() }]
+        );
         states.get_mut("docker.io/r/a:1").unwrap().observe(present(true, &["r/a:1"]));
-        assert!(plan(&l, &states, now + Duration::from_secs(60), &policy(3)).is_empty());
+        assert!(plan(&l, &Digests::new(), &states, now + Duration::from_secs(60), &policy(3)).is_empty());
     }
 
     #[test]
@@ -323,9 +487,12 @@ mod tests {
             s.pull_succeeded(now, present(true, &["x"]));
         }
         let p = policy(3);
-        assert!(plan(&l, &states, now + p.refresh_interval - Duration::from_secs(1), &p).is_empty());
-        assert_eq!(plan(&l, &states, now + p.refresh_interval, &p), vec![pull("docker.io/r/t:1", PullReason::Refresh)]);
-        assert_eq!(next_wake(&l, &states, &p), Some(now + p.refresh_interval));
+        assert!(plan(&l, &Digests::new(), &states, now + p.refresh_interval - Duration::from_secs(1), &p).is_empty());
+        assert_eq!(
+            plan(&l, &Digests::new(), &states, now + p.refresh_interval, &p),
+            vec![pull("docker.io/r/t:1", PullReason::Refresh)]
+        );
+        assert_eq!(next_wake(&l, &Digests::new(), &states, &p), Some(now + p.refresh_interval));
     }
 
     #[test]
@@ -338,7 +505,10 @@ mod tests {
         s.pull_succeeded(now, present(true, &["r/a:1"]));
         assert!(s.observe(Observation::absent()), "present -> absent is a vanish");
         assert!(!s.observe(Observation::absent()), "absent -> absent is not counted again");
-        assert_eq!(plan(&l, &states, now, &policy(1)), vec![pull("docker.io/r/a:1", PullReason::Vanished)]);
+        assert_eq!(
+            plan(&l, &Digests::new(), &states, now, &policy(1)),
+            vec![pull("docker.io/r/a:1", PullReason::Vanished)]
+        );
     }
 
     #[test]
@@ -349,13 +519,19 @@ mod tests {
         let p = Policy { retry_min: Duration::from_secs(1), retry_max: Duration::from_secs(8), ..policy(1) };
         let now = Instant::now();
         let s = states.get_mut("docker.io/r/a:1").unwrap();
-        s.pull_started();
+        s.pull_started(None);
         let d1 = s.pull_failed(now, "401".into(), &p);
         assert!(d1 >= Duration::from_secs(1) && d1 <= Duration::from_secs(2), "{d1:?}");
         assert_eq!(s.last_error.as_deref(), Some("401"));
-        assert!(plan(&l, &states, now + d1 - Duration::from_millis(1), &p).is_empty(), "not before the delay");
-        assert_eq!(plan(&l, &states, now + d1, &p), vec![pull("docker.io/r/a:1", PullReason::Missing)]);
-        assert_eq!(next_wake(&l, &states, &p), Some(now + d1));
+        assert!(
+            plan(&l, &Digests::new(), &states, now + d1 - Duration::from_millis(1), &p).is_empty(),
+            "not before the delay"
+        );
+        assert_eq!(
+            plan(&l, &Digests::new(), &states, now + d1, &p),
+            vec![pull("docker.io/r/a:1", PullReason::Missing)]
+        );
+        assert_eq!(next_wake(&l, &Digests::new(), &states, &p), Some(now + d1));
         let s = states.get_mut("docker.io/r/a:1").unwrap();
         let delays: Vec<Duration> = (0..6).map(|_| s.pull_failed(now, "x".into(), &p)).collect();
         assert!(delays.iter().all(|d| *d <= Duration::from_secs(16)), "capped (max plus jitter): {delays:?}");
@@ -391,6 +567,6 @@ mod tests {
         let l = list("a=busybox;b=docker.io/library/busybox:latest");
         let mut states = States::new();
         sync_states(&mut states, &l);
-        assert_eq!(plan(&l, &states, Instant::now(), &policy(3)).len(), 1);
+        assert_eq!(plan(&l, &Digests::new(), &states, Instant::now(), &policy(3)).len(), 1);
     }
 }

@@ -13,7 +13,7 @@ use kube_quantity::ParsedQuantity;
 use serde::de::DeserializeOwned;
 
 /// Every key kip reads, KIP's and its own.
-pub const KEYS: [&str; 19] = [
+pub const KEYS: [&str; 21] = [
     "IMAGES",
     "CACHING_INTERVAL_HOURS",
     "CACHING_MEMORY_REQUEST",
@@ -33,6 +33,8 @@ pub const KEYS: [&str; 19] = [
     "KIP_PULL_TIMEOUT",
     "KIP_MODE",
     "KIP_RELEASE",
+    "KIP_REFRESH_INTERVAL",
+    "KIP_MAX_NODES_PULLING",
 ];
 
 /// KIP's defaults (kubernetes-image-puller's README and cfg package).
@@ -83,6 +85,11 @@ pub struct KipConfig {
     pub mode: Mode,
     pub images: ImageList,
     pub caching_interval_hours: u32,
+    /// How often tags are resolved again (and refreshed by agents where they are not):
+    /// `KIP_REFRESH_INTERVAL`, else `CACHING_INTERVAL_HOURS`.
+    pub refresh_interval: Duration,
+    /// `KIP_MAX_NODES_PULLING`: how many nodes pull for kip at once.
+    pub max_nodes_pulling: crate::lease::Budget,
     pub memory_request: Quantity,
     pub memory_limit: Quantity,
     pub cpu_request: Quantity,
@@ -291,6 +298,11 @@ pub fn validate(raw: &RawConfig) -> Result<KipConfig, ConfigError> {
     };
     let check_interval = duration("KIP_CHECK_INTERVAL");
     let pull_timeout = duration("KIP_PULL_TIMEOUT");
+    let refresh_interval = duration("KIP_REFRESH_INTERVAL");
+    let max_nodes_pulling = get("KIP_MAX_NODES_PULLING", crate::lease::DEFAULT_BUDGET)
+        .parse::<crate::lease::Budget>()
+        .map_err(|r| err("KIP_MAX_NODES_PULLING", r))
+        .ok();
 
     if !errors.is_empty() {
         return Err(ConfigError(errors));
@@ -302,6 +314,9 @@ pub fn validate(raw: &RawConfig) -> Result<KipConfig, ConfigError> {
         mode,
         images: images.unwrap_or_default(),
         caching_interval_hours: caching_interval_hours.unwrap_or(1),
+        refresh_interval: refresh_interval
+            .unwrap_or_else(|| Duration::from_secs(u64::from(caching_interval_hours.unwrap_or(1)) * 3600)),
+        max_nodes_pulling: max_nodes_pulling.unwrap_or(crate::lease::Budget::Percent(10)),
         memory_request: some(memory_request),
         memory_limit: some(memory_limit),
         cpu_request: some(cpu_request),

@@ -1,5 +1,6 @@
 //! The `kip.v1.Coordinator` gRPC service: `Watch` streams the published list to an agent
-//! (the current one at once, then every change); `Report` stores the agent's state.
+//! (the current one at once, then every change); `Report` stores the agent's state; `PullLease`
+//! hands out the cluster's pull budget.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,6 +13,12 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::AgentAuth;
 use crate::hub::Hub;
+use crate::lease::LeaseDesk;
+
+/// How long a pull lease lasts without renewal (agents renew at a third of it), and how long a
+/// `PullLease` call waits for a slot before it answers "not yet".
+pub const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+pub const LEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct CoordinatorService {
     hub: Arc<Hub>,
@@ -19,11 +26,17 @@ pub struct CoordinatorService {
     auth: Arc<AgentAuth>,
     /// Ends every Watch stream, so a graceful shutdown does not wait for them forever.
     shutdown: CancellationToken,
+    leases: Arc<LeaseDesk>,
 }
 
 impl CoordinatorService {
     pub fn new(hub: Arc<Hub>, auth: Arc<AgentAuth>, shutdown: CancellationToken) -> Self {
-        Self { hub, auth, shutdown }
+        Self { hub, auth, shutdown, leases: Arc::new(LeaseDesk::new(LEASE_TTL, LEASE_WAIT)) }
+    }
+
+    /// The same service with other lease timings (tests).
+    pub fn with_leases(self, leases: LeaseDesk) -> Self {
+        Self { leases: Arc::new(leases), ..self }
     }
 }
 
@@ -56,6 +69,8 @@ impl Coordinator for CoordinatorService {
         tracing::info!(node = %req.node_name, agent_version = %req.agent_version, "agent connected");
         self.hub.metrics.agents_connected.inc();
         self.hub.node_stream(&req.node_name, true);
+        // A percentage budget grows with the connected nodes.
+        self.leases.budget_changed();
         let guard = ConnectedGuard { hub: self.hub.clone(), node: req.node_name };
         // WatchStream yields the current value first, then each new one (skipping stale ones).
         let updates = tokio_stream::wrappers::WatchStream::new(self.hub.subscribe()).map(move |published| {
@@ -74,5 +89,30 @@ impl Coordinator for CoordinatorService {
         let report = request.into_inner();
         self.hub.record_report(report);
         Ok(Response::new(v1::ReportAck {}))
+    }
+
+    async fn pull_lease(&self, request: Request<v1::LeaseRequest>) -> Result<Response<v1::LeaseReply>, Status> {
+        let node = request.get_ref().node_name.trim().to_string();
+        if node.is_empty() {
+            return Err(Status::invalid_argument("node_name is empty"));
+        }
+        self.auth.check(request.metadata(), &node, &self.hub.metrics).await?;
+        let metrics = &self.hub.metrics;
+        if request.get_ref().release {
+            self.leases.release(&node, metrics);
+            return Ok(Response::new(v1::LeaseReply { granted: false, ..Default::default() }));
+        }
+        let hub = &self.hub;
+        let slots = || hub.current().config.max_nodes_pulling.slots(hub.connected_nodes());
+        let reply = tokio::select! {
+            r = self.leases.acquire(&node, slots, metrics) => r,
+            _ = self.shutdown.cancelled() => return Err(Status::unavailable("the coordinator is shutting down")),
+        };
+        Ok(Response::new(v1::LeaseReply {
+            granted: reply.granted,
+            ttl_ms: reply.ttl.as_millis() as u64,
+            budget: reply.slots as u32,
+            in_use: reply.in_use as u32,
+        }))
     }
 }

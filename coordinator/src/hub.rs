@@ -11,12 +11,16 @@ use tokio::sync::watch;
 use crate::config::KipConfig;
 use crate::gate::GateStatus;
 use crate::metrics::{ImageLabels, Metrics};
+use crate::resolve::Resolved;
 
 /// One published generation of the configuration.
 #[derive(Debug)]
 pub struct Published {
     pub generation: u64,
     pub config: KipConfig,
+    /// The digest each listed tag resolves to (by normalized reference), where the coordinator
+    /// resolved it; agents whose node has it do not pull.
+    pub digests: BTreeMap<String, String>,
 }
 
 impl Published {
@@ -30,10 +34,17 @@ impl Published {
         v1::ImageListUpdate {
             generation: self.generation,
             release: self.config.release.into(),
-            images: images.iter().map(|e| v1::Image { name: e.name.clone(), image: e.image.clone() }).collect(),
+            images: images
+                .iter()
+                .map(|e| v1::Image {
+                    name: e.name.clone(),
+                    image: e.image.clone(),
+                    digest: self.digests.get(&e.reference).cloned().unwrap_or_default(),
+                })
+                .collect(),
             policy: Some(v1::PullPolicy {
                 max_parallel_pulls: p.max_parallel_pulls.unwrap_or(0),
-                refresh_interval_seconds: u64::from(self.config.caching_interval_hours) * 3600,
+                refresh_interval_seconds: self.config.refresh_interval.as_secs().max(1),
                 check_interval_seconds: p.check_interval.map_or(0, |d| d.as_secs().max(1)),
                 pull_timeout_seconds: p.pull_timeout.map_or(0, |d| d.as_secs().max(1)),
             }),
@@ -135,6 +146,8 @@ pub struct Hub {
     api_attached: std::sync::atomic::AtomicBool,
     /// The startup gate as the controller last saw it (`None`: no gate configured or no API).
     gate: RwLock<Option<GateStatus>>,
+    /// What the resolver last said per listed tag (`/status`).
+    resolution: RwLock<BTreeMap<String, Resolved>>,
 }
 
 impl Hub {
@@ -143,7 +156,7 @@ impl Hub {
     }
 
     pub fn with_release_timeout(config: KipConfig, metrics: Arc<Metrics>, release_timeout: Duration) -> Arc<Self> {
-        let first = Arc::new(Published { generation: 1, config });
+        let first = Arc::new(Published { generation: 1, config, digests: BTreeMap::new() });
         metrics.config_generation.set(1);
         metrics.images_desired.set(first.config.images.len() as i64);
         let (list, _) = watch::channel(first.clone());
@@ -157,6 +170,7 @@ impl Hub {
             release: RwLock::new(None),
             api_attached: std::sync::atomic::AtomicBool::new(false),
             gate: RwLock::new(None),
+            resolution: RwLock::new(BTreeMap::new()),
         });
         hub.refresh_image_metrics(&first);
         hub.track_release(&first.config);
@@ -293,21 +307,35 @@ impl Hub {
     /// Publishes `config` as a new generation unless it equals the current one.
     /// Returns the new generation, or `None` when nothing changed.
     pub fn publish(&self, mut config: KipConfig) -> Option<u64> {
-        let current = self.current();
-        if current.config.release != v1::Release::None && config.release != current.config.release {
-            // The uninstall hook's ConfigMap goes away before the coordinator does: a release
-            // is final for this process (a restart caches again).
-            tracing::warn!(
-                release = current.config.release.as_str_name(),
-                "KIP_RELEASE changed after a release; the release stays in force until the coordinator restarts"
-            );
-            config.release = current.config.release;
-        }
-        if current.config == config {
-            return None;
-        }
-        let next = Arc::new(Published { generation: current.generation + 1, config });
-        let (old, new) = (&current.config.images, &next.config.images);
+        // Decided inside the channel's lock: the resolver publishes digests concurrently.
+        let mut published = None;
+        self.list.send_if_modified(|current| {
+            if current.config.release != v1::Release::None && config.release != current.config.release {
+                // The uninstall hook's ConfigMap goes away before the coordinator does: a release
+                // is final for this process (a restart caches again).
+                tracing::warn!(
+                    release = current.config.release.as_str_name(),
+                    "KIP_RELEASE changed after a release; the release stays in force until the coordinator restarts"
+                );
+                config.release = current.config.release;
+            }
+            if current.config == config {
+                return false;
+            }
+            // Digests of tags still listed stay until the resolver has looked again.
+            let digests = current
+                .digests
+                .iter()
+                .filter(|(r, _)| config.images.contains_reference(r))
+                .map(|(r, d)| (r.clone(), d.clone()))
+                .collect();
+            let next = Arc::new(Published { generation: current.generation + 1, config: config.clone(), digests });
+            published = Some((current.clone(), next.clone()));
+            *current = next;
+            true
+        });
+        let (previous, next) = published?;
+        let (old, new) = (&previous.config.images, &next.config.images);
         let added: Vec<&str> =
             new.entries().iter().filter(|e| !old.entries().contains(e)).map(|e| e.name.as_str()).collect();
         let removed: Vec<&str> =
@@ -322,10 +350,82 @@ impl Hub {
         self.metrics.config_generation.set(next.generation as i64);
         self.metrics.images_desired.set(new.len() as i64);
         self.metrics.config_reloads.inc();
-        self.list.send_replace(next.clone());
         self.refresh_image_metrics(&next);
         self.track_release(&next.config);
         Some(next.generation)
+    }
+
+    /// Takes the resolver's answers: logs what changed, sets `kip_image_resolved`, and publishes a
+    /// new generation when a digest changed. Answers for references no longer listed are dropped.
+    pub fn set_resolution(&self, answers: BTreeMap<String, Resolved>) {
+        let current = self.current();
+        let answers: BTreeMap<String, Resolved> =
+            answers.into_iter().filter(|(r, _)| current.config.images.contains_reference(r)).collect();
+        let old = self.resolution.read().map(|r| r.clone()).unwrap_or_default();
+        for (reference, now) in &answers {
+            if old.get(reference) == Some(now) {
+                continue;
+            }
+            match (now, old.get(reference)) {
+                (Resolved::Digest(d), Some(Resolved::Digest(before))) => {
+                    tracing::info!(image = %reference, digest = %d, before = %before, "tag moved: nodes pull it once")
+                }
+                (Resolved::Digest(d), _) => {
+                    tracing::info!(image = %reference, digest = %d, "tag resolved by the coordinator: nodes that have it do not pull")
+                }
+                (Resolved::Unresolved(why), _) => {
+                    tracing::warn!(image = %reference, why = %why, "tag not resolved: agents refresh it on their own interval")
+                }
+            }
+        }
+        for e in current.config.images.entries() {
+            let resolved = matches!(answers.get(&e.reference), Some(Resolved::Digest(_)));
+            self.metrics
+                .image_resolved
+                .get_or_create(&ImageLabels { name: e.name.clone(), image: e.image.clone() })
+                .set(resolved as i64);
+        }
+        let digests: BTreeMap<String, String> = answers
+            .iter()
+            .filter_map(|(r, a)| match a {
+                Resolved::Digest(d) => Some((r.clone(), d.clone())),
+                Resolved::Unresolved(_) => None,
+            })
+            .collect();
+        if let Ok(mut r) = self.resolution.write() {
+            *r = answers;
+        }
+        let mut published = None;
+        self.list.send_if_modified(|current| {
+            // The list may have changed since the answers were asked for: only its tags count.
+            let digests: BTreeMap<String, String> = digests
+                .iter()
+                .filter(|(r, _)| current.config.images.contains_reference(r))
+                .map(|(r, d)| (r.clone(), d.clone()))
+                .collect();
+            if digests == current.digests {
+                return false;
+            }
+            let next =
+                Arc::new(Published { generation: current.generation + 1, config: current.config.clone(), digests });
+            published = Some(next.clone());
+            *current = next;
+            true
+        });
+        if let Some(next) = published {
+            tracing::info!(generation = next.generation, resolved = next.digests.len(), "published new digests");
+            self.metrics.config_generation.set(next.generation as i64);
+        }
+    }
+
+    /// What the resolver last said per listed tag.
+    pub fn resolution(&self) -> BTreeMap<String, Resolved> {
+        self.resolution.read().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Nodes with an open Watch stream (what a percentage budget counts).
+    pub fn connected_nodes(&self) -> usize {
+        self.connections.read().map(|c| c.values().filter(|c| c.open_streams > 0).count()).unwrap_or(0)
     }
 
     /// Stores a node's report; logs a line when its summary changed.
@@ -420,10 +520,27 @@ impl Hub {
     pub fn status_json(&self) -> serde_json::Value {
         let published = self.current();
         let now = SystemTime::now();
+        let resolution = self.resolution();
         let images: Vec<_> = self
             .image_counts(&published)
             .into_iter()
-            .map(|(l, cached, pinned)| serde_json::json!({"name": l.name, "image": l.image, "nodes_cached": cached, "nodes_pinned": pinned}))
+            .zip(published.config.images.entries())
+            .map(|((l, cached, pinned), e)| {
+                let mut image = serde_json::json!({"name": l.name, "image": l.image, "nodes_cached": cached, "nodes_pinned": pinned});
+                // Who keeps the tag current: the coordinator (one HEAD per interval) or every agent.
+                let (by, digest, why) = match (e.by_digest, resolution.get(&e.reference)) {
+                    (true, _) => ("digest", "", "listed by digest: never pulled again while present"),
+                    (false, Some(Resolved::Digest(d))) => ("coordinator", d.as_str(), ""),
+                    (false, Some(Resolved::Unresolved(why))) => ("agents", "", why.as_str()),
+                    (false, None) => ("agents", "", "not resolved yet"),
+                };
+                image["resolved_by"] = by.into();
+                image["digest"] = digest.into();
+                if !why.is_empty() {
+                    image["why"] = why.into();
+                }
+                image
+            })
             .collect();
         let nodes: serde_json::Map<String, serde_json::Value> = self
             .nodes()

@@ -12,9 +12,11 @@ mod fixtures;
 pub mod gate;
 pub mod grpc;
 pub mod hub;
+pub mod lease;
 pub mod metrics;
 pub mod release;
 pub mod reload;
+pub mod resolve;
 pub mod watches;
 
 /// A Kubernetes API client (in-cluster or kubeconfig), retried until one can be built.

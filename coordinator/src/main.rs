@@ -91,6 +91,22 @@ struct Cli {
     #[arg(long, env = "KIP_AGENT_AUDIENCE", value_name = "AUDIENCE", default_value = kip_coordinator::auth::DEFAULT_AUDIENCE)]
     agent_audience: String,
 
+    /// Resolve listed tags to digests with a registry HEAD (agents then pull only where their
+    /// node's digest differs). `false` for clusters whose registries the coordinator cannot reach
+    /// (agents then refresh every tag on their own interval)
+    #[arg(long, env = "KIP_RESOLVE_TAGS", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    resolve_tags: bool,
+
+    /// Pull secrets mounted as directories (`DIR/<secret>/.dockerconfigjson`): the credentials
+    /// for the HEADs, the same secrets the agents pull with (IMAGE_PULL_SECRETS)
+    #[arg(long, env = "KIP_PULL_SECRETS_DIR", value_name = "DIR")]
+    pull_secrets_dir: Option<PathBuf>,
+
+    /// Registries (`host:port`, comma-separated) the coordinator talks plain HTTP to, as the nodes
+    /// do through their runtime's mirror configuration
+    #[arg(long, env = "KIP_PLAIN_HTTP_REGISTRIES", value_name = "HOST:PORT,...", value_delimiter = ',')]
+    plain_http_registries: Vec<String>,
+
     /// Validate the configuration, print a summary and exit (0 when valid)
     #[arg(long)]
     check_config: bool,
@@ -121,6 +137,8 @@ enum Command {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    // One TLS provider for every client (the registry client's and kube's): ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     if let Some(Command::WaitRelease { status_url, timeout, strict }) = &cli.command {
         return wait_release(status_url, *timeout, *strict).await;
     }
@@ -234,6 +252,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         })
     };
     let http_server = tokio::spawn(http::serve(http_listener, router, shutdown.clone()));
+    let resolver = if cli.resolve_tags {
+        let resolver = kip_coordinator::resolve::Resolver::new(
+            cli.plain_http_registries.clone(),
+            cli.pull_secrets_dir.clone(),
+            metrics.clone(),
+        );
+        Some(tokio::spawn(resolver.run(hub.clone(), shutdown.clone())))
+    } else {
+        tracing::info!("--resolve-tags false: agents refresh every tag on their own interval");
+        None
+    };
     let api_active = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let config_map = match (cli.config_map.clone(), cli.pod_namespace.clone()) {
         (Some(name), Some(namespace)) => {
@@ -286,6 +315,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let _ = r.await;
     }
     let _ = http_server.await;
+    if let Some(r) = resolver {
+        let _ = r.await;
+    }
     grpc.await.context("gRPC server task")?.context("gRPC server")?;
     Ok(())
 }

@@ -20,6 +20,15 @@ pub struct ImageLabels {
     pub image: String,
 }
 
+/// One request to a registry: its host, `HEAD` or `GET`, and `ok` or why not (`unauthorized`,
+/// `not_found`, `error`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RegistryLabels {
+    pub registry: String,
+    pub method: &'static str,
+    pub result: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub config_generation: Gauge,
@@ -36,6 +45,12 @@ pub struct Metrics {
     gate_wait_seconds: Histogram,
     /// Agent calls refused, by reason (unauthenticated, permission_denied, unavailable).
     pub agent_calls_refused: Family<ReasonLabels, Counter>,
+    /// 1 when the listed image's tag is resolved to a digest (published with it), else 0.
+    pub image_resolved: Family<ImageLabels, Gauge>,
+    pub registry_requests: Family<RegistryLabels, Counter>,
+    pub pull_leases_in_use: Gauge,
+    pub pull_lease_budget: Gauge,
+    pub pull_lease_wait: Histogram,
 }
 
 impl Metrics {
@@ -57,6 +72,12 @@ impl Metrics {
             // From a node's creation to its gate opening: a minute to an hour.
             gate_wait_seconds: Histogram::new([15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0]),
             agent_calls_refused: Family::default(),
+            image_resolved: Family::default(),
+            registry_requests: Family::default(),
+            pull_leases_in_use: Gauge::default(),
+            pull_lease_budget: Gauge::default(),
+            // From a node's first ask to its lease: at once, or after other nodes' pulls.
+            pull_lease_wait: Histogram::new([0.1, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0]),
         };
         registry.register(
             "kip_config_generation",
@@ -108,6 +129,31 @@ impl Metrics {
             m.agent_calls_refused.clone(),
         );
         registry.register(
+            "kip_image_resolved",
+            "1 when the coordinator resolved the listed tag to a digest (nodes that have it do not pull), 0 when agents refresh it on their own",
+            m.image_resolved.clone(),
+        );
+        registry.register(
+            "kip_registry_requests",
+            "Manifest requests the coordinator sent to registries to resolve tags, by registry, method and result",
+            m.registry_requests.clone(),
+        );
+        registry.register(
+            "kip_pull_leases_in_use",
+            "Nodes holding a pull lease (pulling for kip now)",
+            m.pull_leases_in_use.clone(),
+        );
+        registry.register(
+            "kip_pull_lease_budget",
+            "Nodes allowed to pull at once (KIP_MAX_NODES_PULLING applied to the connected nodes)",
+            m.pull_lease_budget.clone(),
+        );
+        registry.register(
+            "kip_pull_lease_wait_seconds",
+            "Time from a node's first ask for a pull lease until it got one",
+            m.pull_lease_wait.clone(),
+        );
+        registry.register(
             "kip_build",
             "kip-coordinator build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION")), ("component", "coordinator")]),
@@ -123,6 +169,10 @@ impl Metrics {
 
     pub fn refused(&self, reason: &str) {
         self.agent_calls_refused.get_or_create(&ReasonLabels { reason: reason.into() }).inc();
+    }
+
+    pub fn registry_request(&self, registry: &str, method: &'static str, result: &'static str) {
+        self.registry_requests.get_or_create(&RegistryLabels { registry: registry.into(), method, result }).inc();
     }
 
     pub fn render(&self) -> String {

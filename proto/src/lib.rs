@@ -9,6 +9,7 @@ pub mod duration;
 pub mod http;
 pub mod images;
 pub mod process;
+pub mod pull_secrets;
 
 /// The `kip.v1` gRPC API (coordinator ⇄ agents), generated from `proto/kip/v1/kip.proto`.
 pub mod v1 {

@@ -43,7 +43,13 @@ fn list(images: &[(&str, &str)]) -> ImageList {
 }
 
 fn update(generation: u64, images: &[(&str, &str)], release: v1::Release) -> ListUpdate {
-    ListUpdate { generation, list: list(images), policy: v1::PullPolicy::default(), release }
+    ListUpdate {
+        generation,
+        list: list(images),
+        digests: Default::default(),
+        policy: v1::PullPolicy::default(),
+        release,
+    }
 }
 
 /// An agent on the fake runtime following a coordinator-like list channel.

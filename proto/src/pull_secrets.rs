@@ -39,10 +39,11 @@ pub struct Credentials {
 }
 
 impl Credentials {
-    pub fn to_cri(&self) -> kip::cri::AuthConfig {
+    #[cfg(feature = "runtime-apis")]
+    pub fn to_cri(&self) -> crate::cri::AuthConfig {
         // server_address stays empty: containerd drops credentials whose server_address
         // is not a URL with the registry's host (RUNTIME-NOTES).
-        kip::cri::AuthConfig {
+        crate::cri::AuthConfig {
             username: self.username.clone(),
             password: self.password.expose().to_string(),
             identity_token: self.identity_token.expose().to_string(),

@@ -1,0 +1,238 @@
+//! The agent's side of the cluster's pull budget: before it pulls, the agent asks the
+//! coordinator for a lease (`PullLease`), renews it while pulls run and gives it back when none
+//! is left. So that nothing waits forever, it pulls on its own limits (`--max-parallel-pulls`)
+//! when the coordinator has not answered for `--lease-timeout`, and at once when the coordinator
+//! does not know the call (an older version). The work loop only sees "may pull now or not".
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kip::v1;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::follow::{self, BearerToken};
+use crate::metrics::Metrics;
+use crate::reconcile;
+
+/// How the agent came to pull.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Allowed {
+    /// The coordinator granted a lease.
+    Granted,
+    /// The coordinator did not answer for the lease timeout: the agent's own limits apply.
+    Unreachable,
+    /// The coordinator has no pull budget (an older version).
+    Unsupported,
+}
+
+impl Allowed {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Allowed::Granted => "granted",
+            Allowed::Unreachable => "coordinator_unreachable",
+            Allowed::Unsupported => "unsupported",
+        }
+    }
+}
+
+/// Pure: after the coordinator failed a lease call with `code`, having failed since `since`,
+/// may the agent go ahead on its own limits at `now`?
+pub fn go_ahead_after_failure(code: tonic::Code, since: Instant, now: Instant, timeout: Duration) -> Option<Allowed> {
+    match code {
+        tonic::Code::Unimplemented => Some(Allowed::Unsupported),
+        _ if now.duration_since(since) >= timeout => Some(Allowed::Unreachable),
+        _ => None,
+    }
+}
+
+/// The work loop's end: says when it wants to pull, learns when it may.
+pub struct LeaseHandle {
+    want: watch::Sender<bool>,
+    allowed: watch::Receiver<Option<Allowed>>,
+}
+
+impl LeaseHandle {
+    pub fn want(&self, want: bool) {
+        self.want.send_if_modified(|w| std::mem::replace(w, want) != want);
+    }
+
+    pub fn may_pull(&self) -> bool {
+        self.allowed.borrow().is_some()
+    }
+
+    /// Resolves when the permission changes; never when `lease` is `None` (no budget).
+    pub async fn changed(lease: &mut Option<LeaseHandle>) {
+        match lease {
+            Some(l) => {
+                if l.allowed.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
+pub struct LeaseClient {
+    pub channel: tonic::transport::Channel,
+    pub token: BearerToken,
+    pub node: String,
+    /// How long an unreachable coordinator is waited for (`--lease-timeout`).
+    pub timeout: Duration,
+    pub metrics: Arc<Metrics>,
+}
+
+impl LeaseClient {
+    /// Starts the lease task; it ends with `shutdown`.
+    pub fn start(self, shutdown: CancellationToken) -> LeaseHandle {
+        let (want, want_rx) = watch::channel(false);
+        let (allowed_tx, allowed) = watch::channel(None);
+        tokio::spawn(self.run(want_rx, allowed_tx, shutdown));
+        LeaseHandle { want, allowed }
+    }
+
+    async fn run(
+        self,
+        mut want: watch::Receiver<bool>,
+        allowed: watch::Sender<Option<Allowed>>,
+        shutdown: CancellationToken,
+    ) {
+        let mut client = follow::client(self.channel.clone(), self.token.clone());
+        loop {
+            // Idle until the work loop has something to pull.
+            while !*want.borrow_and_update() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    changed = want.changed() => if changed.is_err() { return },
+                }
+            }
+            let asked = Instant::now();
+            let Some(how) = self.acquire(&mut client, &mut want, &shutdown).await else {
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                continue; // nothing to pull any more
+            };
+            self.metrics
+                .pull_lease_wait
+                .get_or_create(&crate::metrics::OutcomeLabels { outcome: how.as_str() })
+                .observe(asked.elapsed().as_secs_f64());
+            if how != Allowed::Granted {
+                tracing::warn!(
+                    how = how.as_str(),
+                    waited_ms = asked.elapsed().as_millis() as u64,
+                    "pulling without a lease from the coordinator (own --max-parallel-pulls)"
+                );
+            }
+            allowed.send_replace(Some(how));
+            self.hold(&mut client, &mut want, how, &shutdown).await;
+            allowed.send_replace(None);
+            if shutdown.is_cancelled() {
+                return;
+            }
+        }
+    }
+
+    fn request(&self, release: bool) -> v1::LeaseRequest {
+        v1::LeaseRequest { node_name: self.node.clone(), release }
+    }
+
+    /// Asks until granted or the fallback applies; `None` when the pulls are no longer wanted.
+    async fn acquire(
+        &self,
+        client: &mut follow::Client,
+        want: &mut watch::Receiver<bool>,
+        shutdown: &CancellationToken,
+    ) -> Option<Allowed> {
+        let mut failing_since: Option<Instant> = None;
+        let mut backoff = reconcile::retry_backoff(Duration::from_millis(500), Duration::from_secs(5));
+        loop {
+            let call = tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                changed = want.changed() => {
+                    if changed.is_err() || !*want.borrow_and_update() {
+                        return None;
+                    }
+                    continue;
+                }
+                call = client.pull_lease(self.request(false)) => call,
+            };
+            let delay = match call {
+                Ok(reply) if reply.get_ref().granted => return Some(Allowed::Granted),
+                Ok(reply) => {
+                    failing_since = None;
+                    let r = reply.get_ref();
+                    tracing::debug!(in_use = r.in_use, budget = r.budget, "waiting for a pull lease");
+                    continue; // the coordinator already waited before answering
+                }
+                Err(status) => {
+                    let now = Instant::now();
+                    let since = *failing_since.get_or_insert(now);
+                    if let Some(how) = go_ahead_after_failure(status.code(), since, now, self.timeout) {
+                        return Some(how);
+                    }
+                    tracing::debug!(error = %status, "pull lease not answered; asking again");
+                    backoff.next().unwrap_or(Duration::from_secs(5))
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Keeps a granted lease (renewing at a third of its life) while pulls are wanted, then gives
+    /// it back. Without a lease (the fallbacks) it only waits for the pulls to end.
+    async fn hold(
+        &self,
+        client: &mut follow::Client,
+        want: &mut watch::Receiver<bool>,
+        how: Allowed,
+        shutdown: &CancellationToken,
+    ) {
+        let renew_every = Duration::from_secs(10);
+        while *want.borrow_and_update() {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                changed = want.changed() => if changed.is_err() { break },
+                _ = tokio::time::sleep(renew_every), if how == Allowed::Granted => {
+                    // A lost renewal changes nothing here: pulls in flight cannot be paused, and
+                    // a coordinator that restarted grants it again or lets it expire.
+                    if let Err(status) = client.pull_lease(self.request(false)).await {
+                        tracing::debug!(error = %status, "pull lease renewal failed");
+                    }
+                }
+            }
+        }
+        if how == Allowed::Granted {
+            let give_back = client.pull_lease(self.request(true));
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(5), give_back)
+                .await
+                .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("giving the pull lease back")))
+            {
+                tracing::debug!(error = %e, "pull lease not given back; it expires on its own");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreachable_coordinator_is_waited_for_only_until_the_timeout() {
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(60);
+        assert_eq!(go_ahead_after_failure(tonic::Code::Unavailable, t0, t0 + Duration::from_secs(59), timeout), None);
+        assert_eq!(
+            go_ahead_after_failure(tonic::Code::Unavailable, t0, t0 + timeout, timeout),
+            Some(Allowed::Unreachable)
+        );
+        assert_eq!(go_ahead_after_failure(tonic::Code::Unimplemented, t0, t0, timeout), Some(Allowed::Unsupported));
+        assert_eq!(go_ahead_after_failure(tonic::Code::PermissionDenied, t0, t0, timeout), None);
+    }
+}

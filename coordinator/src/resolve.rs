@@ -1,0 +1,225 @@
+//! Tags resolved once per cluster. The coordinator asks each listed tag's registry for its
+//! manifest digest with one `HEAD` (oci-client: the distribution API with the registries' token
+//! auth, credentials from the mounted pull secrets) at start-up, whenever the list's tags change
+//! and every refresh interval, and publishes the digests. Agents pull only where their node's
+//! digest differs: the registry sees one HEAD per tag per interval instead of a pull per node.
+//! A tag that cannot be resolved (air-gapped cluster, bad credentials, registry down) goes out
+//! without a digest, and agents refresh it on their own interval as before.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use kip::images::{ImageEntry, ImageList};
+use kip::pull_secrets::{Credentials, Keyring};
+use oci_client::errors::OciDistributionError;
+use oci_client::secrets::RegistryAuth;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+
+/// What the resolver found for one tag.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resolved {
+    Digest(String),
+    /// Why not, for `/status` and the log (never a credential).
+    Unresolved(String),
+}
+
+/// HEADs in flight at once: a long list is resolved in a few round trips without a burst.
+const CONCURRENT_HEADS: usize = 8;
+
+/// The entries to resolve: each listed tag once. Images listed by digest never move.
+pub fn tags(list: &ImageList) -> Vec<ImageEntry> {
+    let mut seen = BTreeSet::new();
+    list.entries().iter().filter(|e| !e.by_digest && seen.insert(e.reference.clone())).cloned().collect()
+}
+
+/// A registry answer's class for `kip_registry_requests_total{result}`, and whether oci-client
+/// sent a GET after the HEAD (it does when the HEAD answer carries no digest, as error answers
+/// do not; a connection that failed sent nothing more).
+fn classify(e: &OciDistributionError) -> (&'static str, bool) {
+    use oci_client::errors::OciErrorCode;
+    match e {
+        OciDistributionError::UnauthorizedError { .. } => ("unauthorized", true),
+        OciDistributionError::AuthenticationFailure(_) => ("unauthorized", false),
+        OciDistributionError::ImageManifestNotFoundError(_) => ("not_found", true),
+        OciDistributionError::RegistryError { envelope, .. } => {
+            let not_found = envelope.errors.iter().any(|e| {
+                matches!(e.code, OciErrorCode::ManifestUnknown | OciErrorCode::NameUnknown | OciErrorCode::NotFound)
+            });
+            let denied =
+                envelope.errors.iter().any(|e| matches!(e.code, OciErrorCode::Denied | OciErrorCode::Unauthorized));
+            (
+                if not_found {
+                    "not_found"
+                } else if denied {
+                    "unauthorized"
+                } else {
+                    "error"
+                },
+                true,
+            )
+        }
+        OciDistributionError::ServerError { code: 404, .. } => ("not_found", true),
+        OciDistributionError::ServerError { code: 401 | 403, .. } => ("unauthorized", true),
+        OciDistributionError::ServerError { .. } => ("error", true),
+        _ => ("unreachable", false),
+    }
+}
+
+pub struct Resolver {
+    client: oci_client::Client,
+    /// The mounted pull secrets (`--pull-secrets-dir`), read for every round (rotation).
+    secrets_dir: Option<PathBuf>,
+    metrics: Arc<Metrics>,
+}
+
+impl Resolver {
+    /// `plain_http`: registries (`host:port`) spoken to over plain HTTP, like a node's
+    /// `hosts.toml` with an `http://` server.
+    pub fn new(plain_http: Vec<String>, secrets_dir: Option<PathBuf>, metrics: Arc<Metrics>) -> Self {
+        let config = oci_client::client::ClientConfig {
+            protocol: oci_client::client::ClientProtocol::HttpsExcept(plain_http),
+            user_agent: concat!("kip-coordinator/", env!("CARGO_PKG_VERSION")),
+            connect_timeout: Some(Duration::from_secs(10)),
+            read_timeout: Some(Duration::from_secs(30)),
+            ..Default::default()
+        };
+        Self { client: oci_client::Client::new(config), secrets_dir, metrics }
+    }
+
+    /// One HEAD for `entry`'s tag.
+    async fn head(&self, entry: &ImageEntry, creds: Option<&Credentials>) -> Resolved {
+        let reference = match entry.reference.parse::<oci_client::Reference>() {
+            Ok(r) => r,
+            Err(e) => return Resolved::Unresolved(format!("not a reference the registry client understands: {e}")),
+        };
+        let auth = match creds {
+            Some(c) if !c.username.is_empty() => {
+                RegistryAuth::Basic(c.username.clone(), c.password.expose().to_string())
+            }
+            _ => RegistryAuth::Anonymous,
+        };
+        let registry = &entry.registry;
+        match self.client.fetch_manifest_digest(&reference, &auth).await {
+            Ok(digest) => {
+                self.metrics.registry_request(registry, "HEAD", "ok");
+                Resolved::Digest(digest)
+            }
+            Err(e) => {
+                let (result, then_get) = classify(&e);
+                self.metrics.registry_request(registry, "HEAD", result);
+                if then_get {
+                    self.metrics.registry_request(registry, "GET", result);
+                }
+                let text = e.to_string();
+                let text = creds.map_or(text.clone(), |c| c.redact(&text));
+                Resolved::Unresolved(format!("registry {registry}: {result}: {text}"))
+            }
+        }
+    }
+
+    /// Resolves every entry (a few at a time); keyed by normalized reference.
+    pub async fn resolve(&self, entries: &[ImageEntry]) -> BTreeMap<String, Resolved> {
+        let keyring = match &self.secrets_dir {
+            None => Ok(Keyring::default()),
+            Some(dir) => Keyring::load(dir),
+        };
+        let keyring = match keyring {
+            Ok(k) => k,
+            Err(e) => {
+                let why = format!("pull secrets: {e}");
+                return entries.iter().map(|e| (e.reference.clone(), Resolved::Unresolved(why.clone()))).collect();
+            }
+        };
+        // Owned items: a stream of futures borrowing the slice is not `Send` for every lifetime.
+        let work: Vec<(ImageEntry, Option<Credentials>)> =
+            entries.iter().map(|e| (e.clone(), keyring.for_registry(&e.registry).cloned())).collect();
+        futures_util::stream::iter(work)
+            .map(|(e, creds)| async move {
+                let answer = self.head(&e, creds.as_ref()).await;
+                (e.reference, answer)
+            })
+            .buffer_unordered(CONCURRENT_HEADS)
+            .collect()
+            .await
+    }
+
+    /// Resolves the published list's tags now, every refresh interval, and whenever its tags (or
+    /// the interval) change; the digests it publishes itself do not count as a change.
+    pub async fn run(self, hub: Arc<Hub>, shutdown: CancellationToken) {
+        let mut list = hub.subscribe();
+        loop {
+            let published = list.borrow_and_update().clone();
+            let entries = tags(&published.config.images);
+            let interval = published.config.refresh_interval;
+            if published.config.release == kip::v1::Release::None {
+                let started = Instant::now();
+                let answers = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    a = self.resolve(&entries) => a,
+                };
+                let resolved = answers.values().filter(|a| matches!(a, Resolved::Digest(_))).count();
+                tracing::debug!(
+                    tags = entries.len(),
+                    resolved,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "resolved the listed tags"
+                );
+                hub.set_resolution(answers);
+            }
+            let asked: BTreeSet<&str> = entries.iter().map(|e| e.reference.as_str()).collect();
+            let next_round = Instant::now() + interval;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep_until(next_round) => break,
+                    changed = list.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        let now = list.borrow().clone();
+                        let tags_now = tags(&now.config.images);
+                        if tags_now.iter().map(|e| e.reference.as_str()).collect::<BTreeSet<_>>() != asked
+                            || now.config.refresh_interval != interval
+                            || now.config.release != published.config.release
+                        {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_tags_are_resolved_each_once() {
+        let d = "sha256:0123456789012345678901234567890123456789012345678901234567890123";
+        let list = ImageList::parse(&format!("a=busybox;b=docker.io/library/busybox:latest;c=r/x@{d};e=quay.io/x/y:2"))
+            .unwrap();
+        let refs: Vec<String> = tags(&list).into_iter().map(|e| e.reference).collect();
+        assert_eq!(refs, vec!["docker.io/library/busybox:latest", "quay.io/x/y:2"]);
+    }
+
+    #[test]
+    fn registry_answers_are_classified_for_the_request_metric() {
+        let unauthorized = OciDistributionError::UnauthorizedError { url: "u".into() };
+        assert_eq!(classify(&unauthorized), ("unauthorized", true));
+        let missing = OciDistributionError::ServerError { code: 404, url: "u".into(), message: String::new() };
+        assert_eq!(classify(&missing), ("not_found", true));
+        let down = OciDistributionError::ServerError { code: 503, url: "u".into(), message: String::new() };
+        assert_eq!(classify(&down), ("error", true));
+        assert_eq!(classify(&OciDistributionError::AuthenticationFailure("x".into())), ("unauthorized", false));
+        assert_eq!(classify(&OciDistributionError::GenericError(None)), ("unreachable", false));
+    }
+}
