@@ -29,6 +29,8 @@ for containerd in system trixie sid; do
   echo "==> coordinator + agents e2e (real processes, three containerds: $containerd)" >&2
   KIP_CONTAINERD=$containerd bash tests/e2e/coordinator.sh
 done
+echo "==> registry e2e (what the registry sees: tag HEADs, pulls on a moved tag, the pull budget; containerd 1.6, 1.7 and 2.x at once)" >&2
+bash tests/e2e/registry.sh
 echo "==> image e2e (static binaries, image without Docker, FROM-scratch containers on a real containerd)" >&2
 bash tests/e2e/image.sh
 echo "==> helm lint/template, OpenShift templates, manifests against the Kubernetes schema" >&2

@@ -13,12 +13,6 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::AgentAuth;
 use crate::hub::Hub;
-use crate::lease::LeaseDesk;
-
-/// How long a pull lease lasts without renewal (agents renew at a third of it), and how long a
-/// `PullLease` call waits for a slot before it answers "not yet".
-pub const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
-pub const LEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct CoordinatorService {
     hub: Arc<Hub>,
@@ -26,17 +20,11 @@ pub struct CoordinatorService {
     auth: Arc<AgentAuth>,
     /// Ends every Watch stream, so a graceful shutdown does not wait for them forever.
     shutdown: CancellationToken,
-    leases: Arc<LeaseDesk>,
 }
 
 impl CoordinatorService {
     pub fn new(hub: Arc<Hub>, auth: Arc<AgentAuth>, shutdown: CancellationToken) -> Self {
-        Self { hub, auth, shutdown, leases: Arc::new(LeaseDesk::new(LEASE_TTL, LEASE_WAIT)) }
-    }
-
-    /// The same service with other lease timings (tests).
-    pub fn with_leases(self, leases: LeaseDesk) -> Self {
-        Self { leases: Arc::new(leases), ..self }
+        Self { hub, auth, shutdown }
     }
 }
 
@@ -70,7 +58,7 @@ impl Coordinator for CoordinatorService {
         self.hub.metrics.agents_connected.inc();
         self.hub.node_stream(&req.node_name, true);
         // A percentage budget grows with the connected nodes.
-        self.leases.budget_changed();
+        self.hub.leases.budget_changed();
         let guard = ConnectedGuard { hub: self.hub.clone(), node: req.node_name };
         // WatchStream yields the current value first, then each new one (skipping stale ones).
         let updates = tokio_stream::wrappers::WatchStream::new(self.hub.subscribe()).map(move |published| {
@@ -99,13 +87,13 @@ impl Coordinator for CoordinatorService {
         self.auth.check(request.metadata(), &node, &self.hub.metrics).await?;
         let metrics = &self.hub.metrics;
         if request.get_ref().release {
-            self.leases.release(&node, metrics);
+            self.hub.leases.release(&node, metrics);
             return Ok(Response::new(v1::LeaseReply { granted: false, ..Default::default() }));
         }
         let hub = &self.hub;
-        let slots = || hub.current().config.max_nodes_pulling.slots(hub.connected_nodes());
+        let slots = || hub.pull_slots();
         let reply = tokio::select! {
-            r = self.leases.acquire(&node, slots, metrics) => r,
+            r = self.hub.leases.acquire(&node, slots, metrics) => r,
             _ = self.shutdown.cancelled() => return Err(Status::unavailable("the coordinator is shutting down")),
         };
         Ok(Response::new(v1::LeaseReply {

@@ -11,7 +11,13 @@ use tokio::sync::watch;
 use crate::config::KipConfig;
 use crate::gate::GateStatus;
 use crate::metrics::{ImageLabels, Metrics};
+use crate::lease::LeaseDesk;
 use crate::resolve::Resolved;
+
+/// How long a pull lease lasts without renewal (agents renew every 10 s), and how long a
+/// `PullLease` call waits for a slot before it answers "not yet".
+pub const LEASE_TTL: Duration = Duration::from_secs(30);
+pub const LEASE_WAIT: Duration = Duration::from_secs(10);
 
 /// One published generation of the configuration.
 #[derive(Debug)]
@@ -148,6 +154,8 @@ pub struct Hub {
     gate: RwLock<Option<GateStatus>>,
     /// What the resolver last said per listed tag (`/status`).
     resolution: RwLock<BTreeMap<String, Resolved>>,
+    /// The cluster's pull budget (`PullLease`).
+    pub leases: LeaseDesk,
 }
 
 impl Hub {
@@ -171,6 +179,7 @@ impl Hub {
             api_attached: std::sync::atomic::AtomicBool::new(false),
             gate: RwLock::new(None),
             resolution: RwLock::new(BTreeMap::new()),
+            leases: LeaseDesk::new(LEASE_TTL, LEASE_WAIT),
         });
         hub.refresh_image_metrics(&first);
         hub.track_release(&first.config);
@@ -423,6 +432,11 @@ impl Hub {
         self.resolution.read().map(|r| r.clone()).unwrap_or_default()
     }
 
+    /// How many nodes may pull at once now: the budget applied to the connected nodes.
+    pub fn pull_slots(&self) -> usize {
+        self.current().config.max_nodes_pulling.slots(self.connected_nodes())
+    }
+
     /// Nodes with an open Watch stream (what a percentage budget counts).
     pub fn connected_nodes(&self) -> usize {
         self.connections.read().map(|c| c.values().filter(|c| c.open_streams > 0).count()).unwrap_or(0)
@@ -571,6 +585,7 @@ impl Hub {
         if let Some(gate) = self.gate_status() {
             status["gate"] = gate.to_json();
         }
+        status["pull_leases"] = self.leases.to_json(self.pull_slots());
         status
     }
 

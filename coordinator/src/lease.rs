@@ -157,6 +157,11 @@ impl Leases {
         self.held.remove(node).is_some()
     }
 
+    /// The nodes holding a lease and those waiting, in order (`/status`).
+    pub fn snapshot(&self) -> (Vec<String>, Vec<String>) {
+        (self.held.keys().cloned().collect(), self.waiting.iter().map(|w| w.node.clone()).collect())
+    }
+
     /// When the next lease runs out (a waiter may go then).
     pub fn next_expiry(&self) -> Option<Instant> {
         self.held.values().min().copied()
@@ -275,6 +280,18 @@ impl LeaseDesk {
         };
         metrics.pull_leases_in_use.set(in_use as i64);
         self.freed.notify_waiters();
+    }
+
+    /// `/status`: who holds a lease, who waits (in order).
+    pub fn to_json(&self, slots: usize) -> serde_json::Value {
+        let (held, waiting) = match self.leases.lock() {
+            Ok(mut l) => {
+                l.expire(Instant::now());
+                l.snapshot()
+            }
+            Err(_) => (vec![], vec![]),
+        };
+        serde_json::json!({"budget": slots, "held": held, "waiting": waiting})
     }
 
     /// The budget may have grown (a node connected, the configuration changed): waiters look again.

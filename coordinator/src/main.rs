@@ -253,11 +253,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let http_server = tokio::spawn(http::serve(http_listener, router, shutdown.clone()));
     let resolver = if cli.resolve_tags {
-        let resolver = kip_coordinator::resolve::Resolver::new(
+        let resolver = Arc::new(kip_coordinator::resolve::Resolver::new(
             cli.plain_http_registries.clone(),
             cli.pull_secrets_dir.clone(),
             metrics.clone(),
-        );
+        ));
         Some(tokio::spawn(resolver.run(hub.clone(), shutdown.clone())))
     } else {
         tracing::info!("--resolve-tags false: agents refresh every tag on their own interval");

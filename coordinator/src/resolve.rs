@@ -73,7 +73,8 @@ fn classify(e: &OciDistributionError) -> (&'static str, bool) {
 }
 
 pub struct Resolver {
-    client: oci_client::Client,
+    /// Registries spoken to over plain HTTP.
+    plain_http: Vec<String>,
     /// The mounted pull secrets (`--pull-secrets-dir`), read for every round (rotation).
     secrets_dir: Option<PathBuf>,
     metrics: Arc<Metrics>,
@@ -83,18 +84,24 @@ impl Resolver {
     /// `plain_http`: registries (`host:port`) spoken to over plain HTTP, like a node's
     /// `hosts.toml` with an `http://` server.
     pub fn new(plain_http: Vec<String>, secrets_dir: Option<PathBuf>, metrics: Arc<Metrics>) -> Self {
-        let config = oci_client::client::ClientConfig {
-            protocol: oci_client::client::ClientProtocol::HttpsExcept(plain_http),
+        Self { plain_http, secrets_dir, metrics }
+    }
+
+    /// A client for one round. oci-client keeps the first credentials it was given per registry
+    /// for its lifetime: a fresh one per round picks rotated (or repaired) secrets up, at the
+    /// price of a token request per registry and round (which registries do not count as pulls).
+    fn client(&self) -> oci_client::Client {
+        oci_client::Client::new(oci_client::client::ClientConfig {
+            protocol: oci_client::client::ClientProtocol::HttpsExcept(self.plain_http.clone()),
             user_agent: concat!("kip-coordinator/", env!("CARGO_PKG_VERSION")),
             connect_timeout: Some(Duration::from_secs(10)),
             read_timeout: Some(Duration::from_secs(30)),
             ..Default::default()
-        };
-        Self { client: oci_client::Client::new(config), secrets_dir, metrics }
+        })
     }
 
     /// One HEAD for `entry`'s tag.
-    async fn head(&self, entry: &ImageEntry, creds: Option<&Credentials>) -> Resolved {
+    async fn head(&self, client: &oci_client::Client, entry: &ImageEntry, creds: Option<&Credentials>) -> Resolved {
         let reference = match entry.reference.parse::<oci_client::Reference>() {
             Ok(r) => r,
             Err(e) => return Resolved::Unresolved(format!("not a reference the registry client understands: {e}")),
@@ -106,7 +113,7 @@ impl Resolver {
             _ => RegistryAuth::Anonymous,
         };
         let registry = &entry.registry;
-        match self.client.fetch_manifest_digest(&reference, &auth).await {
+        match client.fetch_manifest_digest(&reference, &auth).await {
             Ok(digest) => {
                 self.metrics.registry_request(registry, "HEAD", "ok");
                 Resolved::Digest(digest)
@@ -140,9 +147,10 @@ impl Resolver {
         // Owned items: a stream of futures borrowing the slice is not `Send` for every lifetime.
         let work: Vec<(ImageEntry, Option<Credentials>)> =
             entries.iter().map(|e| (e.clone(), keyring.for_registry(&e.registry).cloned())).collect();
+        let client = &self.client();
         futures_util::stream::iter(work)
             .map(|(e, creds)| async move {
-                let answer = self.head(&e, creds.as_ref()).await;
+                let answer = self.head(client, &e, creds.as_ref()).await;
                 (e.reference, answer)
             })
             .buffer_unordered(CONCURRENT_HEADS)
@@ -152,7 +160,21 @@ impl Resolver {
 
     /// Resolves the published list's tags now, every refresh interval, and whenever its tags (or
     /// the interval) change; the digests it publishes itself do not count as a change.
-    pub async fn run(self, hub: Arc<Hub>, shutdown: CancellationToken) {
+    /// One round in a task of its own: oci-client unwraps a registry's token into a header, which
+    /// panics on a token that is not a valid header value; that fails the round, not the resolver.
+    async fn round(self: &Arc<Self>, entries: Vec<ImageEntry>) -> BTreeMap<String, Resolved> {
+        let resolver = self.clone();
+        let refs: Vec<String> = entries.iter().map(|e| e.reference.clone()).collect();
+        match tokio::spawn(async move { resolver.resolve(&entries).await }).await {
+            Ok(answers) => answers,
+            Err(e) => {
+                let why = format!("the registry client failed: {e}");
+                refs.into_iter().map(|r| (r, Resolved::Unresolved(why.clone()))).collect()
+            }
+        }
+    }
+
+    pub async fn run(self: Arc<Self>, hub: Arc<Hub>, shutdown: CancellationToken) {
         let mut list = hub.subscribe();
         loop {
             let published = list.borrow_and_update().clone();
@@ -162,7 +184,7 @@ impl Resolver {
                 let started = Instant::now();
                 let answers = tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    a = self.resolve(&entries) => a,
+                    a = self.round(entries.clone()) => a,
                 };
                 let resolved = answers.values().filter(|a| matches!(a, Resolved::Digest(_))).count();
                 tracing::debug!(

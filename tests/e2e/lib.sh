@@ -56,15 +56,19 @@ wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
 
 # start_registry VAR NAME [HTPASSWD_USER HTPASSWD_PASSWORD]: sets VAR to 127.0.0.1:PORT.
 # (Not a command substitution: the registry's PID must be recorded in this shell.)
+# KIP_REGISTRY_REQUEST_LOG=1: every request is logged as a JSON line to $KIP_WORK/registry-NAME/log
+# (method, URI, user agent, completion time, duration) for tests/e2e/registry-log.py.
 start_registry() {
-  local var=$1 name=$2 user=${3:-} pass=${4:-} port dir
+  local var=$1 name=$2 user=${3:-} pass=${4:-} port dir level=warn
+  [ -z "${KIP_REGISTRY_REQUEST_LOG:-}" ] || level=info
   port=$(free_port)
   dir="$KIP_WORK/registry-$name"
   mkdir -p "$dir/data"
   cat > "$dir/config.yml" <<YML
 version: 0.1
 log:
-  level: warn
+  level: $level
+  formatter: json
   accesslog:
     disabled: true
 storage:
