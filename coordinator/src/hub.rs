@@ -10,8 +10,8 @@ use tokio::sync::watch;
 
 use crate::config::KipConfig;
 use crate::gate::GateStatus;
-use crate::metrics::{ImageLabels, Metrics};
 use crate::lease::LeaseDesk;
+use crate::metrics::{ImageLabels, Metrics};
 use crate::resolve::Resolved;
 
 /// How long a pull lease lasts without renewal (agents renew every 10 s), and how long a

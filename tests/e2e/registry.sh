@@ -116,7 +116,7 @@ wait_for 10 "node-1's agent counted one GET per pull" \
   metric_is "http://127.0.0.1:${APORT[node-1]}" "kip_registry_requests_total{registry=\"$REG\",method=\"GET\",result=\"success\"}" 4
 
 log "steady state: $((4 * INTERVAL))s of nothing moving"
-from=$(($(lines "$RLOG") + 1))
+from=$(($(lines "$RLOG") + 1)); pfrom=$(($(lines "$PLOG") + 1))
 sleep $((4 * INTERVAL))
 rlog "$RLOG" "$from" per-ua >&2
 [ "$(rlog "$RLOG" "$from" count --method GET --uri '/manifests/')" = 0 ] || fail "manifest GETs in steady state"
@@ -124,8 +124,12 @@ rlog "$RLOG" "$from" per-ua >&2
 for img in alpha beta gamma delta; do
   heads=$(rlog "$RLOG" "$from" count --method HEAD --ua '^kip-coordinator/' --uri "^/v2/kip-e2e/$img/manifests/1\$")
   # 4 intervals: 4 HEADs, give or take the one in flight at either end.
-  [ "$heads" -ge 3 ] && [ "$heads" -le 5 ] || fail "$heads HEADs for $img in 4 intervals (expected one per interval)"
+  if [ "$heads" -lt 3 ] || [ "$heads" -gt 5 ]; then fail "$heads HEADs for $img in 4 intervals (expected one per interval)"; fi
 done
+# The private registry (the coordinator authenticates with the pull secret): the same.
+[ "$(rlog "$PLOG" "$pfrom" count --ua '^containerd/')" = 0 ] || fail "a node talked to the private registry in steady state"
+heads=$(rlog "$PLOG" "$pfrom" count --method HEAD --ua '^kip-coordinator/' --uri '^/v2/kip-e2e/private/manifests/1$')
+if [ "$heads" -lt 3 ] || [ "$heads" -gt 5 ]; then fail "$heads HEADs for private in 4 intervals"; fi
 
 log "a moved tag: every node pulls it once, one at a time, and reports the new digest"
 build_image "$OCI" alpha2 "alpha.txt=alpha, second version"
