@@ -199,6 +199,14 @@ if env["KIP_AGENT_AUTH"] == "tokenreview":
     assert aenv["KIP_TOKEN_FILE"] == mount["mountPath"] + "/" + tok["path"] and mount["readOnly"] is True
 else:
     assert not reviews and "KIP_TOKEN_FILE" not in aenv, (cr["rules"], aenv)
+# The coordinator's tag HEADs use the credentials the agents pull with.
+def secret_mounts(spec, container):
+    vols = {v["name"]: v["secret"]["secretName"] for v in spec.get("volumes", []) if "secret" in v}
+    return sorted((vols[m["name"]], m["mountPath"]) for m in container.get("volumeMounts", []) if m["name"] in vols)
+dpod = dep["spec"]["template"]["spec"]
+assert secret_mounts(dpod, dpod["containers"][0]) == secret_mounts(pod, c), "the coordinator mounts the agents' pull secrets"
+assert env.get("KIP_PULL_SECRETS_DIR") == aenv.get("KIP_PULL_SECRETS_DIR"), (env, aenv)
+assert env.get("KIP_RESOLVE_TAGS", "true") in ("true", "false"), env
 gate = env["KIP_GATE_TAINT"]
 if gate:
     key, effect = gate.split("=")[0].split(":")[0], gate.rsplit(":", 1)[1]

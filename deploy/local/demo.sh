@@ -34,7 +34,10 @@ CM="$KIP_WORK/configmap"
 write_configmap "$CM" "IMAGES=$IMAGES" "CACHING_INTERVAL_HOURS=1" "KIP_CHECK_INTERVAL=5s"
 GRPC=$(free_port); CPORT=$(free_port); PORT=${KIP_DEMO_PORT:-$(free_port)}
 log "starting kip-coordinator (config dir $CM): IMAGES=\"$IMAGES\""
-"$COORD" --config-dir "$CM" --grpc-listen "127.0.0.1:$GRPC" --listen "127.0.0.1:$CPORT" --agent-auth none &
+# The registry speaks plain HTTP (as the containerd's hosts.toml says): the coordinator resolves the
+# tags there with one HEAD each, and the agent pulls only what it does not have.
+"$COORD" --config-dir "$CM" --grpc-listen "127.0.0.1:$GRPC" --listen "127.0.0.1:$CPORT" --agent-auth none \
+  --plain-http-registries "$REG" &
 KIP_PIDS+=($!)
 wait_for 20 "the coordinator" curl -sf "http://127.0.0.1:$CPORT/readyz"
 log "starting kip-agent for node demo-node"
@@ -43,6 +46,8 @@ log "starting kip-agent for node demo-node"
 KIP_PIDS+=($!)
 wait_for 60 "the agent to be ready" curl -sf "http://127.0.0.1:$PORT/readyz"
 wait_for 10 "the coordinator to hear from the agent" json_check "http://127.0.0.1:$CPORT/status" "all(i['nodes_pinned'] == 1 for i in d['images'])"
+wait_for 10 "the coordinator to resolve the two tags" json_check "http://127.0.0.1:$CPORT/status" \
+  "sorted(i['resolved_by'] for i in d['images']) == ['coordinator', 'coordinator', 'digest']"
 
 log "containerd's view (ctr -n k8s.io images ls): cached, with the pin label"
 kctr images ls | awk '{ print $1, $NF }' | column -t
