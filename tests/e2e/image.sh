@@ -31,6 +31,10 @@ size=$(stat -c %s "$SLEEP")
 
 kip_workdir
 trap kip_cleanup EXIT
+# The coordinator's HEADs go over HTTPS from a FROM-scratch image: the image carries the CA bundle.
+umoci unpack --image "$IMAGE_REF" "$KIP_WORK/kip-image" >/dev/null
+cmp -s "$KIP_WORK/kip-image/rootfs/etc/ssl/certs/ca-certificates.crt" /etc/ssl/certs/ca-certificates.crt \
+  || fail "the image lacks /etc/ssl/certs/ca-certificates.crt"
 start_registry REG public
 start_containerd "$REG"
 
@@ -73,7 +77,8 @@ echo "kip-sleep as PID 1 in a FROM-scratch container: SIGTERM -> exit 0 in ${ms}
 log "static coordinator and agent: gRPC by host name (static glibc resolves localhost)"
 CM="$KIP_WORK/cm"; write_configmap "$CM" "IMAGES=app=$REG/kip/app:e2e;" "KIP_MODE=cri"
 GRPC=$(free_port); CPORT=$(free_port); APORT=$(free_port)
-target/static/kip-coordinator --config-dir "$CM" --grpc-listen "127.0.0.1:$GRPC" --listen "127.0.0.1:$CPORT" --agent-auth none >> "$KIP_WORK/coord.log" 2>&1 &
+target/static/kip-coordinator --config-dir "$CM" --grpc-listen "127.0.0.1:$GRPC" --listen "127.0.0.1:$CPORT" --agent-auth none \
+  --plain-http-registries "$REG" >> "$KIP_WORK/coord.log" 2>&1 &
 KIP_PIDS+=($!)
 wait_for 20 "static coordinator" curl -sf "http://127.0.0.1:$CPORT/readyz"
 target/static/kip-agent --coordinator "http://localhost:$GRPC" --node-name static-node --state-dir "$KIP_WORK/state" \
@@ -81,4 +86,6 @@ target/static/kip-agent --coordinator "http://localhost:$GRPC" --node-name stati
 KIP_PIDS+=($!)
 wait_for 30 "the static agent to cache and pin, reported to the coordinator" \
   json_check "http://127.0.0.1:$CPORT/status" "d['nodes']['static-node']['images'][0]['pinned']"
+wait_for 10 "the static coordinator to resolve the tag (registry client in the static build)" \
+  json_check "http://127.0.0.1:$CPORT/status" "d['images'][0]['resolved_by'] == 'coordinator' and d['images'][0]['digest'] == d['nodes']['static-node']['images'][0]['digest']"
 log "image e2e passed"

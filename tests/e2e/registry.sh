@@ -186,4 +186,50 @@ for n in "${NODES[@]}"; do
   [ "$(digest_on "$n" "$PRIV/kip-e2e/private:1")" = "${DIGEST[private]}" ] || fail "private lost on $n"
 done
 
+log "HTTPS: the coordinator checks the registry's certificate against the CA store (SSL_CERT_FILE)"
+TLS="$KIP_WORK/registry-tls"
+mkdir -p "$TLS/data"
+openssl req -x509 -newkey rsa:2048 -nodes -keyout "$TLS/ca.key" -out "$TLS/ca.pem" -days 1 -subj "/CN=kip e2e CA" 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -keyout "$TLS/key.pem" -out "$TLS/req.csr" -subj "/CN=127.0.0.1" 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > "$TLS/ext"
+openssl x509 -req -in "$TLS/req.csr" -CA "$TLS/ca.pem" -CAkey "$TLS/ca.key" -CAcreateserial -out "$TLS/cert.pem" \
+  -days 1 -extfile "$TLS/ext" 2>/dev/null
+TPORT=$(free_port)
+cat > "$TLS/config.yml" <<YML
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: $TLS/data
+http:
+  addr: 127.0.0.1:$TPORT
+  tls:
+    certificate: $TLS/cert.pem
+    key: $TLS/key.pem
+YML
+docker-registry serve "$TLS/config.yml" > "$TLS/log" 2>&1 &
+KIP_PIDS+=($!)
+wait_for 20 "the HTTPS registry" curl -sf --cacert "$TLS/ca.pem" "https://127.0.0.1:$TPORT/v2/"
+TDIGEST=$(push_image "$OCI" gamma "127.0.0.1:$TPORT/kip-e2e/tls:1")
+write_configmap "$KIP_WORK/tls-cm" "IMAGES=tls=127.0.0.1:$TPORT/kip-e2e/tls:1;" "NODE_SELECTOR={}"
+# tls_status CA_FILE: /status of a coordinator that trusts CA_FILE, once it has looked at the tag.
+tls_status() {
+  local http; http=$(free_port)
+  SSL_CERT_FILE=$1 "$COORD" --config-dir "$KIP_WORK/tls-cm" --grpc-listen "127.0.0.1:$(free_port)" --listen "127.0.0.1:$http" \
+    --agent-auth none --log-format json >> "$KIP_WORK/coordinator-tls.log" 2>&1 &
+  local pid=$!
+  KIP_PIDS+=("$pid")
+  wait_for 20 "a coordinator that trusts $1 to look at the tag" \
+    json_check "http://127.0.0.1:$http/status" "d['images'][0].get('why') != 'not resolved yet'"
+  curl -sf "http://127.0.0.1:$http/status"
+  kill "$pid"
+}
+out=$(tls_status "$TLS/ca.pem")
+python3 -c "import json, sys; i = json.loads(sys.argv[1])['images'][0]; sys.exit(0 if (i['resolved_by'], i['digest']) == ('coordinator', '$TDIGEST') else 1)" "$out" \
+  || fail "not resolved over HTTPS with the registry's CA trusted: $out"
+out=$(tls_status /etc/ssl/certs/ca-certificates.crt)
+python3 -c "import json, sys; i = json.loads(sys.argv[1])['images'][0]; sys.exit(0 if i['resolved_by'] == 'agents' and 'certificate' in i['why'].lower() else 1)" "$out" \
+  || fail "an untrusted certificate was accepted or not named: $out"
+
 log "registry e2e passed"
