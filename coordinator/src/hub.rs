@@ -368,50 +368,53 @@ impl Hub {
     /// new generation when a digest changed. Answers for references no longer listed are dropped.
     pub fn set_resolution(&self, answers: BTreeMap<String, Resolved>) {
         let current = self.current();
-        let answers: BTreeMap<String, Resolved> =
-            answers.into_iter().filter(|(r, _)| current.config.images.contains_reference(r)).collect();
+        let listed = |r: &String| current.config.images.contains_reference(r);
+        let answers: BTreeMap<String, Resolved> = answers.into_iter().filter(|(r, _)| listed(r)).collect();
+        // Tags the round did not ask about (listed after it started) keep what was known.
         let old = self.resolution.read().map(|r| r.clone()).unwrap_or_default();
+        let mut merged: BTreeMap<String, Resolved> =
+            old.iter().filter(|(r, _)| listed(r)).map(|(r, a)| (r.clone(), a.clone())).collect();
         for (reference, now) in &answers {
-            if old.get(reference) == Some(now) {
-                continue;
+            if old.get(reference) != Some(now) {
+                match (now, old.get(reference)) {
+                    (Resolved::Digest(d), Some(Resolved::Digest(before))) => {
+                        tracing::info!(image = %reference, digest = %d, before = %before, "tag moved: nodes pull it once")
+                    }
+                    (Resolved::Digest(d), _) => {
+                        tracing::info!(image = %reference, digest = %d, "tag resolved by the coordinator: nodes that have it do not pull")
+                    }
+                    (Resolved::Unresolved(why), _) => {
+                        tracing::warn!(image = %reference, why = %why, "tag not resolved: agents refresh it on their own interval")
+                    }
+                }
             }
-            match (now, old.get(reference)) {
-                (Resolved::Digest(d), Some(Resolved::Digest(before))) => {
-                    tracing::info!(image = %reference, digest = %d, before = %before, "tag moved: nodes pull it once")
-                }
-                (Resolved::Digest(d), _) => {
-                    tracing::info!(image = %reference, digest = %d, "tag resolved by the coordinator: nodes that have it do not pull")
-                }
-                (Resolved::Unresolved(why), _) => {
-                    tracing::warn!(image = %reference, why = %why, "tag not resolved: agents refresh it on their own interval")
-                }
-            }
+            merged.insert(reference.clone(), now.clone());
         }
         for e in current.config.images.entries() {
-            let resolved = matches!(answers.get(&e.reference), Some(Resolved::Digest(_)));
+            let resolved = matches!(merged.get(&e.reference), Some(Resolved::Digest(_)));
             self.metrics
                 .image_resolved
                 .get_or_create(&ImageLabels { name: e.name.clone(), image: e.image.clone() })
                 .set(resolved as i64);
         }
-        let digests: BTreeMap<String, String> = answers
-            .iter()
-            .filter_map(|(r, a)| match a {
-                Resolved::Digest(d) => Some((r.clone(), d.clone())),
-                Resolved::Unresolved(_) => None,
-            })
-            .collect();
         if let Ok(mut r) = self.resolution.write() {
-            *r = answers;
+            *r = merged;
         }
         let mut published = None;
         self.list.send_if_modified(|current| {
-            // The list may have changed since the answers were asked for: only its tags count.
-            let digests: BTreeMap<String, String> = digests
-                .iter()
-                .filter(|(r, _)| current.config.images.contains_reference(r))
-                .map(|(r, d)| (r.clone(), d.clone()))
-                .collect();
+            // Decided on the list as it is now (it may have changed since the round began): an
+            // answer changes its tag's digest; a tag without an answer keeps its own.
+            let mut digests = current.digests.clone();
+            for (reference, answer) in &answers {
+                match answer {
+                    Resolved::Digest(d) if current.config.images.contains_reference(reference) => {
+                        digests.insert(reference.clone(), d.clone());
+                    }
+                    _ => {
+                        digests.remove(reference);
+                    }
+                }
+            }
             if digests == current.digests {
                 return false;
             }
@@ -639,6 +642,50 @@ mod tests {
         let raw =
             [("IMAGES", images), ("KIP_RELEASE", release)].into_iter().map(|(k, v)| (k.to_string(), v.to_string()));
         crate::config::validate(&raw.collect()).unwrap()
+    }
+
+    const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+    #[test]
+    fn digests_go_out_with_their_images_and_only_a_change_is_a_new_generation() {
+        let metrics = Arc::new(Metrics::new());
+        let hub = Hub::new(config("a=busybox;b=quay.io/x/b:1"), metrics.clone());
+        let busybox = "docker.io/library/busybox:latest".to_string();
+        let answers =
+            |a: Resolved, b: Resolved| BTreeMap::from([(busybox.clone(), a), ("quay.io/x/b:1".to_string(), b)]);
+        hub.set_resolution(answers(Resolved::Digest(D1.into()), Resolved::Unresolved("registry down".into())));
+        let update = hub.current().to_update();
+        assert_eq!(update.generation, 2);
+        assert_eq!((update.images[0].digest.as_str(), update.images[1].digest.as_str()), (D1, ""));
+        // The same answers again (every interval): nothing new for the agents.
+        hub.set_resolution(answers(Resolved::Digest(D1.into()), Resolved::Unresolved("registry down".into())));
+        assert_eq!(hub.current().generation, 2);
+        let text = metrics.render();
+        assert!(text.contains("kip_image_resolved{name=\"a\",image=\"busybox\"} 1"), "{text}");
+        assert!(text.contains("kip_image_resolved{name=\"b\",image=\"quay.io/x/b:1\"} 0"), "{text}");
+        let status = hub.status_json();
+        assert_eq!(status["images"][0]["resolved_by"], "coordinator");
+        assert_eq!(status["images"][1]["why"], "registry down");
+        // The tag moved.
+        hub.set_resolution(answers(Resolved::Digest(D2.into()), Resolved::Unresolved("registry down".into())));
+        assert_eq!((hub.current().generation, hub.current().to_update().images[0].digest.clone()), (3, D2.to_string()));
+    }
+
+    #[test]
+    fn a_list_change_keeps_the_digests_of_tags_still_listed() {
+        let hub = Hub::new(config("a=busybox;b=quay.io/x/b:1"), Arc::new(Metrics::new()));
+        hub.set_resolution(BTreeMap::from([
+            ("docker.io/library/busybox:latest".to_string(), Resolved::Digest(D1.into())),
+            ("quay.io/x/b:1".to_string(), Resolved::Digest(D2.into())),
+        ]));
+        assert_eq!(hub.publish(config("a=busybox;c=quay.io/x/c:1")), Some(3));
+        let update = hub.current().to_update();
+        let digests: Vec<(&str, &str)> = update.images.iter().map(|i| (i.name.as_str(), i.digest.as_str())).collect();
+        assert_eq!(digests, vec![("a", D1), ("c", "")], "b left the list; c waits for the resolver");
+        // Late answers for a tag no longer listed are not published.
+        hub.set_resolution(BTreeMap::from([("quay.io/x/b:1".to_string(), Resolved::Digest(D1.into()))]));
+        assert_eq!(hub.current().generation, 3);
     }
 
     #[test]
