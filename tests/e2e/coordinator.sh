@@ -49,8 +49,9 @@ declare -A AGENT_PID APORT
 start_agent() {
   local n=$1
   [ -n "${APORT[$n]:-}" ] || APORT[$n]=$(free_port)
+  # A short lease timeout: while the coordinator is down, vanished images come back within seconds.
   "$AGENT" --coordinator "http://127.0.0.1:$GRPC" --node-name "$n" --state-dir "$KIP_WORK/state-$n" \
-    --cri-socket "${SOCK[$n]}" --listen "127.0.0.1:${APORT[$n]}" --log-format json >> "$KIP_WORK/agent-$n.log" 2>&1 &
+    --cri-socket "${SOCK[$n]}" --listen "127.0.0.1:${APORT[$n]}" --lease-timeout 5s --log-format json >> "$KIP_WORK/agent-$n.log" 2>&1 &
   AGENT_PID[$n]=$!
   KIP_PIDS+=("${AGENT_PID[$n]}")
 }
