@@ -10,6 +10,7 @@
 #    reports the new digest;
 #  - the coordinator killed mid-rollout: the nodes that had not pulled yet finish on their own
 #    (lease timeout), and report the digest to the next coordinator;
+#  - before, for comparison: the same cluster with resolution off (every node refreshes every tag);
 #  - a private registry: the coordinator resolves with the pull secret; with a wrong password it
 #    says "unauthorized" (never the password) and agents refresh the tag on their own.
 set -euo pipefail
@@ -58,7 +59,7 @@ write_configmap "$CM" "IMAGES=$IMAGES" "KIP_REFRESH_INTERVAL=${INTERVAL}s" "KIP_
 GRPC=$(free_port); HTTP=$(free_port)
 COORD_URL="http://127.0.0.1:$HTTP"
 start_coordinator() {
-  "$COORD" --config-dir "$CM" --grpc-listen "127.0.0.1:$GRPC" --listen "127.0.0.1:$HTTP" --agent-auth none \
+  KIP_RESOLVE_TAGS=${RESOLVE:-true} "$COORD" --config-dir "$CM" --grpc-listen "127.0.0.1:$GRPC" --listen "127.0.0.1:$HTTP" --agent-auth none \
     --plain-http-registries "$REG,$PRIV" --pull-secrets-dir "$SECRETS" --log-format json \
     >> "$KIP_WORK/coordinator.log" 2>&1 &
   COORD_PID=$!
@@ -121,6 +122,7 @@ sleep $((4 * INTERVAL))
 rlog "$RLOG" "$from" per-ua >&2
 [ "$(rlog "$RLOG" "$from" count --method GET --uri '/manifests/')" = 0 ] || fail "manifest GETs in steady state"
 [ "$(rlog "$RLOG" "$from" count --ua '^containerd/')" = 0 ] || fail "a node talked to the registry in steady state"
+steady_heads=$(rlog "$RLOG" "$from" count --method HEAD --ua '^kip-coordinator/')
 for img in alpha beta gamma delta; do
   heads=$(rlog "$RLOG" "$from" count --method HEAD --ua '^kip-coordinator/' --uri "^/v2/kip-e2e/$img/manifests/1\$")
   # 4 intervals: 4 HEADs, give or take the one in flight at either end.
@@ -185,6 +187,22 @@ grep -q '"message":"tag not resolved: agents refresh it on their own interval".*
 for n in "${NODES[@]}"; do
   [ "$(digest_on "$n" "$PRIV/kip-e2e/private:1")" = "${DIGEST[private]}" ] || fail "private lost on $n"
 done
+
+log "before: the same cluster without tag resolution (every node refreshes every tag)"
+kill -TERM "$COORD_PID"; wait "$COORD_PID" || fail "coordinator exited non-zero on SIGTERM"
+RESOLVE=false start_coordinator
+wait_for 30 "all three agents reconnected" metric_is "$COORD_URL" kip_agents_connected 3
+from=$(($(lines "$RLOG") + 1))
+sleep $((4 * INTERVAL))
+rlog "$RLOG" "$from" per-ua >&2
+before=$(rlog "$RLOG" "$from" count --ua '^containerd/' --uri '^/v2/kip-e2e/[a-z]+/manifests/')
+before_gets=$(rlog "$RLOG" "$from" count --method GET --ua '^containerd/' --uri '/manifests/')
+# 3 nodes x 4 tags x 4 intervals, give or take the refreshes in flight at either end. containerd
+# has the manifest of an unchanged tag already: its re-pull is one HEAD, no GET (all 3 versions).
+if [ "$before" -lt 36 ] || [ "$before" -gt 60 ]; then fail "$before manifest requests in 4 intervals without resolution (expected about 48)"; fi
+echo "manifest requests in 4 intervals of 3s, 3 nodes x 4 tags: every node refreshing: $before from the nodes" \
+  "($before_gets GETs); the coordinator resolving: 0 from the nodes, $steady_heads HEADs from the coordinator" >&2
+RESOLVE=true
 
 log "HTTPS: the coordinator checks the registry's certificate against the CA store (SSL_CERT_FILE)"
 TLS="$KIP_WORK/registry-tls"
