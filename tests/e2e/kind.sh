@@ -73,6 +73,17 @@ for node in "${NODES[@]}"; do
   echo "$node: ${NAMES[*]} present and pinned"
 done
 
+log "the coordinator resolves both tags over HTTPS (the image's CA bundle) and every node reports that digest"
+# resolved_everywhere: /status has a coordinator digest for every image and every node reports it.
+resolved_everywhere() {
+  local status
+  status=$(kubectl -n "$NS" get --raw "/api/v1/namespaces/$NS/services/kubernetes-image-puller:8080/proxy/status") &&
+    jq -e '(.images | length == 2 and all(.resolved_by == "coordinator"))
+      and ((.images | map({(.name): .digest}) | add) as $d | [.nodes[] | .images[] | .digest == $d[.name]] | all)' \
+      >/dev/null <<<"$status"
+}
+wait_until 120 "tags resolved by the coordinator and reported by every node" resolved_everywhere
+
 log "agents authenticate (TokenReview) and the startup gate opens a node whose images are cached"
 kubectl -n "$NS" get deployment kubernetes-image-puller -o json |
   jq -e '[.spec.template.spec.containers[0].env[] | select(.name == "KIP_AGENT_AUTH") | .value] == ["tokenreview"]' >/dev/null ||
