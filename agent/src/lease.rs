@@ -149,6 +149,7 @@ impl LeaseClient {
         let mut failing_since: Option<Instant> = None;
         let mut backoff = reconcile::retry_backoff(Duration::from_millis(500), Duration::from_secs(5));
         loop {
+            let asked = Instant::now();
             let call = tokio::select! {
                 _ = shutdown.cancelled() => return None,
                 changed = want.changed() => {
@@ -165,7 +166,12 @@ impl LeaseClient {
                     failing_since = None;
                     let r = reply.get_ref();
                     tracing::debug!(in_use = r.in_use, budget = r.budget, "waiting for a pull lease");
-                    continue; // the coordinator already waited before answering
+                    // The coordinator waits for a slot before it answers; one that answers at
+                    // once is not asked again at once.
+                    if asked.elapsed() >= Duration::from_secs(1) {
+                        continue;
+                    }
+                    Duration::from_secs(1)
                 }
                 Err(status) => {
                     let now = Instant::now();

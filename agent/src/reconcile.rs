@@ -353,13 +353,17 @@ mod tests {
         Digests::from([(reference.to_string(), digest.to_string())])
     }
 
-    #[test]
-    fn a_tag_whose_published_digest_the_node_has_is_never_pulled_again() {
+    /// One listed tag `docker.io/r/t:1`, its state and a policy of 3 parallel pulls.
+    fn one_tag() -> (ImageList, States, Instant, Policy) {
         let l = list("t=r/t:1");
         let mut states = States::new();
         sync_states(&mut states, &l);
-        let t0 = Instant::now();
-        let p = policy(3);
+        (l, states, Instant::now(), policy(3))
+    }
+
+    #[test]
+    fn a_tag_whose_published_digest_the_node_has_is_never_pulled_again() {
+        let (l, mut states, t0, p) = one_tag();
         let s = states.get_mut("docker.io/r/t:1").unwrap();
         s.observe(with_digest(D1));
         let digests = published("docker.io/r/t:1", D1);
@@ -378,11 +382,7 @@ mod tests {
 
     #[test]
     fn a_moved_tag_is_pulled_once_per_published_digest() {
-        let l = list("t=r/t:1");
-        let mut states = States::new();
-        sync_states(&mut states, &l);
-        let t0 = Instant::now();
-        let p = policy(3);
+        let (l, mut states, t0, p) = one_tag();
         states.get_mut("docker.io/r/t:1").unwrap().observe(with_digest(D1));
         let moved = published("docker.io/r/t:1", D2);
         assert_eq!(plan(&l, &moved, &states, t0, &p), vec![pull("docker.io/r/t:1", PullReason::Moved)]);
@@ -405,11 +405,7 @@ mod tests {
 
     #[test]
     fn confirmation_restarts_the_refresh_clock_when_the_digest_goes_away() {
-        let l = list("t=r/t:1");
-        let mut states = States::new();
-        sync_states(&mut states, &l);
-        let t0 = Instant::now();
-        let p = policy(3);
+        let (l, mut states, t0, p) = one_tag();
         let s = states.get_mut("docker.io/r/t:1").unwrap();
         s.pull_succeeded(t0, with_digest(D1));
         let later = t0 + p.refresh_interval * 3;

@@ -299,6 +299,10 @@ pub fn validate(raw: &RawConfig) -> Result<KipConfig, ConfigError> {
     let check_interval = duration("KIP_CHECK_INTERVAL");
     let pull_timeout = duration("KIP_PULL_TIMEOUT");
     let refresh_interval = duration("KIP_REFRESH_INTERVAL");
+    // Every interval is a HEAD per tag: faster than a second would hammer the registry.
+    if let Some(d) = refresh_interval.filter(|d| *d < Duration::from_secs(1)) {
+        err("KIP_REFRESH_INTERVAL", format!("{d:?} is shorter than the minimum of 1s"));
+    }
     let max_nodes_pulling = get("KIP_MAX_NODES_PULLING", crate::lease::DEFAULT_BUDGET)
         .parse::<crate::lease::Budget>()
         .map_err(|r| err("KIP_MAX_NODES_PULLING", r))
@@ -556,6 +560,32 @@ mod tests {
         assert_eq!(
             errors(&[("KIP_RELEASE", "yes")]),
             vec!["KIP_RELEASE: `yes` is not one of unpin, remove (or empty)"]
+        );
+    }
+
+    #[test]
+    fn refresh_interval_and_pull_budget_are_kips_own_keys() {
+        let c = validate(&raw(&[("IMAGES", "a=busybox"), ("CACHING_INTERVAL_HOURS", "6")])).unwrap();
+        assert_eq!(
+            c.refresh_interval,
+            Duration::from_secs(6 * 3600),
+            "CACHING_INTERVAL_HOURS without KIP_REFRESH_INTERVAL"
+        );
+        assert_eq!(c.max_nodes_pulling, crate::lease::Budget::Percent(10));
+        let c =
+            validate(&raw(&[("IMAGES", "a=busybox"), ("KIP_REFRESH_INTERVAL", "30m"), ("KIP_MAX_NODES_PULLING", "3")]))
+                .unwrap();
+        assert_eq!(
+            (c.refresh_interval, c.max_nodes_pulling),
+            (Duration::from_secs(1800), crate::lease::Budget::Nodes(3))
+        );
+        assert_eq!(
+            errors(&[("KIP_REFRESH_INTERVAL", "500ms"), ("KIP_MAX_NODES_PULLING", "0")]),
+            vec![
+                "KIP_REFRESH_INTERVAL: 500ms is shorter than the minimum of 1s".to_string(),
+                "KIP_MAX_NODES_PULLING: `0`: at least one node must be allowed to pull (100% lifts the limit)"
+                    .to_string()
+            ]
         );
     }
 

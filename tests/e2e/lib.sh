@@ -15,6 +15,16 @@ free_port() {
 }
 
 # kip_workdir: a fresh temp dir for everything this run creates.
+# kip_binaries: AGENT and COORD (debug builds unless KIP_AGENT_BIN / KIP_COORDINATOR_BIN say
+# otherwise) exist, and this runs as root (containerd needs it).
+kip_binaries() {
+  AGENT=${KIP_AGENT_BIN:-target/debug/kip-agent}
+  COORD=${KIP_COORDINATOR_BIN:-target/debug/kip-coordinator}
+  local b
+  for b in "$AGENT" "$COORD"; do [ -x "$b" ] || fail "$b not built (cargo build --workspace)"; done
+  [ "$(id -u)" = 0 ] || fail "run as root: containerd needs it"
+}
+
 kip_workdir() {
   KIP_WORK=$(mktemp -d "${TMPDIR:-/tmp}/kip-e2e.XXXXXX")
   export KIP_WORK

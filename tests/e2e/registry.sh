@@ -17,10 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 . tests/e2e/lib.sh
 
-AGENT=${KIP_AGENT_BIN:-target/debug/kip-agent}
-COORD=${KIP_COORDINATOR_BIN:-target/debug/kip-coordinator}
-for b in "$AGENT" "$COORD"; do [ -x "$b" ] || fail "$b not built (cargo build --workspace)"; done
-[ "$(id -u)" = 0 ] || fail "run as root: containerd needs it"
+kip_binaries
 
 kip_workdir
 trap kip_cleanup EXIT
