@@ -222,6 +222,52 @@ for p in 1 10; do
   row "cache $NIMG images: kip-agent --once --max-parallel-pulls $p" "$MEDIAN" "$baseline" ms "all at once through the CRI, one process"
 done
 
+log "coordinator fan-out: light agents in one process over loopback"
+cargo build --quiet --release -p kip-coordinator --example fanout-bench
+FANOUT=target/release/examples/fanout-bench
+COORD=target/static/kip-coordinator
+ulimit -n 1048576 2>/dev/null || ulimit -n 65536
+if [ -n "$SMOKE" ]; then FAN=(1 200); else FAN=(1 1000 5000); fi
+declare -A FAN_JSON
+for n in "${FAN[@]}"; do
+  cm="$KIP_WORK/fan-cm-$n"
+  write_configmap "$cm" "IMAGES=a=$REG/bench/small-1:1;" "KIP_MODE=cri"
+  grpc=$(free_port); http=$(free_port)
+  "$COORD" --config-dir "$cm" --grpc-listen "127.0.0.1:$grpc" --listen "127.0.0.1:$http" --agent-auth none \
+    --resolve-tags false >> "$KIP_WORK/fan-coordinator-$n.log" 2>&1 &
+  cpid=$!
+  KIP_PIDS+=("$cpid")
+  wait_for 20 "the coordinator" curl -sf "http://127.0.0.1:$http/readyz"
+  # The trigger: a ConfigMap-style change of the list, as kubelet makes it.
+  # shellcheck disable=SC2016 # expanded by the inner shell
+  FAN_JSON[$n]=$("$FANOUT" "http://127.0.0.1:$grpc" "$cpid" "$n" \
+    bash -c 'cd "$1" && . tests/e2e/lib.sh && write_configmap "$2" "IMAGES=a=$3;b=$3;" KIP_MODE=cri' _ "$PWD" "$cm" "$REG/bench/small-2:1") \
+    || fail "fan-out with $n agents"
+  echo "$n agents: ${FAN_JSON[$n]}" >&2
+  kill -TERM "$cpid"; wait "$cpid" || true
+done
+fan() { python3 -c 'import json, sys; print(round(json.loads(sys.argv[1])[sys.argv[2]], 1))' "${FAN_JSON[$1]}" "$2"; }
+for n in "${FAN[@]:1}"; do
+  for q in p50 p99 max; do
+    row "fan-out: list change reaches $n agents, $q" "$(fan "$n" "${q}_ms")" "$(fan 1 "${q}_ms")" ms "1 agent"
+  done
+  row "fan-out: coordinator resident with $n agents" "$(fan "$n" rss_after_kb)" "$(fan "$n" rss_before_kb)" kB "no agent"
+  row "fan-out: memory per connection, $n agents" "$(fan "$n" per_connection_kb)" "$(fan "${FAN[1]}" per_connection_kb)" kB "${FAN[1]} agents"
+  row "fan-out: coordinator CPU for one report from each of $n agents" "$(fan "$n" report_cpu_ms)" "$(fan "${FAN[1]}" report_cpu_ms)" ms "${FAN[1]} agents"
+done
+
+log "registry requests per refresh interval: tests/e2e/registry.sh counts them in the registry's request log"
+KIP_REGISTRY_E2E_LOG="$KIP_WORK/registry-e2e.log"
+bash tests/e2e/registry.sh > "$KIP_REGISTRY_E2E_LOG" 2>&1 || fail "tests/e2e/registry.sh failed: $(tail -3 "$KIP_REGISTRY_E2E_LOG")"
+line=$(grep '^registry-bench ' "$KIP_REGISTRY_E2E_LOG") || fail "no registry-bench line from tests/e2e/registry.sh"
+declare -A R
+for kv in ${line#registry-bench }; do R[${kv%%=*}]=${kv#*=}; done
+per() { python3 -c 'import sys; print(round(int(sys.argv[1]) / int(sys.argv[2]), 1))' "$1" "${R[intervals]}"; }
+row "registry: manifest requests per interval, ${R[nodes]} nodes x ${R[tags]} tags" \
+  "$(per $((R[after_nodes] + R[after_heads])))" "$(per "${R[before]}")" requests "every node refreshing every tag"
+row "registry: manifest GETs per interval, ${R[nodes]} nodes x ${R[tags]} tags" \
+  "$(per "${R[after_nodes]}")" "$(per "${R[before_gets]}")" GETs "every node refreshing every tag"
+
 log "results ($(date -u +%F), $(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo))"
 python3 - "$RESULTS" <<'PY'
 import sys

@@ -1,0 +1,182 @@
+//! `fanout-bench URL COORDINATOR_PID AGENTS TRIGGER...`: the coordinator fan-out benchmark's
+//! client. Opens AGENTS light agent streams (`Watch`, one HTTP/2 connection each, as real agents
+//! have) to the coordinator at URL, waits until every one has the current list, runs TRIGGER (a
+//! command that changes the list) and measures when each stream receives the new generation;
+//! then every agent reports once. Prints one JSON object: connect time, the latency percentiles
+//! of the change, the coordinator's resident memory before and after the connections (read from
+//! /proc/COORDINATOR_PID) and its CPU time for the round of reports.
+
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kip::v1::{self, coordinator_client::CoordinatorClient};
+use tokio::sync::Semaphore;
+use tonic::transport::Endpoint;
+
+/// The coordinator's resident memory (kB) and CPU time (ms) from /proc.
+fn usage(pid: &str) -> Result<(u64, u64), String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| format!("/proc/{pid}: {e}"))?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or("no VmRSS")?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+    // Fields after the command name (which may hold spaces, in parentheses): utime is the 14th.
+    let rest = stat.rsplit_once(')').ok_or("bad stat")?.1;
+    // From the state letter on: utime and stime are the 12th and 13th fields.
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).ok_or("short stat");
+    let ticks = tick(11)? + tick(12)?;
+    // Linux reports in USER_HZ, 100 on every architecture kip runs on.
+    Ok((rss, ticks * 10))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+struct Agent {
+    index: usize,
+    client: CoordinatorClient<tonic::transport::Channel>,
+    stream: tonic::Streaming<v1::ImageListUpdate>,
+}
+
+async fn connect(url: &str, index: usize) -> Result<Agent, String> {
+    let channel = Endpoint::from_shared(url.to_string())
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .map_err(|e| format!("agent {index}: {e}"))?;
+    let mut client = CoordinatorClient::new(channel);
+    let request = v1::WatchRequest { node_name: format!("bench-{index}"), agent_version: "bench".into() };
+    let mut stream = client.watch(request).await.map_err(|e| format!("agent {index}: {e}"))?.into_inner();
+    // The current list comes at once.
+    stream.message().await.map_err(|e| e.to_string())?.ok_or("stream ended")?;
+    Ok(Agent { index, client, stream })
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(json) => {
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fanout-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<serde_json::Value, String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [url, pid, agents, trigger @ ..] = args.as_slice() else {
+        return Err("usage: fanout-bench URL COORDINATOR_PID AGENTS TRIGGER...".into());
+    };
+    let agents: usize = agents.parse().map_err(|_| "AGENTS: a number")?;
+    if trigger.is_empty() {
+        return Err("no TRIGGER command".into());
+    }
+    let (rss_before, _) = usage(pid)?;
+    let started = Instant::now();
+    // Connections in waves, so the listen backlog is not the thing measured.
+    let gate = Arc::new(Semaphore::new(256));
+    let mut connecting = tokio::task::JoinSet::new();
+    for index in 0..agents {
+        let (url, gate) = (url.clone(), gate.clone());
+        connecting.spawn(async move {
+            let _permit = gate.acquire_owned().await.map_err(|e| e.to_string())?;
+            connect(&url, index).await
+        });
+    }
+    let mut connected = Vec::with_capacity(agents);
+    while let Some(agent) = connecting.join_next().await {
+        connected.push(agent.map_err(|e| e.to_string())??);
+    }
+    let connect_ms = started.elapsed().as_secs_f64() * 1000.0;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (rss_after, _) = usage(pid)?;
+
+    // Every stream waits for the next generation; once all have it, each reports once.
+    let (arrived_tx, mut arrived_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let (go, _) = tokio::sync::watch::channel(false);
+    let mut reporting = tokio::task::JoinSet::new();
+    for mut agent in connected {
+        let (arrived_tx, mut go) = (arrived_tx.clone(), go.subscribe());
+        reporting.spawn(async move {
+            let update = agent.stream.message().await.map_err(|e| e.to_string())?.ok_or("stream ended")?;
+            let _ = arrived_tx.send(Instant::now());
+            go.wait_for(|go| *go).await.map_err(|e| e.to_string())?;
+            let report = v1::NodeReport {
+                node_name: format!("bench-{}", agent.index),
+                runtime: Some(v1::RuntimeState { available: true, name: "bench".into(), ..Default::default() }),
+                generation: update.generation,
+                images: update
+                    .images
+                    .iter()
+                    .map(|i| v1::ImageState {
+                        name: i.name.clone(),
+                        image: i.image.clone(),
+                        cached: true,
+                        pinned: true,
+                        ..Default::default()
+                    })
+                    .collect(),
+                agent_version: "bench".into(),
+                ..Default::default()
+            };
+            agent.client.report(report).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(())
+        });
+    }
+    drop(arrived_tx);
+    let changed = Instant::now();
+    let status = std::process::Command::new(&trigger[0])
+        .args(&trigger[1..])
+        .status()
+        .map_err(|e| format!("{}: {e}", trigger[0]))?;
+    if !status.success() {
+        return Err(format!("the trigger exited {status}"));
+    }
+    let mut latencies = Vec::with_capacity(agents);
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while latencies.len() < agents {
+            let Some(at) = arrived_rx.recv().await else { break };
+            latencies.push(at.duration_since(changed).as_secs_f64() * 1000.0);
+        }
+    })
+    .await
+    .map_err(|_| format!("the change reached {} of {agents} agents within 120 s", latencies.len()))?;
+    if latencies.len() < agents {
+        return Err(format!("{} of {agents} streams ended before the change", agents - latencies.len()));
+    }
+    // Every agent reports once, all together; the coordinator's CPU time for that round.
+    let (_, cpu_before) = usage(pid)?;
+    let reports_started = Instant::now();
+    go.send_replace(true);
+    while let Some(r) = reporting.join_next().await {
+        r.map_err(|e| e.to_string())??;
+    }
+    let report_wall_ms = reports_started.elapsed().as_secs_f64() * 1000.0;
+    let (_, cpu_after) = usage(pid)?;
+    latencies.sort_by(f64::total_cmp);
+    Ok(serde_json::json!({
+        "agents": agents,
+        "connect_ms": connect_ms,
+        "p50_ms": percentile(&latencies, 0.5),
+        "p99_ms": percentile(&latencies, 0.99),
+        "max_ms": latencies.last().copied().unwrap_or(0.0),
+        "rss_before_kb": rss_before,
+        "rss_after_kb": rss_after,
+        "per_connection_kb": (rss_after.saturating_sub(rss_before)) as f64 / agents as f64,
+        "report_cpu_ms": cpu_after.saturating_sub(cpu_before),
+        "report_wall_ms": report_wall_ms,
+    }))
+}
