@@ -226,8 +226,10 @@ log "coordinator fan-out: light agents in one process over loopback"
 cargo build --quiet --release -p kip-coordinator --example fanout-bench
 FANOUT=target/release/examples/fanout-bench
 COORD=target/static/kip-coordinator
-ulimit -n 1048576 2>/dev/null || ulimit -n 65536
 if [ -n "$SMOKE" ]; then FAN=(1 200); else FAN=(1 1000 5000); fi
+# One socket per agent on each side (two processes): the soft limit up to the hard one.
+ulimit -n "$(ulimit -Hn)"
+[ "$(ulimit -n)" -ge $((FAN[-1] + 1024)) ] || fail "open files limited to $(ulimit -n): ${FAN[-1]} agents need more"
 declare -A FAN_JSON
 for n in "${FAN[@]}"; do
   cm="$KIP_WORK/fan-cm-$n"
