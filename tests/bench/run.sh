@@ -172,6 +172,34 @@ for n in "${SIZES[@]:1}"; do
   row "node: resident, one agent vs $n sleep containers" "${FP_RSS[$n]}" "$total" kB "$n kip-sleep processes"
 done
 
+# KIP's layout as a node runs it: one container per image, each `kip-sleep 720h` with its
+# containerd shim. Resident memory of the shims and the sleeps together, against one agent.
+log "KIP's layout on a real containerd: ${SIZES[-1]} sleep containers (shim + kip-sleep each)"
+umoci new --image "$OCI:sleeper"
+bundle=$(mktemp -d "$KIP_WORK/bundle.XXXXXX"); rmdir "$bundle"
+umoci unpack --image "$OCI:sleeper" "$bundle" >/dev/null
+install -D -m 0755 "$KIPSLEEP" "$bundle/rootfs/kip/sleep"
+umoci repack --image "$OCI:sleeper" "$bundle" >/dev/null
+rm -rf "$bundle"
+push_image "$OCI" sleeper "$REG/bench/sleeper:1" >/dev/null
+CONTAINERD_NAME=containerd-layout start_containerd "$REG"
+kctr images pull --plain-http "$REG/bench/sleeper:1" >/dev/null
+for n in "${SIZES[@]:1}"; do
+  for i in $(seq "$n"); do kctr_run -d "$REG/bench/sleeper:1" "sleep-$n-$i" /kip/sleep 720h >/dev/null; done
+  sleep 1
+  total=0
+  for shim in $(pgrep -f "containerd-shim.*-address $CONTAINERD_SOCK" || true); do
+    total=$((total + $(rss_kb "$shim")))
+    for child in $(pgrep -P "$shim" || true); do total=$((total + $(rss_kb "$child"))); done
+  done
+  [ "$total" -gt 0 ] || fail "no shim of the layout's containerd found"
+  row "node: resident, one agent vs $n sleep containers (shims included)" "${FP_RSS[$n]}" "$total" kB "$n containers: shim + kip-sleep"
+  for i in $(seq "$n"); do kctr task kill -s SIGKILL "sleep-$n-$i" >/dev/null 2>&1 || true; done
+  sleep 1
+  for i in $(seq "$n"); do kctr task rm -f "sleep-$n-$i" >/dev/null 2>&1 || true; kctr containers rm "sleep-$n-$i" >/dev/null 2>&1 || true; done
+done
+stop_containerd
+
 log "time to cache images into a fresh containerd root: kip-agent --once against all at once through the CRI"
 if [ -n "$SMOKE" ]; then NIMG=4; LAYERS=1; MIB=1; RUNS=1; else NIMG=20; LAYERS=3; MIB=4; RUNS=3; fi
 # random_image TAG: LAYERS layers of MIB MiB of incompressible data each.
