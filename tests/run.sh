@@ -42,7 +42,7 @@ bash tests/check-dashboard.sh
 echo "==> README: every path it names exists" >&2
 bash tests/check-readme.sh
 echo "==> shellcheck" >&2
-shellcheck -x tests/*.sh tests/e2e/*.sh deploy/local/demo.sh deploy/image/*.sh .ci/run
+shellcheck -x tests/*.sh tests/e2e/*.sh tests/bench/*.sh deploy/local/demo.sh deploy/image/*.sh .ci/run
 echo "==> local demo smoke run" >&2
 KIP_DEMO_EXIT=1 bash deploy/local/demo.sh
 echo "==> all tests passed" >&2

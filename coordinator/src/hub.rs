@@ -132,6 +132,22 @@ pub fn release_progress(
     progress
 }
 
+fn runtime_available(r: &v1::NodeReport) -> bool {
+    r.runtime.as_ref().is_some_and(|rt| rt.available)
+}
+
+/// What one node's report adds to the per-image counts of the published list: per listed image
+/// it reports, (labels, cached 0/1, pinned 0/1).
+fn node_counts<'a>(
+    published: &'a Published,
+    report: &'a v1::NodeReport,
+) -> impl Iterator<Item = (ImageLabels, i64, i64)> + 'a {
+    published.config.images.entries().iter().filter_map(move |e| {
+        let i = report.images.iter().find(|i| i.name == e.name && i.image == e.image)?;
+        Some((ImageLabels { name: e.name.clone(), image: e.image.clone() }, i.cached as i64, i.pinned as i64))
+    })
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Connection {
     open_streams: u32,
@@ -455,17 +471,32 @@ impl Hub {
         };
         let new = summary(&report);
         let node = report.node_name.clone();
+        let published = self.current();
         let old = {
             let Ok(mut nodes) = self.nodes.write() else { return };
-            let old = nodes.get(&node).map(|e| summary(&e.report));
+            // The counts change by this node's difference alone (under the lock, so a full
+            // recount cannot interleave): a report costs the list's length, not the cluster's
+            // size — a recount per report made a round of 5,000 reports quadratic.
+            let previous = nodes.get(&node).map(|e| &e.report);
+            let old = previous.map(summary);
+            let m = &self.metrics;
+            for (sign, r) in [(-1, previous), (1, Some(&report))] {
+                let Some(r) = r else { continue };
+                for (labels, cached, pinned) in node_counts(&published, r) {
+                    m.image_nodes_cached.get_or_create(&labels).inc_by(sign * cached);
+                    m.image_nodes_pinned.get_or_create(&labels).inc_by(sign * pinned);
+                }
+            }
+            let unavailable = |r: Option<&v1::NodeReport>| r.is_some_and(|r| !runtime_available(r)) as i64;
+            m.nodes_runtime_unavailable.inc_by(unavailable(Some(&report)) - unavailable(previous));
             nodes.insert(node.clone(), NodeEntry { report, received_at: SystemTime::now() });
+            m.nodes_reporting.set(nodes.len() as i64);
             old
         };
         if old != Some(new) {
             let (generation, cached, pinned, total, runtime) = new;
             tracing::info!(node = %node, generation, cached, pinned, images = total, runtime_available = runtime, "node state changed");
         }
-        self.refresh_image_metrics(&self.current());
         self.nodes_changed.send_modify(|v| *v += 1);
     }
 
@@ -519,18 +550,26 @@ impl Hub {
             .collect()
     }
 
+    /// Recounts every per-image gauge from the reports (a new list, forgotten nodes).
     fn refresh_image_metrics(&self, published: &Published) {
         let m = &self.metrics;
+        // Held while the gauges are set: a report's increments cannot land in between.
+        let Ok(nodes) = self.nodes.read() else { return };
         m.image_nodes_cached.clear();
         m.image_nodes_pinned.clear();
-        for (labels, cached, pinned) in self.image_counts(published) {
-            m.image_nodes_cached.get_or_create(&labels).set(cached);
-            m.image_nodes_pinned.get_or_create(&labels).set(pinned);
+        for e in published.config.images.entries() {
+            let labels = ImageLabels { name: e.name.clone(), image: e.image.clone() };
+            m.image_nodes_cached.get_or_create(&labels).set(0);
+            m.image_nodes_pinned.get_or_create(&labels).set(0);
         }
-        let nodes = self.nodes();
+        for n in nodes.values() {
+            for (labels, cached, pinned) in node_counts(published, &n.report) {
+                m.image_nodes_cached.get_or_create(&labels).inc_by(cached);
+                m.image_nodes_pinned.get_or_create(&labels).inc_by(pinned);
+            }
+        }
         m.nodes_reporting.set(nodes.len() as i64);
-        m.nodes_runtime_unavailable
-            .set(nodes.values().filter(|n| !n.report.runtime.as_ref().is_some_and(|r| r.available)).count() as i64);
+        m.nodes_runtime_unavailable.set(nodes.values().filter(|n| !runtime_available(&n.report)).count() as i64);
     }
 
     /// `/status`: the published list, per node its state, per image the nodes that have it.
@@ -670,6 +709,31 @@ mod tests {
         // The tag moved.
         hub.set_resolution(answers(Resolved::Digest(D2.into()), Resolved::Unresolved("registry down".into())));
         assert_eq!((hub.current().generation, hub.current().to_update().images[0].digest.clone()), (3, D2.to_string()));
+    }
+
+    #[test]
+    fn per_image_counts_follow_each_report_and_a_new_list_recounts() {
+        let hub = Hub::new(config("a=busybox;b=nginx"), Arc::new(Metrics::new()));
+        let gauge = |name: &str, image: &str| {
+            let l = ImageLabels { name: name.into(), image: image.into() };
+            (
+                hub.metrics.image_nodes_cached.get_or_create(&l).get(),
+                hub.metrics.image_nodes_pinned.get_or_create(&l).get(),
+            )
+        };
+        hub.record_report(report("n1", &[("a", "busybox", true, true), ("b", "nginx", true, false)]));
+        hub.record_report(report("n2", &[("a", "busybox", true, false), ("x", "unlisted", true, true)]));
+        assert_eq!((gauge("a", "busybox"), gauge("b", "nginx")), ((2, 1), (1, 0)));
+        // n1's next report replaces its last one: only the difference counts.
+        hub.record_report(report("n1", &[("a", "busybox", false, false), ("b", "nginx", true, true)]));
+        assert_eq!((gauge("a", "busybox"), gauge("b", "nginx")), ((1, 0), (1, 1)));
+        assert_eq!(hub.metrics.nodes_reporting.get(), 2);
+        // A new list: counted again from the reports.
+        hub.publish(config("b=nginx;x=unlisted"));
+        assert_eq!((gauge("b", "nginx"), gauge("x", "unlisted")), ((1, 1), (1, 1)));
+        let counts: Vec<(String, i64, i64)> =
+            hub.image_counts(&hub.current()).into_iter().map(|(l, c, p)| (l.name, c, p)).collect();
+        assert_eq!(counts, vec![("b".to_string(), 1, 1), ("x".to_string(), 1, 1)], "/status agrees with the gauges");
     }
 
     #[test]
