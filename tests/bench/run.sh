@@ -3,10 +3,12 @@
 # and the ratio between them, printed as one table at the end. Run as root on Debian:
 #   tests/bench/run.sh           the full run
 #   tests/bench/run.sh --smoke   a short run (fewer images, fewer repetitions) so it never rots
-# Figures so far: kip-sleep against a Go sleep (size, resident memory, SIGTERM to exit as PID 1);
-# the node's cost against KIP's layout (requests with the chart defaults, measured memory); the
-# agent's footprint by list length; the time to cache images against pulling them all at once
-# through the CRI from one process.
+# Figures: kip-sleep against a Go sleep (size, resident memory, SIGTERM to exit as PID 1); the
+# agent's footprint by list length; the node's cost against KIP's layout (requests with the chart
+# defaults, measured memory of sleep processes and of real containers); the time to cache images
+# against pulling them all at once through the CRI from one process; the coordinator's fan-out to
+# 1,000 and 5,000 agent streams; the registry's requests per refresh interval with and without
+# tag resolution. The README's *Benchmarks* section has the last full run's table.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . tests/e2e/lib.sh
