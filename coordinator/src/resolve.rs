@@ -117,7 +117,7 @@ impl Resolver {
 
     /// One HEAD for `entry`'s tag.
     async fn head(&self, client: &oci_client::Client, entry: &ImageEntry, creds: Option<&Credentials>) -> Resolved {
-        let reference = match entry.reference.parse::<oci_client::Reference>() {
+        let reference = match kip::reference::parse(&entry.reference) {
             Ok(r) => r,
             Err(e) => return Resolved::Unresolved(format!("not a reference the registry client understands: {e}")),
         };

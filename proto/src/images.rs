@@ -3,9 +3,8 @@
 //! so a typo never turns into an image that is quietly not cached.
 
 use std::fmt;
-use std::str::FromStr;
 
-pub use oci_spec::distribution::Reference;
+pub use crate::reference::Reference;
 
 /// One entry of the list: the user's name for it and the normalized image reference.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,7 +81,7 @@ impl ImageList {
         if self.entries.iter().any(|e| e.name == name) {
             return Err(ImageListError::DuplicateName { index, entry: owned(), name: name.into() });
         }
-        let parsed = Reference::from_str(image).map_err(|e| ImageListError::InvalidReference {
+        let parsed = crate::reference::parse(image).map_err(|e| ImageListError::InvalidReference {
             index,
             entry: owned(),
             image: image.into(),
@@ -126,7 +125,7 @@ impl fmt::Display for ImageList {
 
 /// Checks one image reference (KIP_IMAGE, say) with the same rules as IMAGES entries.
 pub fn parse_reference(image: &str) -> Result<Reference, String> {
-    Reference::from_str(image).map_err(|e| format!("`{image}` is not a valid image reference: {e}"))
+    crate::reference::parse(image).map_err(|e| format!("`{image}` is not a valid image reference: {e}"))
 }
 
 fn is_dns_label(s: &str) -> bool {
@@ -221,5 +220,24 @@ mod tests {
         assert!(ImageList::parse("-a=busybox").is_err());
         assert!(ImageList::parse(&format!("{}=busybox", "a".repeat(64))).is_err());
         assert!(ImageList::parse(&format!("{}=busybox", "a".repeat(63))).is_ok());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics_and_a_refusal_names_its_entry(raw in "[a-z0-9=;:/@. \n-]{0,80}|\\PC{0,80}") {
+            if let Err(e) = ImageList::parse(&raw) {
+                proptest::prop_assert!(e.to_string().starts_with("IMAGES entry "), "{e}");
+            }
+        }
+
+        #[test]
+        fn a_parsed_list_written_out_parses_to_itself(
+            entries in proptest::collection::btree_map("[a-z][a-z0-9-]{0,8}[a-z0-9]", "([a-z0-9]{1,6}\\.[a-z]{2,3}(:[0-9]{2,4})?/)?[a-z0-9]{1,6}(/[a-z0-9]{1,6})?(:[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,8})?", 0..6),
+        ) {
+            let raw: String = entries.iter().map(|(n, i)| format!("{n}={i};")).collect();
+            let list = ImageList::parse(&raw).map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
+            proptest::prop_assert_eq!(list.len(), entries.len());
+            proptest::prop_assert_eq!(ImageList::parse(&list.to_string()), Ok(list));
+        }
     }
 }

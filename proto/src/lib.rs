@@ -10,6 +10,7 @@ pub mod http;
 pub mod images;
 pub mod process;
 pub mod pull_secrets;
+pub mod reference;
 
 /// The `kip.v1` gRPC API (coordinator ⇄ agents), generated from `proto/kip/v1/kip.proto`.
 pub mod v1 {
