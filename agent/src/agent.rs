@@ -19,7 +19,7 @@ use crate::follow::ListUpdate;
 use crate::http::Readiness;
 use crate::metrics::{ImageLabels, Metrics, PullLabels, ResultLabels, RESULT_FAILURE, RESULT_SUCCESS};
 use crate::reconcile::{self, Action, Observation, Policy, PullReason, States};
-use crate::runtime::{Runtime, RuntimeError};
+use crate::runtime::{Runtime, RuntimeError, Snapshot};
 use kip::pull_secrets::{Credentials, Keyring};
 
 /// Why one image could not be cached and pinned; names the image, never a secret.
@@ -57,9 +57,17 @@ pub fn credentials_for(
     Ok(keyring.for_registry(&entry.registry).cloned())
 }
 
-/// What the runtime shows of one image now: one CRI `ImageStatus`, whose answer travels on in
-/// the observation (pull and pin use it instead of asking again).
-pub async fn observe_image<R: Runtime>(rt: &R, reference: &str) -> Result<Observation, ImageError> {
+/// What the runtime shows of one image now: from the check's snapshot when it lists the
+/// reference, else one CRI `ImageStatus` (an absent image, or a name the runtime spells
+/// otherwise). The answer travels on in the observation (pull and pin use it).
+pub async fn observe_image<R: Runtime>(
+    rt: &R,
+    snapshot: &Snapshot,
+    reference: &str,
+) -> Result<Observation, ImageError> {
+    if let Some(image) = snapshot.find(reference) {
+        return Ok(Observation::of(image, reference, snapshot.pinned(reference, image)));
+    }
     let Some(image) = rt.status(reference).await? else { return Ok(Observation::absent()) };
     let pinned = rt.is_pinned(reference, &image).await?;
     Ok(Observation::of(&image, reference, pinned))
@@ -322,10 +330,22 @@ impl<R: Runtime> Agent<R> {
 
     /// Looks at every listed image; notices vanished ones; removes stale pins.
     async fn check_images(&mut self) -> Result<(), ImageError> {
+        let snapshot = match self.rt.snapshot().await {
+            Ok(snapshot) => snapshot,
+            Err(e) if e.is_runtime_down() => {
+                self.set_cri_up(false);
+                return Err(e.into());
+            }
+            Err(e) => {
+                // Each image is then asked about on its own, as the snapshot would have told.
+                tracing::warn!(error = %e, "listing the runtime's images failed; asking image by image");
+                Snapshot::default()
+            }
+        };
         let refs: Vec<String> = self.states.keys().cloned().collect();
         let mut all_seen = true;
         for reference in refs {
-            match observe_image(&self.rt, &reference).await {
+            match observe_image(&self.rt, &snapshot, &reference).await {
                 Ok(obs) => {
                     let published = self.digests.get(&reference).map(String::as_str);
                     let Some(state) = self.states.get_mut(&reference) else { continue };
@@ -584,14 +604,20 @@ pub async fn run_once<R: Runtime>(
     policy: &Policy,
 ) -> Vec<OnceOutcome> {
     let semaphore = Arc::new(tokio::sync::Semaphore::new(policy.max_parallel_pulls.max(1)));
+    let snapshot = Arc::new(rt.snapshot().await.unwrap_or_else(|e| {
+        // Each image is then asked about on its own (and fails on its own if the runtime is down).
+        tracing::warn!(error = %e, "listing the runtime's images failed; asking image by image");
+        Snapshot::default()
+    }));
     let mut tasks = JoinSet::new();
     for (index, entry) in list.entries().iter().cloned().enumerate() {
         let (rt, dir, sem, policy) = (rt.clone(), secrets_dir.map(PathBuf::from), semaphore.clone(), policy.clone());
+        let snapshot = snapshot.clone();
         tasks.spawn(async move {
             let result = async {
                 // The semaphore is never closed, so a permit always comes.
                 let _permit = sem.acquire_owned().await.ok();
-                if let Some(image) = observe_image(&rt, &entry.reference).await?.image {
+                if let Some(image) = observe_image(&rt, &snapshot, &entry.reference).await?.image {
                     return Ok(pin_image(&rt, &entry.reference, &image).await);
                 }
                 let attempt = || pull_and_pin(&rt, dir.as_deref(), &entry, policy.pull_timeout, None);

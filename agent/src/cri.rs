@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use kip::cri::{
-    image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient, AuthConfig, ImageSpec,
-    ImageStatusRequest, PodSandboxConfig, PodSandboxMetadata, PullImageRequest, VersionRequest,
+    image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient, AuthConfig, Image,
+    ImageSpec, ImageStatusRequest, ListImagesRequest, PodSandboxConfig, PodSandboxMetadata, PullImageRequest,
+    VersionRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -112,6 +113,12 @@ impl ImageInfo {
     }
 }
 
+impl From<Image> for ImageInfo {
+    fn from(i: Image) -> Self {
+        Self { id: i.id, repo_tags: i.repo_tags, repo_digests: i.repo_digests, pinned: i.pinned }
+    }
+}
+
 /// `host:5000/a/b:tag` and `host:5000/a/b@sha256:…` → `host:5000/a/b`.
 pub fn repository_of(reference: &str) -> &str {
     let without_digest = reference.split_once('@').map_or(reference, |(r, _)| r);
@@ -160,12 +167,14 @@ impl CriClient {
         let req = ImageStatusRequest { image: Some(image_spec(image)), verbose: false };
         let resp =
             self.images.clone().image_status(req).await.map_err(|s| call_error("ImageStatus", image, &s))?.into_inner();
-        Ok(resp.image.map(|i| ImageInfo {
-            id: i.id,
-            repo_tags: i.repo_tags,
-            repo_digests: i.repo_digests,
-            pinned: i.pinned,
-        }))
+        Ok(resp.image.map(ImageInfo::from))
+    }
+
+    /// Every image the runtime has (CRI `ListImages`; containerd ignores filters, none is sent).
+    pub async fn list_images(&self) -> Result<Vec<ImageInfo>, CriError> {
+        let req = ListImagesRequest { filter: None };
+        let resp = self.images.clone().list_images(req).await.map_err(|s| call_error("ListImages", "*", &s))?;
+        Ok(resp.into_inner().images.into_iter().map(ImageInfo::from).collect())
     }
 
     /// Pulls `image`, giving up after `timeout` (dropping the call cancels the pull).

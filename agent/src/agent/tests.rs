@@ -110,7 +110,7 @@ impl Node {
 }
 
 #[tokio::test(start_paused = true)]
-async fn caches_and_pins_the_list_then_asks_once_per_image_per_check() {
+async fn caches_and_pins_the_list_then_reads_the_runtime_once_per_check() {
     let node = Node::start(FakeRuntime::default(), &[("a", A), ("b", B)]);
     sleep(Duration::from_millis(1)).await;
     for r in [A, B] {
@@ -119,12 +119,32 @@ async fn caches_and_pins_the_list_then_asks_once_per_image_per_check() {
     }
     assert_eq!(node.ready.get(), None, "ready once everything is cached and pinned");
     assert_eq!((node.metrics.images_cached.get(), node.metrics.images_pinned.get()), (2, 2));
-    let calls_before = node.rt.state().status_calls;
+    let snapshots = node.rt.state().snapshots;
+    let statuses = node.rt.state().status_calls;
     sleep(CHECK * 3).await; // three more checks
-    assert_eq!(node.rt.state().status_calls - calls_before, 3 * 2, "one ImageStatus per image per check");
+    assert_eq!(node.rt.state().snapshots - snapshots, 3, "one listing per check");
+    assert_eq!(node.rt.state().status_calls - statuses, 0, "no ImageStatus while the listing shows every image");
     assert_eq!(node.rt.state().pulls.len(), 2, "nothing pulled again while present");
     let report = node.report_of("a");
     assert!(report.cached && report.pinned && report.digest.starts_with("sha256:"), "{report:?}");
+    node.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_image_the_listing_spells_otherwise_is_asked_about_and_not_pulled_again() {
+    let rt = FakeRuntime::default();
+    rt.add(D, Pin::None);
+    rt.state().unlisted = vec![D.into()];
+    let node = Node::start(rt, &[("a", A), ("d", D)]);
+    sleep(Duration::from_millis(1)).await;
+    let statuses = node.rt.state().status_calls;
+    sleep(CHECK * 2).await;
+    assert_eq!(node.rt.state().status_calls - statuses, 2, "one ImageStatus per check, for the unlisted image only");
+    assert!(node.rt.pulls_of(D).is_empty(), "present (by digest), so never pulled");
+    assert_eq!(node.rt.pin_of(D), Some(Pin::Kip), "pinned from what ImageStatus showed");
+    let report = node.report_of("d");
+    assert!(report.cached && report.pinned, "{report:?}");
+    assert_eq!(node.ready.get(), None);
     node.stop().await;
 }
 

@@ -14,7 +14,7 @@ use kip::containerd::services::images::v1::{
 use kip::cri::AuthConfig;
 use tonic::transport::Channel;
 
-use super::{parse_version, CriOnly, Keep, Runtime, RuntimeError};
+use super::{every_record_pinned, parse_version, CriOnly, Keep, Runtime, RuntimeError, Snapshot};
 use crate::cri::{unix_channel, CriClient, ImageInfo, RuntimeInfo};
 
 pub const PIN_LABEL: &str = "io.cri-containerd.pinned";
@@ -149,6 +149,12 @@ impl Containerd {
         }
     }
 
+    /// Every image record of the CRI's namespace, labels included.
+    async fn list(&self) -> Result<Vec<Image>, LabelError> {
+        let req = with_namespace(ListImagesRequest { filters: vec![] });
+        Ok(self.images.clone().list(req).await.map_err(|s| label_error("List", "*", &s))?.into_inner().images)
+    }
+
     /// Pins every unpinned record in `names` as kip's; returns how many changed.
     async fn pin_records(&self, names: &[String]) -> Result<usize, LabelError> {
         let mut changed = 0;
@@ -172,6 +178,16 @@ impl Runtime for Containerd {
     }
     fn pin_problem(&self) -> Option<String> {
         None
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, RuntimeError> {
+        let images = self.base.snapshot().await?;
+        if self.reports_pins {
+            return Ok(images);
+        }
+        let records = self.list().await?;
+        let pins = records.into_iter().map(|r| (r.name, pin_state(&r.labels) != PinState::Unpinned)).collect();
+        Ok(Snapshot { record_pins: Some(pins), ..images })
     }
 
     async fn status(&self, reference: &str) -> Result<Option<ImageInfo>, RuntimeError> {
@@ -209,16 +225,14 @@ impl Runtime for Containerd {
             return Ok(image.pinned);
         }
         // Older containerd: every record of the image must carry a pin (kip's or anyone's).
-        let mut seen = false;
-        for name in image.refs_of(reference) {
-            if let Some(record) = self.get(&name).await? {
-                seen = true;
-                if pin_state(&record.labels) == PinState::Unpinned {
-                    return Ok(false);
-                }
+        let records = image.refs_of(reference);
+        let mut pins = HashMap::new();
+        for name in &records {
+            if let Some(record) = self.get(name).await? {
+                pins.insert(record.name, pin_state(&record.labels) != PinState::Unpinned);
             }
         }
-        Ok(seen)
+        Ok(every_record_pinned(&records, &pins))
     }
 
     async fn pin(&self, reference: &str, image: &ImageInfo) -> Result<bool, RuntimeError> {
@@ -230,10 +244,9 @@ impl Runtime for Containerd {
     }
 
     async fn sync_pins(&self, keep: &Keep) -> Result<Vec<String>, RuntimeError> {
-        let req = with_namespace(ListImagesRequest { filters: vec![] });
-        let records = self.images.clone().list(req).await.map_err(|s| label_error("List", "*", &s))?.into_inner();
-        let ours: Vec<Image> = records
-            .images
+        let ours: Vec<Image> = self
+            .list()
+            .await?
             .into_iter()
             .filter(|r| r.labels.get(OWNER_LABEL).is_some_and(|v| v == OWNER_VALUE))
             .collect();

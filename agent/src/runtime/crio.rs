@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use kip::cri::AuthConfig;
 
-use super::{parse_version, CriOnly, CrioPaths, Keep, Runtime, RuntimeError};
+use super::{parse_version, CriOnly, CrioPaths, Keep, Runtime, RuntimeError, Snapshot};
 use crate::cri::{CriClient, ImageInfo, RuntimeInfo};
 
 /// kip's drop-in: `zz-` sorts after the usual `NN-name` drop-ins (OpenShift's `00-default`).
@@ -259,6 +259,9 @@ impl Runtime for Crio {
         file.problem.clone().or_else(|| file.unconfirmed.values().next().cloned())
     }
 
+    async fn snapshot(&self) -> Result<Snapshot, RuntimeError> {
+        self.base.snapshot().await
+    }
     async fn status(&self, reference: &str) -> Result<Option<ImageInfo>, RuntimeError> {
         self.base.status(reference).await
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use kip::cri::AuthConfig;
 use tokio::time::Instant;
 
-use super::{Keep, Runtime, RuntimeError};
+use super::{Keep, Runtime, RuntimeError, Snapshot};
 use crate::cri::{repository_of, CriError, ImageInfo, RuntimeInfo};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,7 +42,11 @@ pub struct FakeState {
     /// `sync_pins` calls made while a pull was in flight (the agent must make none).
     pub syncs_during_pulls: usize,
     pub status_calls: usize,
+    pub snapshots: usize,
     pub pin_calls: usize,
+    /// Images the listing does not show under kip's reference (a runtime storing another
+    /// spelling of the name): `status` still finds them.
+    pub unlisted: Vec<String>,
     pub removed: Vec<String>,
     /// `release` calls (the end of a release: leftovers such as CRI-O's drop-in).
     pub releases: usize,
@@ -141,6 +145,16 @@ impl Runtime for FakeRuntime {
     }
     fn pin_problem(&self) -> Option<String> {
         self.state().pin_problem.clone()
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, RuntimeError> {
+        self.down_error("ListImages", "*")?;
+        let mut state = self.state();
+        state.snapshots += 1;
+        let hidden = state.unlisted.clone();
+        let images =
+            state.images.iter().filter(|(r, _)| !hidden.contains(*r)).map(|(r, i)| Self::info_of(r, i)).collect();
+        Ok(Snapshot::new(images, None))
     }
 
     async fn status(&self, reference: &str) -> Result<Option<ImageInfo>, RuntimeError> {

@@ -7,7 +7,7 @@ pub mod crio;
 #[cfg(test)]
 pub mod fake;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -38,11 +38,17 @@ impl RuntimeError {
     }
 }
 
-/// What every backend does. The agent asks `status` once per image per check and passes the
-/// answer to the other calls instead of asking again.
+/// What every backend does. A check reads the whole runtime once (`snapshot`); `status` is
+/// for what the snapshot does not name, and its answer is passed to the other calls instead
+/// of asking again.
 pub trait Runtime: Clone + Send + Sync + 'static {
     fn info(&self) -> &RuntimeInfo;
     fn socket(&self) -> &Path;
+
+    /// Every image and pin at once: one CRI `ListImages`, plus one read of the image labels
+    /// where the runtime does not report pins through the CRI. A check costs the same few calls
+    /// whether 1 or 100 images are listed.
+    fn snapshot(&self) -> impl Future<Output = Result<Snapshot, RuntimeError>> + Send;
 
     /// `None` while kip's pins work on this runtime; otherwise why not. Images are then kept
     /// by pulling them again when they disappear.
@@ -86,6 +92,57 @@ pub trait Runtime: Clone + Send + Sync + 'static {
     fn release(&self) -> impl Future<Output = Result<(), RuntimeError>> + Send {
         std::future::ready(Ok(()))
     }
+}
+
+/// The runtime's images as one check sees them.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    images: Vec<ImageInfo>,
+    /// Tag or `repo@digest` → the image listed under that name.
+    by_name: HashMap<String, usize>,
+    /// Record name → pinned by anyone, for runtimes whose CRI says nothing about pins (read
+    /// from containerd's labels); `None` where `ImageInfo::pinned` is the answer.
+    record_pins: Option<HashMap<String, bool>>,
+}
+
+impl Snapshot {
+    pub fn new(images: Vec<ImageInfo>, record_pins: Option<HashMap<String, bool>>) -> Self {
+        let mut by_name = HashMap::new();
+        for (i, image) in images.iter().enumerate() {
+            for name in image.repo_tags.iter().chain(&image.repo_digests) {
+                by_name.insert(name.clone(), i);
+            }
+        }
+        Self { images, by_name, record_pins }
+    }
+
+    /// The image `reference` names when the listing shows that very name. A reference the
+    /// runtime stores under another spelling is not found here: ask `Runtime::status`.
+    pub fn find(&self, reference: &str) -> Option<&ImageInfo> {
+        self.by_name.get(reference).and_then(|&i| self.images.get(i))
+    }
+
+    /// Whether `image` (found for `reference`) is pinned, by kip or anyone.
+    pub fn pinned(&self, reference: &str, image: &ImageInfo) -> bool {
+        match &self.record_pins {
+            Some(pins) if !image.pinned => every_record_pinned(&image.refs_of(reference), pins),
+            _ => image.pinned,
+        }
+    }
+}
+
+/// Where pins are labels on records: the image counts as pinned when every record of it the
+/// runtime has carries one (kubelet's GC would otherwise remove it through the unpinned one).
+pub fn every_record_pinned(records: &[String], pins: &HashMap<String, bool>) -> bool {
+    let mut seen = false;
+    for record in records {
+        match pins.get(record) {
+            Some(false) => return false,
+            Some(true) => seen = true,
+            None => {}
+        }
+    }
+    seen
 }
 
 /// A runtime's version as CRI `Version` gives it (`1.6.20~ds1`, `v1.7.24`, `2.1.9+unknown`,
@@ -159,6 +216,9 @@ impl Runtime for NodeRuntime {
     fn can_pin(&self) -> bool {
         each_backend!(self, rt => rt.can_pin())
     }
+    async fn snapshot(&self) -> Result<Snapshot, RuntimeError> {
+        each_backend!(self, rt => rt.snapshot().await)
+    }
     async fn status(&self, reference: &str) -> Result<Option<ImageInfo>, RuntimeError> {
         each_backend!(self, rt => rt.status(reference).await)
     }
@@ -215,6 +275,9 @@ impl Runtime for CriOnly {
     fn can_pin(&self) -> bool {
         false
     }
+    async fn snapshot(&self) -> Result<Snapshot, RuntimeError> {
+        Ok(Snapshot::new(self.cri.list_images().await?, None))
+    }
     async fn status(&self, reference: &str) -> Result<Option<ImageInfo>, RuntimeError> {
         Ok(self.cri.image_status(reference).await?)
     }
@@ -239,5 +302,52 @@ impl Runtime for CriOnly {
     }
     async fn remove(&self, reference: &str) -> Result<(), RuntimeError> {
         Ok(self.cri.remove(reference).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(id: &str, tags: &[&str], digests: &[&str], pinned: bool) -> ImageInfo {
+        ImageInfo {
+            id: id.into(),
+            repo_tags: tags.iter().map(|t| t.to_string()).collect(),
+            repo_digests: digests.iter().map(|d| d.to_string()).collect(),
+            pinned,
+        }
+    }
+
+    #[test]
+    fn a_snapshot_finds_an_image_by_any_of_its_names_and_nothing_else() {
+        let a = image("sha256:1", &["h/r/a:1", "h/r/a:latest"], &["h/r/a@sha256:aa"], false);
+        let b = image("sha256:2", &[], &["h/r/b@sha256:bb"], true);
+        let snap = Snapshot::new(vec![a.clone(), b.clone()], None);
+        assert_eq!(snap.find("h/r/a:1"), Some(&a));
+        assert_eq!(snap.find("h/r/a:latest"), Some(&a));
+        assert_eq!(snap.find("h/r/a@sha256:aa"), Some(&a));
+        assert_eq!(snap.find("h/r/b@sha256:bb"), Some(&b));
+        for other in ["h/r/a:2", "h/r/a", "sha256:1", "docker.io/h/r/a:1"] {
+            assert_eq!(snap.find(other), None, "{other}");
+        }
+        assert!(!snap.pinned("h/r/a:1", &a) && snap.pinned("h/r/b@sha256:bb", &b), "the CRI's answer");
+    }
+
+    #[test]
+    fn where_pins_are_labels_every_record_of_the_image_must_carry_one() {
+        let a = image("sha256:1", &["h/r/a:1", "h/x/other:1"], &["h/r/a@sha256:aa"], false);
+        let labels = |pairs: &[(&str, bool)]| Some(pairs.iter().map(|(n, p)| (n.to_string(), *p)).collect());
+        let all =
+            Snapshot::new(vec![a.clone()], labels(&[("h/r/a:1", true), ("h/r/a@sha256:aa", true), ("sha256:1", true)]));
+        assert!(all.pinned("h/r/a:1", &a));
+        let id_unpinned = Snapshot::new(
+            vec![a.clone()],
+            labels(&[("h/r/a:1", true), ("h/r/a@sha256:aa", true), ("sha256:1", false)]),
+        );
+        assert!(!id_unpinned.pinned("h/r/a:1", &a), "kubelet's GC would remove it through the image ID");
+        let other_repo = Snapshot::new(vec![a.clone()], labels(&[("h/r/a:1", true), ("h/x/other:1", false)]));
+        assert!(other_repo.pinned("h/r/a:1", &a), "another repository's name is not kip's to pin");
+        let none = Snapshot::new(vec![a.clone()], labels(&[]));
+        assert!(!none.pinned("h/r/a:1", &a), "no record read: not known to be pinned");
     }
 }
