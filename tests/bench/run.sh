@@ -207,7 +207,7 @@ done
 stop_containerd
 
 log "time to cache images into a fresh containerd root: kip-agent --once against all at once through the CRI"
-if [ -n "$SMOKE" ]; then NIMG=4; LAYERS=1; MIB=1; RUNS=1; else NIMG=20; LAYERS=3; MIB=4; RUNS=3; fi
+if [ -n "$SMOKE" ]; then NIMG=4; LAYERS=1; MIB=1; RUNS=1; else NIMG=20; LAYERS=3; MIB=4; RUNS=5; fi
 # random_image TAG: LAYERS layers of MIB MiB of incompressible data each.
 random_image() {
   umoci new --image "$OCI:$1"
@@ -241,20 +241,24 @@ cache_run() {
   CACHE_MS=$(( ($(date +%s%N) - start) / 1000000 ))
   stop_containerd
 }
-# cache_median HOW [PARALLEL]: the median of RUNS cache_run (each from an empty root) in MEDIAN.
-# Not in a command substitution: the containerds it starts must be this shell's to clean up.
-cache_median() {
-  local times=()
-  for _ in $(seq "$RUNS"); do cache_run "$@"; times+=("$CACHE_MS"); done
-  MEDIAN=$(printf '%s\n' "${times[@]}" | median)
-}
-cache_median baseline; baseline=$MEDIAN
-cache_median kip 3
-row "cache $NIMG images ($LAYERS x $MIB MiB layers): kip-agent --once, defaults (3 at once)" "$MEDIAN" "$baseline" ms "all at once through the CRI, one process"
-for p in 1 10; do
-  cache_median kip "$p"
-  row "cache $NIMG images: kip-agent --once --max-parallel-pulls $p" "$MEDIAN" "$baseline" ms "all at once through the CRI, one process"
+# RUNS rounds, each running every way once (each from an empty root), so that a machine slowing
+# down or speeding up over the minutes (disk writeback, caches) weighs on every way alike; the
+# median of each. Not in a command substitution: the containerds a run starts must be this
+# shell's to clean up.
+declare -A CACHE_TIMES
+for _ in $(seq "$RUNS"); do
+  for how in baseline kip:3 kip:1 kip:10; do
+    cache_run "${how%%:*}" "${how#*:}"
+    CACHE_TIMES[$how]+="$CACHE_MS "
+  done
 done
+cache_median() { local t; read -r -a t <<<"${CACHE_TIMES[$1]}"; printf '%s\n' "${t[@]}" | median; }
+baseline=$(cache_median baseline)
+row "cache $NIMG images ($LAYERS x $MIB MiB layers): kip-agent --once, defaults (3 at once)" "$(cache_median kip:3)" "$baseline" ms "all at once through the CRI, one process"
+for p in 1 10; do
+  row "cache $NIMG images: kip-agent --once --max-parallel-pulls $p" "$(cache_median "kip:$p")" "$baseline" ms "all at once through the CRI, one process"
+done
+log "cache times in ms, run by run: $(for how in baseline kip:3 kip:1 kip:10; do printf '%s: %s; ' "$how" "${CACHE_TIMES[$how]}"; done)"
 
 log "coordinator fan-out: light agents in one process over loopback"
 cargo build --quiet --release -p kip-coordinator --example fanout-bench
