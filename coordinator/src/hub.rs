@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
+use kip::images::ImageEntry;
 use kip::v1;
 use tokio::sync::watch;
 
@@ -136,6 +137,15 @@ fn runtime_available(r: &v1::NodeReport) -> bool {
     r.runtime.as_ref().is_some_and(|rt| rt.available)
 }
 
+/// What a node reports of one listed image (matched by name and image, as listed).
+fn reported<'a>(report: &'a v1::NodeReport, entry: &ImageEntry) -> Option<&'a v1::ImageState> {
+    report.images.iter().find(|i| i.name == entry.name && i.image == entry.image)
+}
+
+fn image_labels(entry: &ImageEntry) -> ImageLabels {
+    ImageLabels { name: entry.name.clone(), image: entry.image.clone() }
+}
+
 /// What one node's report adds to the per-image counts of the published list: per listed image
 /// it reports, (labels, cached 0/1, pinned 0/1).
 fn node_counts<'a>(
@@ -143,9 +153,27 @@ fn node_counts<'a>(
     report: &'a v1::NodeReport,
 ) -> impl Iterator<Item = (ImageLabels, i64, i64)> + 'a {
     published.config.images.entries().iter().filter_map(move |e| {
-        let i = report.images.iter().find(|i| i.name == e.name && i.image == e.image)?;
-        Some((ImageLabels { name: e.name.clone(), image: e.image.clone() }, i.cached as i64, i.pinned as i64))
+        let i = reported(report, e)?;
+        Some((image_labels(e), i.cached as i64, i.pinned as i64))
     })
+}
+
+/// Per listed image, how many of `reports` have it cached and pinned.
+fn image_totals<'a>(
+    published: &Published,
+    reports: impl Iterator<Item = &'a v1::NodeReport> + Clone,
+) -> Vec<(ImageLabels, i64, i64)> {
+    published
+        .config
+        .images
+        .entries()
+        .iter()
+        .map(|e| {
+            let states = reports.clone().filter_map(|r| reported(r, e));
+            let (cached, pinned) = states.fold((0, 0), |(c, p), s| (c + s.cached as i64, p + s.pinned as i64));
+            (image_labels(e), cached, pinned)
+        })
+        .collect()
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -408,10 +436,7 @@ impl Hub {
         }
         for e in current.config.images.entries() {
             let resolved = matches!(merged.get(&e.reference), Some(Resolved::Digest(_)));
-            self.metrics
-                .image_resolved
-                .get_or_create(&ImageLabels { name: e.name.clone(), image: e.image.clone() })
-                .set(resolved as i64);
+            self.metrics.image_resolved.get_or_create(&image_labels(e)).set(resolved as i64);
         }
         if let Ok(mut r) = self.resolution.write() {
             *r = merged;
@@ -534,20 +559,11 @@ impl Hub {
 
     /// Per listed image, how many nodes report it cached and pinned.
     pub fn image_counts(&self, published: &Published) -> Vec<(ImageLabels, i64, i64)> {
-        let nodes = self.nodes();
-        published
-            .config
-            .images
-            .entries()
-            .iter()
-            .map(|e| {
-                let states = nodes
-                    .values()
-                    .filter_map(|n| n.report.images.iter().find(|i| i.name == e.name && i.image == e.image));
-                let (cached, pinned) = states.fold((0, 0), |(c, p), s| (c + s.cached as i64, p + s.pinned as i64));
-                (ImageLabels { name: e.name.clone(), image: e.image.clone() }, cached, pinned)
-            })
-            .collect()
+        match self.nodes.read() {
+            Ok(nodes) => image_totals(published, nodes.values().map(|n| &n.report)),
+            // Every listed image, counted on no node (as with no report at all).
+            Err(_) => image_totals(published, std::iter::empty()),
+        }
     }
 
     /// Recounts every per-image gauge from the reports (a new list, forgotten nodes).
@@ -557,16 +573,9 @@ impl Hub {
         let Ok(nodes) = self.nodes.read() else { return };
         m.image_nodes_cached.clear();
         m.image_nodes_pinned.clear();
-        for e in published.config.images.entries() {
-            let labels = ImageLabels { name: e.name.clone(), image: e.image.clone() };
-            m.image_nodes_cached.get_or_create(&labels).set(0);
-            m.image_nodes_pinned.get_or_create(&labels).set(0);
-        }
-        for n in nodes.values() {
-            for (labels, cached, pinned) in node_counts(published, &n.report) {
-                m.image_nodes_cached.get_or_create(&labels).inc_by(cached);
-                m.image_nodes_pinned.get_or_create(&labels).inc_by(pinned);
-            }
+        for (labels, cached, pinned) in image_totals(published, nodes.values().map(|n| &n.report)) {
+            m.image_nodes_cached.get_or_create(&labels).set(cached);
+            m.image_nodes_pinned.get_or_create(&labels).set(pinned);
         }
         m.nodes_reporting.set(nodes.len() as i64);
         m.nodes_runtime_unavailable.set(nodes.values().filter(|n| !runtime_available(&n.report)).count() as i64);
