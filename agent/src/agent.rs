@@ -191,7 +191,8 @@ pub struct Agent<R: Runtime> {
     /// False until a list is known: without one, no pin may be judged unlisted.
     list_known: bool,
     states: States,
-    cri_up: bool,
+    /// Why the runtime counts as not answering (the last call's error), `None` while it answers.
+    runtime_down: Option<String>,
     /// What the coordinator asks to let go of (kip is being uninstalled), and how the last
     /// attempt went (`None`: not tried yet).
     release: v1::Release,
@@ -224,7 +225,7 @@ impl<R: Runtime> Agent<R> {
             generation: 0,
             list_known: false,
             states: States::new(),
-            cri_up: true,
+            runtime_down: None,
             release: v1::Release::None,
             release_outcome: None,
         };
@@ -281,17 +282,17 @@ impl<R: Runtime> Agent<R> {
                 match self.check_images().await {
                     Ok(()) => {
                         runtime_backoff = reconcile::retry_backoff(Duration::from_secs(1), Duration::from_secs(30));
-                        next_check = now + self.policy.check_interval;
+                        next_check = kip::duration::after(now, self.policy.check_interval);
                     }
                     Err(e) => {
                         let delay = runtime_backoff.next().unwrap_or(Duration::from_secs(30));
-                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "runtime not reachable; will retry");
-                        next_check = now + delay;
+                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "runtime not answering; will retry");
+                        next_check = kip::duration::after(now, delay);
                     }
                 }
             }
             let mut pulls_due = false;
-            if self.cri_up {
+            if self.runtime_down.is_none() {
                 // Pins of present images are tried with each check, not on every wake-up: a
                 // runtime that refuses them is not asked again until the next check.
                 pulls_due = self.start_due_work(&mut pulls, checked).await;
@@ -333,7 +334,7 @@ impl<R: Runtime> Agent<R> {
         let snapshot = match self.rt.snapshot().await {
             Ok(snapshot) => snapshot,
             Err(e) if e.is_runtime_down() => {
-                self.set_cri_up(false);
+                self.runtime_not_answering(&e);
                 return Err(e.into());
             }
             Err(e) => {
@@ -363,7 +364,7 @@ impl<R: Runtime> Agent<R> {
                     }
                 }
                 Err(e) if e.is_runtime_down() => {
-                    self.set_cri_up(false);
+                    self.runtime_not_answering(&e);
                     return Err(e);
                 }
                 Err(e) => {
@@ -372,7 +373,7 @@ impl<R: Runtime> Agent<R> {
                 }
             }
         }
-        self.set_cri_up(true);
+        self.runtime_answered();
         // Without a list, or with an image not seen, its records could pass for unlisted. So
         // could the records a pull in flight is pinning right now (the last check saw none of
         // them): unpinning waits for a check with no pull in flight.
@@ -470,24 +471,26 @@ impl<R: Runtime> Agent<R> {
                 state.confirm(published.as_deref(), Instant::now());
             }
             Err(e) => {
-                if e.is_runtime_down() {
-                    self.cri_up = false;
-                }
                 let delay = state.pull_failed(Instant::now(), e.to_string(), &policy);
                 tracing::warn!(image = %reference, error = %e, elapsed_ms, retry_in_ms = delay.as_millis() as u64, "pull failed");
+                if e.is_runtime_down() {
+                    self.runtime_not_answering(&e);
+                }
             }
         }
     }
 
-    fn set_cri_up(&mut self, up: bool) {
-        if up != self.cri_up {
-            if up {
-                tracing::info!(socket = %self.rt.socket().display(), "runtime reachable again");
-            } else {
-                tracing::warn!(socket = %self.rt.socket().display(), "runtime not reachable");
-            }
+    fn runtime_answered(&mut self) {
+        if self.runtime_down.take().is_some() {
+            tracing::info!(socket = %self.rt.socket().display(), "runtime answering again");
         }
-        self.cri_up = up;
+    }
+
+    fn runtime_not_answering(&mut self, error: &dyn std::fmt::Display) {
+        if self.runtime_down.is_none() {
+            tracing::warn!(socket = %self.rt.socket().display(), error = %error, "runtime not answering");
+        }
+        self.runtime_down = Some(error.to_string());
     }
 
     fn labels_for(&self, reference: &str) -> Vec<ImageLabels> {
@@ -502,7 +505,7 @@ impl<R: Runtime> Agent<R> {
     /// Metrics and readiness from the current states.
     fn publish_state(&self) {
         let m = &self.metrics;
-        m.cri_up.set(self.cri_up as i64);
+        m.cri_up.set(self.runtime_down.is_none() as i64);
         m.images_desired.set(self.list.len() as i64);
         let (mut cached, mut pinned, mut never_cached) = (0, 0, Vec::new());
         for e in self.list.entries() {
@@ -520,8 +523,8 @@ impl<R: Runtime> Agent<R> {
         m.images_pinned.set(pinned);
         let pin_problem = self.rt.pin_problem();
         m.pinning_available.set(pin_problem.is_none() as i64);
-        self.ready.set(if !self.cri_up {
-            Some(format!("runtime not reachable on {}", self.rt.socket().display()))
+        self.ready.set(if let Some(error) = &self.runtime_down {
+            Some(format!("runtime not answering on {}: {error}", self.rt.socket().display()))
         } else if let Some(problem) = pin_problem.filter(|_| self.rt.can_pin()) {
             Some(format!("pinning does not work: {problem}"))
         } else if !self.list_known {
@@ -548,15 +551,17 @@ impl<R: Runtime> Agent<R> {
         v1::NodeReport {
             node_name: node.to_string(),
             runtime: Some(v1::RuntimeState {
-                available: self.cri_up,
+                available: self.runtime_down.is_none(),
                 name: self.rt.info().name.clone(),
                 version: self.rt.info().version.clone(),
-                error: if self.cri_up {
-                    String::new()
-                } else {
-                    format!("runtime not reachable on {}", self.rt.socket().display())
+                error: match &self.runtime_down {
+                    None => String::new(),
+                    Some(error) => format!("runtime not answering on {}: {error}", self.rt.socket().display()),
                 },
                 pin_error: self.rt.pin_problem().unwrap_or_default(),
+                // The runtime answered CRI `Version` at start-up: whatever went wrong since is
+                // the kind that passes (a restart, a call past its deadline).
+                not_answering: self.runtime_down.is_some(),
             }),
             generation: self.generation,
             images: self

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 pub use kip::process::LogFormat;
 
-use kip::duration::parse_duration;
+use kip::duration::{bounded, CHECK_INTERVAL, HOUR, MINUTE, PULL_TIMEOUT, REFRESH_INTERVAL, SECOND};
 use kip::images::ImageList;
 
 use crate::reconcile::Policy;
@@ -65,24 +65,29 @@ pub struct Cli {
     pub max_parallel_pulls: u16,
 
     /// Time limit of one pull (e.g. 90s, 5m, 1h30m)
-    #[arg(long, env = "KIP_PULL_TIMEOUT", value_name = "DURATION", default_value = "30m", value_parser = parse_duration)]
+    #[arg(long, env = "KIP_PULL_TIMEOUT", value_name = "DURATION", default_value = "30m", value_parser = bounded("KIP_PULL_TIMEOUT", PULL_TIMEOUT.0, PULL_TIMEOUT.1))]
     pub pull_timeout: Duration,
+
+    /// Deadline of every other runtime call (list, status, remove, labels): past it the runtime
+    /// counts as not answering (kip_cri_up 0, /readyz 503, retried with backoff)
+    #[arg(long, env = "KIP_RUNTIME_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = bounded("KIP_RUNTIME_TIMEOUT", SECOND, 10 * MINUTE))]
+    pub runtime_timeout: Duration,
 
     /// How long to wait for a pull lease while the coordinator does not answer before pulling on
     /// this agent's own limits (a coordinator that answers "not yet" is waited for)
-    #[arg(long, env = "KIP_LEASE_TIMEOUT", value_name = "DURATION", default_value = "1m", value_parser = parse_duration)]
+    #[arg(long, env = "KIP_LEASE_TIMEOUT", value_name = "DURATION", default_value = "1m", value_parser = bounded("KIP_LEASE_TIMEOUT", SECOND, HOUR))]
     pub lease_timeout: Duration,
 
     /// How often to verify that the images are still there
-    #[arg(long, env = "KIP_CHECK_INTERVAL", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "KIP_CHECK_INTERVAL", value_name = "DURATION", default_value = "60s", value_parser = bounded("KIP_CHECK_INTERVAL", CHECK_INTERVAL.0, CHECK_INTERVAL.1))]
     pub check_interval: Duration,
 
     /// How often tags are pulled again so a moved tag is noticed [default: CACHING_INTERVAL_HOURS hours, else 1h]
-    #[arg(long, env = "KIP_REFRESH_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, env = "KIP_REFRESH_INTERVAL", value_name = "DURATION", value_parser = bounded("KIP_REFRESH_INTERVAL", REFRESH_INTERVAL.0, REFRESH_INTERVAL.1))]
     pub refresh_interval: Option<Duration>,
 
-    /// KIP's refresh interval in hours, used when --refresh-interval is not given
-    #[arg(long, env = "CACHING_INTERVAL_HOURS", value_name = "HOURS", hide = true, value_parser = clap::value_parser!(u32).range(1..))]
+    /// KIP's refresh interval in hours, used when --refresh-interval is not given (at most 30 days)
+    #[arg(long, env = "CACHING_INTERVAL_HOURS", value_name = "HOURS", hide = true, value_parser = clap::value_parser!(u32).range(1..=i64::from(kip::duration::MAX_CACHING_INTERVAL_HOURS)))]
     pub caching_interval_hours: Option<u32>,
 
     /// CRI-O's main configuration file (read for the admin's own pinned_images)
@@ -193,5 +198,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--max-parallel-pulls"), "{err}");
+    }
+
+    #[test]
+    fn intervals_and_timeouts_are_bounded() {
+        let parse = |flag: &str, value: &str| Cli::try_parse_from(["kip-agent", "--images", "a=busybox", flag, value]);
+        for (flag, var, too_small, too_big) in [
+            ("--check-interval", "KIP_CHECK_INTERVAL", "1ms", "300000000000y"),
+            ("--refresh-interval", "KIP_REFRESH_INTERVAL", "500ms", "31d"),
+            ("--pull-timeout", "KIP_PULL_TIMEOUT", "10ms", "25h"),
+            ("--lease-timeout", "KIP_LEASE_TIMEOUT", "1ms", "2h"),
+            ("--runtime-timeout", "KIP_RUNTIME_TIMEOUT", "1ms", "11m"),
+        ] {
+            for bad in [too_small, too_big] {
+                let err = parse(flag, bad).unwrap_err().to_string();
+                assert!(err.contains(flag) && err.contains(var) && err.contains("out of range"), "{flag} {bad}: {err}");
+            }
+        }
+        assert_eq!(parse("--check-interval", "1d").unwrap().policy().check_interval, Duration::from_secs(86_400));
+        let err = parse("--caching-interval-hours", "100000").unwrap_err().to_string();
+        assert!(err.contains("--caching-interval-hours"), "{err}");
+        assert_eq!(parse("--runtime-timeout", "5s").unwrap().runtime_timeout, Duration::from_secs(5));
     }
 }

@@ -23,8 +23,9 @@ pub const DEFAULT_SOCKETS: [&str; 4] = [
     "/var/run/crio/crio.sock",
 ];
 
-/// How long the start-up `Version` probe may take before the socket counts as not answering.
-const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long any runtime call but a pull may take (`--runtime-timeout`): past it the runtime
+/// counts as not answering (a wedged runtime that accepts connections and never replies).
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CriError {
@@ -32,6 +33,8 @@ pub enum CriError {
     NoSocket { tried: Vec<String> },
     #[error("CRI socket {socket} does not answer Version: {reason}")]
     NotAnswering { socket: PathBuf, reason: String },
+    #[error("CRI socket {socket} is not a CRI runtime: {reason}")]
+    NotCri { socket: PathBuf, reason: String },
     #[error("CRI {op} `{image}` failed: {message}")]
     Call { op: &'static str, image: String, code: tonic::Code, message: String },
     #[error("CRI {op} `{image}` timed out after {}", humantime::format_duration(*.timeout))]
@@ -39,9 +42,23 @@ pub enum CriError {
 }
 
 impl CriError {
-    /// True when the runtime itself could not be reached (as opposed to a per-image failure).
+    /// True for what passes: a socket that exists but does not answer (yet). False for a node
+    /// without a CRI socket, or with something on it that is no CRI runtime.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CriError::NoSocket { .. } | CriError::NotCri { .. } => false,
+            other => other.is_runtime_down(),
+        }
+    }
+
+    /// True when the runtime itself could not be reached or did not answer in time (as opposed
+    /// to a per-image failure; a pull past its own `--pull-timeout` is one).
     pub fn is_runtime_down(&self) -> bool {
-        matches!(self, CriError::NotAnswering { .. } | CriError::Call { code: tonic::Code::Unavailable, .. })
+        match self {
+            CriError::NotAnswering { .. } | CriError::Call { code: tonic::Code::Unavailable, .. } => true,
+            CriError::Timeout { op, .. } => *op != "PullImage",
+            _ => false,
+        }
     }
 }
 
@@ -129,9 +146,23 @@ pub fn repository_of(reference: &str) -> &str {
     }
 }
 
+/// `call` within `timeout`, or a [`CriError::Timeout`] naming the call.
+pub async fn within<T>(
+    timeout: Duration,
+    op: &'static str,
+    image: &str,
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, CriError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(answer) => answer.map_err(|s| call_error(op, image, &s)),
+        Err(_) => Err(CriError::Timeout { op, image: image.to_string(), timeout }),
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct CriClient {
     socket: PathBuf,
+    call_timeout: Duration,
     images: ImageServiceClient<Channel>,
     runtime: RuntimeServiceClient<Channel>,
 }
@@ -141,9 +172,20 @@ impl CriClient {
         let channel = unix_channel(socket);
         Self {
             socket: socket.to_path_buf(),
+            call_timeout: DEFAULT_CALL_TIMEOUT,
             images: ImageServiceClient::new(channel.clone()),
             runtime: RuntimeServiceClient::new(channel),
         }
+    }
+
+    /// The deadline of every call but a pull (the pull has its own).
+    pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
+    pub fn call_timeout(&self) -> Duration {
+        self.call_timeout
     }
 
     pub fn socket(&self) -> &Path {
@@ -154,10 +196,16 @@ impl CriClient {
         let not_answering = |reason: String| CriError::NotAnswering { socket: self.socket.clone(), reason };
         let mut client = self.runtime.clone();
         let call = client.version(VersionRequest { version: "v1".into() });
-        let resp = tokio::time::timeout(VERSION_TIMEOUT, call)
+        let resp = tokio::time::timeout(self.call_timeout, call)
             .await
-            .map_err(|_| not_answering(format!("no answer within {}s", VERSION_TIMEOUT.as_secs())))?
-            .map_err(|s| not_answering(status_reason(&s)))?
+            .map_err(|_| not_answering(format!("no answer within {}", humantime::format_duration(self.call_timeout))))?
+            .map_err(|s| match s.code() {
+                // It answered, and it is not the CRI (or not its v1): that will not change.
+                tonic::Code::Unimplemented => {
+                    CriError::NotCri { socket: self.socket.clone(), reason: status_reason(&s) }
+                }
+                _ => not_answering(status_reason(&s)),
+            })?
             .into_inner();
         Ok(RuntimeInfo { name: resp.runtime_name, version: resp.runtime_version })
     }
@@ -165,15 +213,16 @@ impl CriClient {
     /// `None` when the image is absent (CRI answers with an empty image, not an error).
     pub async fn image_status(&self, image: &str) -> Result<Option<ImageInfo>, CriError> {
         let req = ImageStatusRequest { image: Some(image_spec(image)), verbose: false };
-        let resp =
-            self.images.clone().image_status(req).await.map_err(|s| call_error("ImageStatus", image, &s))?.into_inner();
+        let mut client = self.images.clone();
+        let resp = within(self.call_timeout, "ImageStatus", image, client.image_status(req)).await?.into_inner();
         Ok(resp.image.map(ImageInfo::from))
     }
 
     /// Every image the runtime has (CRI `ListImages`; containerd ignores filters, none is sent).
     pub async fn list_images(&self) -> Result<Vec<ImageInfo>, CriError> {
         let req = ListImagesRequest { filter: None };
-        let resp = self.images.clone().list_images(req).await.map_err(|s| call_error("ListImages", "*", &s))?;
+        let mut client = self.images.clone();
+        let resp = within(self.call_timeout, "ListImages", "*", client.list_images(req)).await?;
         Ok(resp.into_inner().images.into_iter().map(ImageInfo::from).collect())
     }
 
@@ -181,16 +230,13 @@ impl CriClient {
     pub async fn pull(&self, image: &str, auth: Option<AuthConfig>, timeout: Duration) -> Result<String, CriError> {
         let req = PullImageRequest { image: Some(image_spec(image)), auth, sandbox_config: Some(sandbox_config()) };
         let mut client = self.images.clone();
-        let resp = tokio::time::timeout(timeout, client.pull_image(req))
-            .await
-            .map_err(|_| CriError::Timeout { op: "PullImage", image: image.into(), timeout })?
-            .map_err(|s| call_error("PullImage", image, &s))?;
-        Ok(resp.into_inner().image_ref)
+        Ok(within(timeout, "PullImage", image, client.pull_image(req)).await?.into_inner().image_ref)
     }
 
     pub async fn remove(&self, image: &str) -> Result<(), CriError> {
         let req = kip::cri::RemoveImageRequest { image: Some(image_spec(image)) };
-        self.images.clone().remove_image(req).await.map_err(|s| call_error("RemoveImage", image, &s))?;
+        let mut client = self.images.clone();
+        within(self.call_timeout, "RemoveImage", image, client.remove_image(req)).await?;
         Ok(())
     }
 }
@@ -271,6 +317,40 @@ mod tests {
         assert_eq!(repository_of("h:5000/a/b@sha256:abc"), "h:5000/a/b");
         assert_eq!(repository_of("h:5000/a/b"), "h:5000/a/b");
         assert_eq!(repository_of("docker.io/library/busybox:latest"), "docker.io/library/busybox");
+    }
+
+    /// A wedged runtime: the socket accepts connections and never answers a byte.
+    fn wedged_socket(dir: &Path) -> (PathBuf, std::thread::JoinHandle<()>) {
+        let socket = dir.join("wedged.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let held = std::thread::spawn(move || {
+            let mut open = Vec::new();
+            for conn in listener.incoming().take(8) {
+                open.push(conn); // kept open, never read from nor written to
+            }
+            std::thread::sleep(Duration::from_secs(3600));
+        });
+        (socket, held)
+    }
+
+    #[tokio::test]
+    async fn every_call_to_a_runtime_that_never_answers_ends_at_its_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, _held) = wedged_socket(dir.path());
+        let cri = CriClient::new(&socket).with_call_timeout(Duration::from_millis(300));
+        let started = std::time::Instant::now();
+        let e = cri.list_images().await.unwrap_err();
+        assert!(matches!(e, CriError::Timeout { op: "ListImages", .. }) && e.is_runtime_down(), "{e}");
+        assert_eq!(e.to_string(), "CRI ListImages `*` timed out after 300ms");
+        let e = cri.image_status("r/a:1").await.unwrap_err();
+        assert!(e.is_runtime_down() && e.to_string().contains("ImageStatus `r/a:1` timed out"), "{e}");
+        let e = cri.remove("r/a:1").await.unwrap_err();
+        assert!(e.is_runtime_down() && e.to_string().contains("RemoveImage"), "{e}");
+        let e = cri.version().await.unwrap_err();
+        assert!(e.is_runtime_down() && e.to_string().contains("no answer within 300ms"), "{e}");
+        let e = cri.pull("r/a:1", None, Duration::from_millis(300)).await.unwrap_err();
+        assert!(!e.is_runtime_down(), "a pull past its own time limit is that image's failure: {e}");
+        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
     }
 
     #[tokio::test]

@@ -40,16 +40,24 @@ impl ListUpdate {
     /// The agent's own policy with the coordinator's non-zero settings on top.
     pub fn apply_to(&self, base: &Policy) -> Policy {
         let p = &self.policy;
-        let secs = |s: u64, own: Duration| if s > 0 { Duration::from_secs(s) } else { own };
+        // Within the bounds the agent's own flags have: a coordinator (older, or broken) that
+        // sends 0 or centuries must not make the agent busy-loop or overflow an instant.
+        let secs = |s: u64, own: Duration, (min, max): (Duration, Duration)| {
+            if s > 0 {
+                Duration::from_secs(s).clamp(min, max)
+            } else {
+                own
+            }
+        };
         Policy {
             max_parallel_pulls: if p.max_parallel_pulls > 0 {
                 p.max_parallel_pulls as usize
             } else {
                 base.max_parallel_pulls
             },
-            refresh_interval: secs(p.refresh_interval_seconds, base.refresh_interval),
-            check_interval: secs(p.check_interval_seconds, base.check_interval),
-            pull_timeout: secs(p.pull_timeout_seconds, base.pull_timeout),
+            refresh_interval: secs(p.refresh_interval_seconds, base.refresh_interval, kip::duration::REFRESH_INTERVAL),
+            check_interval: secs(p.check_interval_seconds, base.check_interval, kip::duration::CHECK_INTERVAL),
+            pull_timeout: secs(p.pull_timeout_seconds, base.pull_timeout, kip::duration::PULL_TIMEOUT),
             ..base.clone()
         }
     }

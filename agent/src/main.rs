@@ -113,7 +113,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(rt) => break rt,
             Err(e) => {
                 let (Some((node, tx)), Some(rx)) = (&reports, list_rx.as_mut()) else { return Err(e) };
-                tracing::warn!(error = %e, "no usable runtime; reporting it and retrying in 30s");
+                let transient = e.downcast_ref::<kip_agent::cri::CriError>().is_some_and(|e| e.is_transient());
+                tracing::warn!(error = %e, transient, "no usable runtime; reporting it and retrying in 30s");
                 ready.set(Some(format!("{e}")));
                 // Without a runtime kip pinned nothing here: a release only takes the state file.
                 let releasing = rx.borrow_and_update().as_ref().is_some_and(|u| u.release != kip::v1::Release::None);
@@ -122,7 +123,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     node_name: node.clone(),
                     runtime: Some(kip::v1::RuntimeState {
                         available: false,
-                        error: e.to_string(),
+                        error: format!("{e:#}"),
+                        not_answering: transient,
                         ..Default::default()
                     }),
                     agent_version: env!("CARGO_PKG_VERSION").into(),
@@ -167,7 +169,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 async fn connect_runtime(cli: &Cli) -> anyhow::Result<NodeRuntime> {
     let socket = kip_agent::cri::find_socket(cli.cri_socket.as_deref(), &cli.host_prefix)?;
-    let rt = NodeRuntime::connect(&socket, &cli.crio_paths()).await?;
+    let rt = NodeRuntime::connect(&socket, &cli.crio_paths(), cli.runtime_timeout).await?;
     tracing::info!(socket = %socket.display(), runtime = %rt.info().name, version = %rt.info().version, "connected to the runtime");
     if let Some(problem) = rt.pin_problem() {
         tracing::warn!(runtime = %rt.info().name, problem, "images are kept by pulling them again when they disappear");

@@ -205,7 +205,7 @@ impl ImageState {
         self.last_error = Some(error);
         let backoff = self.backoff.get_or_insert_with(|| retry_backoff(policy.retry_min, policy.retry_max));
         let delay = backoff.next().unwrap_or(policy.retry_max);
-        self.next_attempt = Some(now + delay);
+        self.next_attempt = Some(kip::duration::after(now, delay));
         delay
     }
 
@@ -241,7 +241,7 @@ impl ImageState {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         };
-        last.map(|t| t + policy.refresh_interval)
+        last.map(|t| kip::duration::after(t, policy.refresh_interval))
     }
 }
 

@@ -198,9 +198,15 @@ pub fn validate(raw: &RawConfig) -> Result<KipConfig, ConfigError> {
 
     let interval = get("CACHING_INTERVAL_HOURS", DEFAULT_CACHING_INTERVAL_HOURS);
     let caching_interval_hours = match interval.parse::<u32>() {
-        Ok(h) if h > 0 => Some(h),
+        Ok(h) if (1..=kip::duration::MAX_CACHING_INTERVAL_HOURS).contains(&h) => Some(h),
         _ => {
-            err("CACHING_INTERVAL_HOURS", format!("`{interval}` is not a positive whole number of hours"));
+            err(
+                "CACHING_INTERVAL_HOURS",
+                format!(
+                    "`{interval}` is not a whole number of hours from 1 to {}",
+                    kip::duration::MAX_CACHING_INTERVAL_HOURS
+                ),
+            );
             None
         }
     };
@@ -292,17 +298,19 @@ pub fn validate(raw: &RawConfig) -> Result<KipConfig, ConfigError> {
             }
         },
     };
-    let mut duration = |var: &'static str| match raw.get(var).map(|v| v.trim()).filter(|v| !v.is_empty()) {
+    // Bounded: every agent adds these to instants (an overflow would panic) and loops on them
+    // (a refresh interval is a HEAD per tag; 1ms would hammer the runtime and the registry).
+    let mut duration = |var: &'static str, (min, max): (Duration, Duration)| match raw
+        .get(var)
+        .map(|v| v.trim())
+        .filter(|v| !v.is_empty())
+    {
         None => None,
-        Some(v) => kip::duration::parse_duration(v).map_err(|r| err(var, r)).ok(),
+        Some(v) => kip::duration::parse_within(v, min, max).map_err(|r| err(var, r)).ok(),
     };
-    let check_interval = duration("KIP_CHECK_INTERVAL");
-    let pull_timeout = duration("KIP_PULL_TIMEOUT");
-    let refresh_interval = duration("KIP_REFRESH_INTERVAL");
-    // Every interval is a HEAD per tag: faster than a second would hammer the registry.
-    if let Some(d) = refresh_interval.filter(|d| *d < Duration::from_secs(1)) {
-        err("KIP_REFRESH_INTERVAL", format!("{d:?} is shorter than the minimum of 1s"));
-    }
+    let check_interval = duration("KIP_CHECK_INTERVAL", kip::duration::CHECK_INTERVAL);
+    let pull_timeout = duration("KIP_PULL_TIMEOUT", kip::duration::PULL_TIMEOUT);
+    let refresh_interval = duration("KIP_REFRESH_INTERVAL", kip::duration::REFRESH_INTERVAL);
     let max_nodes_pulling = get("KIP_MAX_NODES_PULLING", crate::lease::DEFAULT_BUDGET)
         .parse::<crate::lease::Budget>()
         .map_err(|r| err("KIP_MAX_NODES_PULLING", r))
@@ -455,6 +463,30 @@ mod tests {
             errors(&[("IMAGES", "a=busybox;a=nginx")]),
             vec!["IMAGES: entry 2 `a=nginx`: the name `a` is used more than once"]
         );
+        // Issue 20 item 10: `;` used to validate as an empty list (every agent unpins
+        // everything, every gate opens); an empty list must be said with `none`.
+        for empty in [";", " ; ;\n"] {
+            let e = errors(&[("IMAGES", empty)]);
+            assert_eq!(e.len(), 1, "{e:?}");
+            assert!(e[0].starts_with("IMAGES: holds no entry") && e[0].contains("`none`"), "{e:?}");
+        }
+        let none = validate(&raw(&[("IMAGES", "none")])).unwrap();
+        assert!(none.images.is_empty());
+    }
+
+    #[test]
+    fn the_intervals_published_to_agents_are_bounded() {
+        for (var, bad) in [
+            ("KIP_CHECK_INTERVAL", "1ms"),
+            ("KIP_CHECK_INTERVAL", "300000000000y"),
+            ("KIP_PULL_TIMEOUT", "25h"),
+            ("KIP_REFRESH_INTERVAL", "31d"),
+        ] {
+            let e = errors(&[(var, bad)]);
+            assert_eq!(e.len(), 1, "{var}={bad}: {e:?}");
+            assert!(e[0].starts_with(&format!("{var}: ")), "{e:?}");
+        }
+        assert!(errors(&[("CACHING_INTERVAL_HOURS", "100000")])[0].contains("from 1 to 720"));
     }
 
     #[test]
@@ -462,7 +494,7 @@ mod tests {
         for bad in ["0", "-1", "1.5", "one"] {
             assert_eq!(
                 errors(&[("CACHING_INTERVAL_HOURS", bad)]),
-                vec![format!("CACHING_INTERVAL_HOURS: `{bad}` is not a positive whole number of hours")]
+                vec![format!("CACHING_INTERVAL_HOURS: `{bad}` is not a whole number of hours from 1 to 720")]
             );
         }
         assert!(errors(&[("CACHING_INTERVAL_HOURS", " 12\n")]).is_empty());
@@ -582,7 +614,7 @@ mod tests {
         assert_eq!(
             errors(&[("KIP_REFRESH_INTERVAL", "500ms"), ("KIP_MAX_NODES_PULLING", "0")]),
             vec![
-                "KIP_REFRESH_INTERVAL: 500ms is shorter than the minimum of 1s".to_string(),
+                "KIP_REFRESH_INTERVAL: `500ms` is out of range: between 1s and 30days".to_string(),
                 "KIP_MAX_NODES_PULLING: `0`: at least one node must be allowed to pull (100% lifts the limit)"
                     .to_string()
             ]

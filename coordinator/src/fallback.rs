@@ -30,8 +30,9 @@ pub const FIELD_MANAGER: &str = "kip";
 /// The desired `kip.eclipse.dev/agent` value of every known node in auto mode (`None`: no
 /// label). Labels change only on evidence:
 /// - `cri` where the agent reported a working runtime and is connected, or was within `grace`;
-/// - `none` (the fallback runs there) at once where the agent reported no usable runtime, and
-///   where an agent went silent for longer than `grace`;
+/// - `none` (the fallback runs there) at once where the agent reported no CRI socket or no CRI
+///   runtime on it, after `grace` where it reported its runtime not answering, and where an
+///   agent went silent for longer than `grace`;
 /// - a node not heard from keeps what it has until `grace` after this process started (agents
 ///   reconnect to a restarted coordinator) and after the node was created (its agent starts
 ///   with it); only then does it get `none`. So a fresh install schedules no fallback pod on a
@@ -50,6 +51,12 @@ pub fn desired_labels(
             let heard = liveness.iter().find(|l| l.node == n.name && l.reported);
             let want = match heard {
                 Some(l) if l.runtime_available && (l.connected || within(l.since)) => Some(AGENT_LABEL_VALUE),
+                // A runtime that is there but not answering (a restart, one slow call) keeps the
+                // node's agent label for the grace: the fallback would pull outside the budget
+                // and pin nothing, only to be deleted seconds later.
+                Some(l) if l.not_answering_since.is_some_and(within) && (l.connected || within(l.since)) => {
+                    Some(AGENT_LABEL_VALUE)
+                }
                 Some(_) => Some(NO_AGENT_LABEL_VALUE),
                 None if within(n.created.map_or(started, |c| c.max(started))) => match n.label.as_deref() {
                     Some(AGENT_LABEL_VALUE) => Some(AGENT_LABEL_VALUE),
@@ -605,6 +612,7 @@ mod tests {
             node: node.into(),
             reported: true,
             runtime_available: runtime,
+            not_answering_since: None,
             connected,
             since: now - Duration::from_secs(since_secs_ago),
         }
@@ -649,6 +657,26 @@ mod tests {
         // An agent reporting about a node the watch does not show (deleted, misnamed): nothing.
         let l = vec![live("ghost", true, true, 0, now)];
         assert!(desired_labels(&l, &[], long_ago, now, grace).is_empty());
+    }
+
+    /// Issue 20 item 6: one runtime call past its deadline used to flip the node to the
+    /// fallback at once; a runtime that is there but not answering now gets the label grace.
+    #[test]
+    fn a_runtime_not_answering_keeps_the_agent_label_for_the_grace_and_a_missing_one_does_not() {
+        let now = SystemTime::now();
+        let grace = Duration::from_secs(300);
+        let long_ago = now - grace * 10;
+        let slow = |name: &str, secs_ago: u64| Liveness {
+            not_answering_since: Some(now - Duration::from_secs(secs_ago)),
+            ..live(name, false, true, 10_000, now)
+        };
+        let l = vec![slow("slow-just-now", 5), slow("slow-for-long", 301), live("no-socket", false, true, 10_000, now)];
+        let nodes: Vec<NodeFacts> =
+            ["slow-just-now", "slow-for-long", "no-socket"].iter().map(|n| node(n, CRI, long_ago)).collect();
+        assert_eq!(
+            desired_labels(&l, &nodes, long_ago, now, grace),
+            want(&[("no-socket", NONE), ("slow-for-long", NONE), ("slow-just-now", CRI)])
+        );
     }
 
     #[test]

@@ -63,6 +63,13 @@ impl Published {
 pub struct NodeEntry {
     pub report: v1::NodeReport,
     pub received_at: SystemTime,
+    /// Since when its reports say the runtime is there but not answering (`None`: not so).
+    pub not_answering_since: Option<SystemTime>,
+}
+
+/// The runtime is there but not answering (transient), as opposed to absent or no CRI.
+fn not_answering(r: &v1::NodeReport) -> bool {
+    r.runtime.as_ref().is_some_and(|rt| !rt.available && rt.not_answering)
 }
 
 /// Whether a node's agent is connected, and since when (for the label grace period).
@@ -72,6 +79,8 @@ pub struct Liveness {
     /// The node's agent has reported to this process (its runtime state is evidence).
     pub reported: bool,
     pub runtime_available: bool,
+    /// Since when its runtime is reported there but not answering (the label grace applies).
+    pub not_answering_since: Option<SystemTime>,
     pub connected: bool,
     /// When `connected` last changed.
     pub since: SystemTime,
@@ -245,7 +254,7 @@ impl Hub {
                 );
                 *r = Some(ReleaseTracking {
                     started: now,
-                    deadline: now + self.release_timeout,
+                    deadline: now.checked_add(self.release_timeout).unwrap_or(now),
                     expected: BTreeSet::new(),
                     cluster: if self.api_attached.load(std::sync::atomic::Ordering::SeqCst) {
                         ClusterCleanup::WaitingForAgents
@@ -350,6 +359,7 @@ impl Hub {
                     runtime_available: nodes
                         .get(n)
                         .is_some_and(|e| e.report.runtime.as_ref().is_some_and(|r| r.available)),
+                    not_answering_since: nodes.get(n).and_then(|e| e.not_answering_since),
                     connected: conn.is_some_and(|c| c.open_streams > 0),
                     since: conn.map_or(SystemTime::UNIX_EPOCH, |c| c.since),
                 }
@@ -514,7 +524,10 @@ impl Hub {
             }
             let unavailable = |r: Option<&v1::NodeReport>| r.is_some_and(|r| !runtime_available(r)) as i64;
             m.nodes_runtime_unavailable.inc_by(unavailable(Some(&report)) - unavailable(previous));
-            nodes.insert(node.clone(), NodeEntry { report, received_at: SystemTime::now() });
+            let now = SystemTime::now();
+            let not_answering_since =
+                not_answering(&report).then(|| nodes.get(&node).and_then(|e| e.not_answering_since).unwrap_or(now));
+            nodes.insert(node.clone(), NodeEntry { report, received_at: now, not_answering_since });
             m.nodes_reporting.set(nodes.len() as i64);
             old
         };
@@ -791,6 +804,26 @@ mod tests {
         assert_eq!(hub.publish(config("a=busybox;b=nginx")), Some(3));
         assert_eq!(hub.current().config.release, v1::Release::Unpin);
         assert!(hub.current().to_update().images.is_empty());
+    }
+
+    #[test]
+    fn a_runtime_not_answering_is_dated_from_its_first_report_and_forgotten_when_it_answers() {
+        let hub = Hub::new(with_release("a=busybox", ""), Arc::new(Metrics::new()));
+        hub.node_stream("n1", true);
+        let mut slow = report("n1", &[]);
+        slow.runtime = Some(v1::RuntimeState { available: false, not_answering: true, ..Default::default() });
+        hub.record_report(slow.clone());
+        let first = hub.liveness()[0].not_answering_since.expect("dated");
+        std::thread::sleep(Duration::from_millis(5));
+        slow.generation = 2;
+        hub.record_report(slow);
+        assert_eq!(hub.liveness()[0].not_answering_since, Some(first), "from the first such report, not the last");
+        hub.record_report(report("n1", &[]));
+        assert_eq!(hub.liveness()[0].not_answering_since, None);
+        let mut absent = report("n1", &[]);
+        absent.runtime = Some(v1::RuntimeState { available: false, not_answering: false, ..Default::default() });
+        hub.record_report(absent);
+        assert_eq!(hub.liveness()[0].not_answering_since, None, "no socket is not the passing kind");
     }
 
     #[test]

@@ -122,7 +122,7 @@ impl Leases {
     /// `node` asks for a lease with `slots` nodes allowed to pull at once.
     pub fn ask(&mut self, node: &str, now: Instant, slots: usize) -> Answer {
         self.expire(now);
-        let until = now + self.ttl;
+        let until = kip::duration::after(now, self.ttl);
         if let Some(held) = self.held.get_mut(node) {
             *held = until;
             return Answer::Granted { until, waited: None };
@@ -211,7 +211,7 @@ impl LeaseDesk {
     /// Asks for (or renews) `node`'s lease; `slots` is read again at every try, since the
     /// budget follows the configuration and the connected nodes.
     pub async fn acquire(&self, node: &str, slots: impl Fn() -> usize, metrics: &Metrics) -> Reply {
-        let deadline = Instant::now() + self.wait;
+        let deadline = kip::duration::after(Instant::now(), self.wait);
         // A call that goes away while waiting (the agent stopped wanting, or died) must not keep
         // its place at the head of the queue: the next caller would wait for nothing.
         let mut gone = LeaveOnDrop { desk: self, node, armed: true };

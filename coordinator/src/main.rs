@@ -43,11 +43,11 @@ struct Cli {
     listen: SocketAddr,
 
     /// How often the config directory is re-read even without a change event
-    #[arg(long, env = "KIP_CONFIG_RESYNC", value_name = "DURATION", default_value = "30s", value_parser = kip::duration::parse_duration)]
+    #[arg(long, env = "KIP_CONFIG_RESYNC", value_name = "DURATION", default_value = "30s", value_parser = kip::duration::bounded("KIP_CONFIG_RESYNC", kip::duration::SECOND, kip::duration::DAY))]
     config_resync: Duration,
 
     /// How long a node keeps the agent label after its agent stopped reporting (auto mode)
-    #[arg(long, env = "KIP_NODE_LABEL_GRACE", value_name = "DURATION", default_value = "5m", value_parser = kip::duration::parse_duration)]
+    #[arg(long, env = "KIP_NODE_LABEL_GRACE", value_name = "DURATION", default_value = "5m", value_parser = kip::duration::bounded("KIP_NODE_LABEL_GRACE", kip::duration::SECOND, kip::duration::DAY))]
     node_label_grace: Duration,
 
     /// The coordinator's own Deployment: owner of the fallback DaemonSet and subject of Events
@@ -65,7 +65,7 @@ struct Cli {
     config_map: Option<String>,
 
     /// How long a release (KIP_RELEASE) waits for agents to confirm before node labels go anyway
-    #[arg(long, env = "KIP_RELEASE_TIMEOUT", value_name = "DURATION", default_value = "2m", value_parser = kip::duration::parse_duration)]
+    #[arg(long, env = "KIP_RELEASE_TIMEOUT", value_name = "DURATION", default_value = "2m", value_parser = kip::duration::bounded("KIP_RELEASE_TIMEOUT", kip::duration::SECOND, kip::duration::DAY))]
     release_timeout: Duration,
 
     /// The startup gate: kip removes this taint from a node once its images are cached there (the
@@ -74,7 +74,7 @@ struct Cli {
     gate_taint: kip_coordinator::gate::GateSetting,
 
     /// How long after its creation a gated node goes into service even unverified
-    #[arg(long, env = "KIP_GATE_TIMEOUT", value_name = "DURATION", default_value = "15m", value_parser = kip::duration::parse_duration)]
+    #[arg(long, env = "KIP_GATE_TIMEOUT", value_name = "DURATION", default_value = "15m", value_parser = kip::duration::bounded("KIP_GATE_TIMEOUT", kip::duration::SECOND, 7 * kip::duration::DAY))]
     gate_timeout: Duration,
 
     /// How agents are authenticated: `tokenreview` verifies each call's ServiceAccount token with
@@ -125,7 +125,7 @@ enum Command {
         #[arg(long, env = "KIP_STATUS_URL", value_name = "URL", default_value = "http://127.0.0.1:8080/status")]
         status_url: String,
         /// Give up after this long (the uninstall goes on)
-        #[arg(long, value_name = "DURATION", default_value = "3m", value_parser = kip::duration::parse_duration)]
+        #[arg(long, value_name = "DURATION", default_value = "3m", value_parser = kip::duration::bounded("--timeout", kip::duration::SECOND, kip::duration::DAY))]
         timeout: Duration,
         /// Exit 1 when anything was left behind
         #[arg(long)]

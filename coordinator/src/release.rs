@@ -39,7 +39,7 @@ impl Outcome {
 /// Polls `status_url` every `every` until the release is done or `timeout` passes. Never fails:
 /// a coordinator that cannot be reached or never finishes gives an outcome that says so.
 pub async fn wait(status_url: &str, timeout: Duration, every: Duration) -> Outcome {
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = kip::duration::after(tokio::time::Instant::now(), timeout);
     let mut last_error = String::from("no answer yet");
     let mut last: Option<Outcome> = None;
     loop {
@@ -60,7 +60,7 @@ pub async fn wait(status_url: &str, timeout: Duration, every: Duration) -> Outco
             Ok((status, _)) => last_error = format!("GET {status_url}: HTTP {status}"),
             Err(e) => last_error = e,
         }
-        if tokio::time::Instant::now() + every > deadline {
+        if kip::duration::after(tokio::time::Instant::now(), every) > deadline {
             let mut o = last.unwrap_or_default();
             o.done = false;
             o.incomplete = o.pending.iter().map(|p| format!("node {p}: did not confirm")).collect();

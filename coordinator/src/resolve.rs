@@ -211,7 +211,7 @@ impl Resolver {
                 hub.set_resolution(answers);
             }
             let asked: BTreeSet<&str> = entries.iter().map(|e| e.reference.as_str()).collect();
-            let next_round = Instant::now() + interval;
+            let next_round = kip::duration::after(Instant::now(), interval);
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,

@@ -28,6 +28,8 @@ pub struct ImageList {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ImageListError {
+    #[error("IMAGES holds no entry (`{raw}`): list images as `name=image;name=image;`, or set IMAGES to `{NO_IMAGES}` to cache none")]
+    NoEntries { raw: String },
     #[error("IMAGES entry {index} `{entry}`: expected `name=image`")]
     MissingEquals { index: usize, entry: String },
     #[error("IMAGES entry {index} `{entry}`: the name is empty")]
@@ -42,9 +44,17 @@ pub enum ImageListError {
     InvalidName { index: usize, entry: String, name: String },
 }
 
+/// The one way to say "no images": a value without entries (`;`, blanks) is far more likely a
+/// mistake, and an empty list makes every agent unpin everything and every gate open.
+pub const NO_IMAGES: &str = "none";
+
 impl ImageList {
-    /// Parses KIP's `name=image;name=image;` syntax.
+    /// Parses KIP's `name=image;name=image;` syntax. At least one entry, unless the value is
+    /// exactly [`NO_IMAGES`].
     pub fn parse(raw: &str) -> Result<Self, ImageListError> {
+        if raw.trim() == NO_IMAGES {
+            return Ok(Self::default());
+        }
         let mut list = Self::default();
         let raw_entries = raw.split(';').map(str::trim).filter(|e| !e.is_empty());
         for (i, entry) in raw_entries.enumerate() {
@@ -53,6 +63,9 @@ impl ImageList {
                 .split_once('=')
                 .ok_or_else(|| ImageListError::MissingEquals { index, entry: entry.to_string() })?;
             list.push(index, entry, name.trim(), image.trim())?;
+        }
+        if list.is_empty() {
+            return Err(ImageListError::NoEntries { raw: raw.trim().to_string() });
         }
         Ok(list)
     }
@@ -157,9 +170,18 @@ mod tests {
     }
 
     #[test]
-    fn empty_list_is_valid() {
-        assert!(ImageList::parse("").unwrap().is_empty());
-        assert!(ImageList::parse(" ; ;").unwrap().is_empty());
+    fn an_empty_list_must_be_said_with_none() {
+        assert!(ImageList::parse("none").unwrap().is_empty());
+        assert!(ImageList::parse(" none\n").unwrap().is_empty());
+        for raw in ["", ";", " ; ;", "\n"] {
+            let e = ImageList::parse(raw).unwrap_err().to_string();
+            assert!(e.starts_with("IMAGES holds no entry") && e.contains("`none`"), "{raw:?}: {e}");
+        }
+        assert_eq!(
+            ImageList::parse("none;a=busybox").unwrap_err().to_string(),
+            "IMAGES entry 1 `none`: expected `name=image`",
+            "`none` is not an entry"
+        );
     }
 
     #[test]
@@ -226,13 +248,14 @@ mod tests {
         #[test]
         fn never_panics_and_a_refusal_names_its_entry(raw in "[a-z0-9=;:/@. \n-]{0,80}|\\PC{0,80}") {
             if let Err(e) = ImageList::parse(&raw) {
-                proptest::prop_assert!(e.to_string().starts_with("IMAGES entry "), "{e}");
+                let named = e.to_string().starts_with("IMAGES entry ") || matches!(e, ImageListError::NoEntries { .. });
+                proptest::prop_assert!(named, "{e}");
             }
         }
 
         #[test]
         fn a_parsed_list_written_out_parses_to_itself(
-            entries in proptest::collection::btree_map("[a-z][a-z0-9-]{0,8}[a-z0-9]", "([a-z0-9]{1,6}\\.[a-z]{2,3}(:[0-9]{2,4})?/)?[a-z0-9]{1,6}(/[a-z0-9]{1,6})?(:[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,8})?", 0..6),
+            entries in proptest::collection::btree_map("[a-z][a-z0-9-]{0,8}[a-z0-9]", "([a-z0-9]{1,6}\\.[a-z]{2,3}(:[0-9]{2,4})?/)?[a-z0-9]{1,6}(/[a-z0-9]{1,6})?(:[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,8})?", 1..6),
         ) {
             let raw: String = entries.iter().map(|(n, i)| format!("{n}={i};")).collect();
             let list = ImageList::parse(&raw).map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;

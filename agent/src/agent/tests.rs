@@ -222,7 +222,7 @@ async fn the_runtime_going_away_is_reported_and_survived() {
     node.rt.delete(A); // it comes back empty, as after a reinstall
     sleep(CHECK).await;
     assert_eq!(node.metrics.cri_up.get(), 0);
-    assert!(node.ready.get().is_some_and(|r| r.starts_with("runtime not reachable")), "{:?}", node.ready.get());
+    assert!(node.ready.get().is_some_and(|r| r.starts_with("runtime not answering")), "{:?}", node.ready.get());
     assert!(!node.reports.borrow().runtime.clone().unwrap().available);
     node.rt.state().down = false;
     sleep(Duration::from_secs(60)).await; // retried within the backoff's cap (30 s)
@@ -353,4 +353,59 @@ async fn a_release_stops_pulls_in_flight_and_a_failed_release_is_reported_and_re
     assert_eq!(node.rt.pin_of(A), Some(Pin::Kip));
     assert!(!node.reports.borrow().released);
     node.stop().await;
+}
+
+/// A wedged runtime (the socket accepts connections and never answers a byte), in real time:
+/// the check's ListImages ends at the runtime deadline, and the node says "not answering"
+/// (`kip_cri_up` 0, not ready, reported as transient) instead of hanging ready forever.
+#[tokio::test]
+async fn a_runtime_that_never_answers_makes_the_agent_not_ready_and_is_reported_as_not_answering() {
+    use crate::cri::{CriClient, RuntimeInfo};
+    use crate::runtime::CriOnly;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("wedged.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            open.push(conn); // kept open, never read from nor written to
+        }
+    });
+    let cri = CriClient::new(&socket).with_call_timeout(Duration::from_millis(200));
+    let rt = CriOnly::new(cri, RuntimeInfo { name: "wedged".into(), version: "1.0.0".into() });
+    let metrics = Arc::new(Metrics::new());
+    metrics.cri_up.set(1);
+    let ready = Readiness::starting();
+    ready.set(None);
+    let (_lists, rx) = watch::channel(Some(update(1, &[("a", A)], v1::Release::None)));
+    let (report_tx, mut reports) = watch::channel(v1::NodeReport::default());
+    let mut agent = Agent::new(rt, ListSource::Coordinator(rx), policy(), metrics.clone(), ready.clone());
+    agent.reports = Some(("node-1".into(), report_tx));
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(agent.run(shutdown.clone()));
+
+    let report = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            reports.changed().await.unwrap();
+            let r = reports.borrow_and_update().clone();
+            if r.runtime.as_ref().is_some_and(|rt| !rt.available) {
+                return r;
+            }
+        }
+    })
+    .await
+    .expect("a wedged runtime is reported within the deadline, not waited on forever");
+    let runtime = report.runtime.unwrap();
+    assert!(runtime.not_answering, "a runtime that does not answer is the transient kind: {runtime:?}");
+    assert!(runtime.error.contains("timed out after 200ms"), "{}", runtime.error);
+    assert_eq!(metrics.cri_up.get(), 0);
+    let reason = ready.get().unwrap_or_default();
+    assert!(reason.starts_with("runtime not answering on ") && reason.contains("wedged.sock"), "{reason}");
+    tokio::time::timeout(Duration::from_secs(5), async {
+        shutdown.cancel();
+        task.await.unwrap();
+    })
+    .await
+    .expect("the agent stops while the runtime stays wedged");
+    held.abort();
 }

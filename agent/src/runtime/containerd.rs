@@ -112,18 +112,37 @@ pub struct Containerd {
     base: CriOnly,
     images: ImagesClient<Channel>,
     reports_pins: bool,
+    /// The CRI client's deadline, for the native calls too.
+    call_timeout: Duration,
+}
+
+/// `call` within `timeout`; an elapsed one is `DeadlineExceeded`, which counts as containerd
+/// not answering.
+async fn within<T>(
+    timeout: Duration,
+    op: &'static str,
+    name: &str,
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> Result<Result<T, tonic::Status>, LabelError> {
+    tokio::time::timeout(timeout, call).await.map_err(|_| LabelError {
+        op,
+        name: name.to_string(),
+        code: tonic::Code::DeadlineExceeded,
+        message: format!("no answer within {}", humantime::format_duration(timeout)),
+    })
 }
 
 impl Containerd {
     pub fn new(cri: CriClient, info: RuntimeInfo) -> Self {
         let images = ImagesClient::new(unix_channel(cri.socket()));
         let reports_pins = reports_pins(&info.version);
-        Self { base: CriOnly::new(cri, info), images, reports_pins }
+        let call_timeout = cri.call_timeout();
+        Self { base: CriOnly::new(cri, info), images, reports_pins, call_timeout }
     }
 
     async fn get(&self, name: &str) -> Result<Option<Image>, LabelError> {
         let req = with_namespace(GetImageRequest { name: name.to_string() });
-        match self.images.clone().get(req).await {
+        match within(self.call_timeout, "Get", name, self.images.clone().get(req)).await? {
             Ok(resp) => Ok(resp.into_inner().image),
             Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
             Err(s) => Err(label_error("Get", name, &s)),
@@ -141,7 +160,7 @@ impl Containerd {
                 message: "refused to send a record without its target".into(),
             });
         }
-        match self.images.clone().update(with_namespace(req)).await {
+        match within(self.call_timeout, "Update", &name, self.images.clone().update(with_namespace(req))).await? {
             Ok(_) => Ok(()),
             // Removed between Get and Update (kubelet GC): nothing left to label.
             Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
@@ -152,7 +171,8 @@ impl Containerd {
     /// Every image record of the CRI's namespace, labels included.
     async fn list(&self) -> Result<Vec<Image>, LabelError> {
         let req = with_namespace(ListImagesRequest { filters: vec![] });
-        Ok(self.images.clone().list(req).await.map_err(|s| label_error("List", "*", &s))?.into_inner().images)
+        let listed = within(self.call_timeout, "List", "*", self.images.clone().list(req)).await?;
+        Ok(listed.map_err(|s| label_error("List", "*", &s))?.into_inner().images)
     }
 
     /// Pins every unpinned record in `names` as kip's; returns how many changed.

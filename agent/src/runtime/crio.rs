@@ -387,7 +387,7 @@ impl Runtime for Crio {
         if image.pinned {
             return Ok(true);
         }
-        let deadline = self.lock().reloaded_at.map(|t| t + CONFIRM_WINDOW);
+        let deadline = self.lock().reloaded_at.map(|t| kip::duration::after(t, CONFIRM_WINDOW));
         loop {
             if self.base.status(reference).await?.is_some_and(|i| i.pinned) {
                 self.lock().unconfirmed.remove(reference);

@@ -32,7 +32,7 @@ impl RuntimeError {
     pub fn is_runtime_down(&self) -> bool {
         match self {
             RuntimeError::Cri(e) => e.is_runtime_down(),
-            RuntimeError::Containerd(e) => e.code == tonic::Code::Unavailable,
+            RuntimeError::Containerd(e) => matches!(e.code, tonic::Code::Unavailable | tonic::Code::DeadlineExceeded),
             RuntimeError::Crio(_) => false,
         }
     }
@@ -181,8 +181,8 @@ pub struct CrioPaths {
 
 impl NodeRuntime {
     /// Asks the socket who it is (CRI `Version`) and picks the backend.
-    pub async fn connect(socket: &Path, crio: &CrioPaths) -> Result<Self, CriError> {
-        let cri = CriClient::new(socket);
+    pub async fn connect(socket: &Path, crio: &CrioPaths, call_timeout: Duration) -> Result<Self, CriError> {
+        let cri = CriClient::new(socket).with_call_timeout(call_timeout);
         let info = cri.version().await?;
         Ok(match info.name.as_str() {
             "containerd" => NodeRuntime::Containerd(containerd::Containerd::new(cri, info)),
