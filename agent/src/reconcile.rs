@@ -125,9 +125,12 @@ pub struct ImageState {
     pub next_attempt: Option<Instant>,
     pub last_error: Option<String>,
     pub consecutive_failures: u32,
-    /// The published digest when the last pull started: a node that pulled for it and still
-    /// has another (the tag moved again, a mirror serves older content) does not pull for it again.
+    /// The published digest the last successful pull was for: a node that pulled for it and
+    /// still has another (the tag moved again, a mirror serves older content) does not pull for
+    /// it again. A failed pull counts for nothing, so it is retried with the backoff.
     pub pulled_for: Option<String>,
+    /// The published digest of the pull in flight, `pulled_for` once it succeeds.
+    pulling_for: Option<String>,
     /// When a check last found the published digest on the node: the tag is current then, so
     /// the refresh clock starts again (an image the coordinator stops resolving is refreshed an
     /// interval after that, not all nodes at once).
@@ -146,6 +149,7 @@ impl Default for ImageState {
             last_error: None,
             consecutive_failures: 0,
             pulled_for: None,
+            pulling_for: None,
             confirmed: None,
             backoff: None,
         }
@@ -165,7 +169,7 @@ impl ImageState {
 
     pub fn pull_started(&mut self, published: Option<&str>) {
         self.in_flight = true;
-        self.pulled_for = published.map(str::to_string);
+        self.pulling_for = published.map(str::to_string);
     }
 
     /// Notes that the node has `published` (the coordinator's digest for the tag) as of `now`.
@@ -190,6 +194,7 @@ impl ImageState {
 
     pub fn pull_succeeded(&mut self, now: Instant, obs: Observation) {
         self.in_flight = false;
+        self.pulled_for = self.pulling_for.take();
         self.last_pulled = Some(now);
         self.next_attempt = None;
         self.last_error = None;
@@ -201,6 +206,7 @@ impl ImageState {
     /// Schedules the next attempt after a jittered, growing delay; returns that delay.
     pub fn pull_failed(&mut self, now: Instant, error: String, policy: &Policy) -> Duration {
         self.in_flight = false;
+        self.pulling_for = None;
         self.consecutive_failures += 1;
         self.last_error = Some(error);
         let backoff = self.backoff.get_or_insert_with(|| retry_backoff(policy.retry_min, policy.retry_max));
@@ -317,6 +323,9 @@ pub fn next_wake(list: &ImageList, digests: &Digests, states: &States, policy: &
             if e.by_digest || s.has(published) {
                 return None;
             }
+            if published.is_some_and(|d| s.pulled_for.as_deref() != Some(d)) {
+                return s.next_attempt; // a moved tag waits for its retry only (none: due now)
+            }
             let refresh = s.refresh_at(policy)?;
             Some(s.next_attempt.map_or(refresh, |retry| retry.max(refresh)))
         })
@@ -401,6 +410,29 @@ mod tests {
         );
         // The node reports its own digest while it lacks the published one.
         assert_eq!(states["docker.io/r/t:1"].reported_digest(Some(D2)), Some(D1));
+    }
+
+    #[test]
+    fn a_moved_tag_whose_pull_failed_is_retried_with_the_backoff() {
+        let (l, mut states, t0, p) = one_tag();
+        states.get_mut("docker.io/r/t:1").unwrap().observe(with_digest(D1));
+        let moved = published("docker.io/r/t:1", D2);
+        let s = states.get_mut("docker.io/r/t:1").unwrap();
+        s.pull_started(Some(D2));
+        let delay = s.pull_failed(t0, "registry unavailable".into(), &p);
+        assert!(plan(&l, &moved, &states, t0, &p).is_empty(), "not before the retry delay");
+        assert_eq!(next_wake(&l, &moved, &states, &p), Some(t0 + delay), "woken for the retry, not an interval later");
+        assert_eq!(plan(&l, &moved, &states, t0 + delay, &p), vec![pull("docker.io/r/t:1", PullReason::Moved)]);
+        // A second failure waits longer; a success for the digest ends the retries.
+        let s = states.get_mut("docker.io/r/t:1").unwrap();
+        s.pull_started(Some(D2));
+        let again = s.pull_failed(t0 + delay, "registry unavailable".into(), &p);
+        assert!(again >= delay, "{again:?} after {delay:?}");
+        let s = states.get_mut("docker.io/r/t:1").unwrap();
+        s.pull_started(Some(D2));
+        s.pull_succeeded(t0 + delay + again, with_digest(D2));
+        assert!(plan(&l, &moved, &states, t0 + delay + again, &p).is_empty());
+        assert_eq!(next_wake(&l, &moved, &states, &p), None);
     }
 
     #[test]
