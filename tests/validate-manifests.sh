@@ -214,6 +214,12 @@ if gate:
     assert any(t.get("operator") == "Exists" and t.get("key") in (None, key) and t.get("effect") in (None, effect) for t in tol), tol
     if own_toleration:
         assert {"key": key, "operator": "Exists", "effect": effect} in tol, "the gate toleration stays when agent.tolerations is changed"
+    # The coordinator opens the gates: on a pool where every node is gated it must still run,
+    # and so must the uninstall Job that waits for it.
+    for what, spec in [("coordinator", dep["spec"]["template"]["spec"])] + [
+            ("uninstall Job", j["spec"]["template"]["spec"]) for j in kind("Job")]:
+        ctol = spec.get("tolerations", [])
+        assert any(t.get("operator") == "Exists" and t.get("key") == key and t.get("effect") in (None, effect) for t in ctol), (what, ctol)
 for np in kind("NetworkPolicy"):
     sel = np["spec"]["podSelector"]["matchLabels"]
     assert all(dep["spec"]["template"]["metadata"]["labels"].get(k) == v for k, v in sel.items()), "selects the coordinator"
@@ -293,6 +299,10 @@ assert env["KIP_CONFIG_MAP"] == main["metadata"]["name"], env
 role = [d for d in load(sys.argv[4]) if d["kind"] == "Role"][0]
 names = [r for r in role["rules"] if "configmaps" in r["resources"]][0]["resourceNames"]
 assert sorted(names) == sorted([main["metadata"]["name"], rel["metadata"]["name"]]), names
+gate = env["KIP_GATE_TAINT"].split("=")[0].split(":")[0]
+job = [d for d in load(sys.argv[2]) if d["kind"] == "Job"][0]
+for what, spec in [("coordinator", dep["spec"]["template"]["spec"]), ("release Job", job["spec"]["template"]["spec"])]:
+    assert {"key": gate, "operator": "Exists"} in spec.get("tolerations", []), (what, spec.get("tolerations"))
 print("OpenShift release template ok")
 PY
 fi

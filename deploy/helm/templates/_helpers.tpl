@@ -39,6 +39,23 @@ priorityClassName: {{ . }}
 {{- end -}}
 
 {{/* The toleration of the startup gate taint `KEY[=VALUE]:EFFECT` (the argument). */}}
+{{/*
+Tolerations of the coordinator and the uninstall Job: the startup gate's taint (on a pool where
+every node is gated, the coordinator is what opens the gates, so it must be able to run there)
+and the chart user's coordinator.tolerations.
+*/}}
+{{- define "kip.coordinatorTolerations" -}}
+{{- if or .Values.coordinator.tolerations .Values.gate.taint }}
+tolerations:
+  {{- with .Values.coordinator.tolerations }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+  {{- with .Values.gate.taint }}
+  {{- include "kip.gateToleration" . | nindent 2 }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
 {{- define "kip.gateToleration" -}}
 {{- $parts := splitList ":" . -}}
 - key: {{ first (splitList "=" (first $parts)) | quote }}
