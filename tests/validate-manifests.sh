@@ -143,6 +143,13 @@ assert env["KIP_CONFIG_MAP"] == main["metadata"]["name"], env
 rule = [r for r in role["rules"] if "configmaps" in r["resources"]][0]
 assert sorted(rule["resourceNames"]) == sorted([main["metadata"]["name"], cm["metadata"]["name"]]), rule
 assert sorted(rule["verbs"]) == ["get", "list", "watch"], rule
+# DaemonSets: the fallback one by name only (never the agent's), create apart (RBAC cannot name it).
+ds_rules = [r for r in role["rules"] if "daemonsets" in r["resources"]]
+named = [r for r in ds_rules if r.get("resourceNames")]
+assert len(named) == 1 and named[0]["resourceNames"] == [main["data"]["DAEMONSET_NAME"]], ds_rules
+assert all(r["verbs"] == ["create"] for r in ds_rules if not r.get("resourceNames")), ds_rules
+agent_ds = [d["metadata"]["name"] for d in docs if d["kind"] == "DaemonSet"]
+assert main["data"]["DAEMONSET_NAME"] not in agent_ds, "the coordinator may not touch the agent DaemonSet"
 (cr,) = [d for d in docs if d["kind"] == "ClusterRole"]
 assert cr["rules"][0] == {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]}, cr["rules"]
 assert not any("helm.sh/hook" in ann(d) for d in docs if d["kind"] in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding", "Service", "Deployment"))
@@ -303,6 +310,10 @@ gate = env["KIP_GATE_TAINT"].split("=")[0].split(":")[0]
 job = [d for d in load(sys.argv[2]) if d["kind"] == "Job"][0]
 for what, spec in [("coordinator", dep["spec"]["template"]["spec"]), ("release Job", job["spec"]["template"]["spec"])]:
     assert {"key": gate, "operator": "Exists"} in spec.get("tolerations", []), (what, spec.get("tolerations"))
+cm_name = main["data"]["DAEMONSET_NAME"]
+ds_rules = [r for r in role["rules"] if "daemonsets" in r["resources"]]
+assert [r["resourceNames"] for r in ds_rules if r.get("resourceNames")] == [[cm_name]], ds_rules
+assert all(r["verbs"] == ["create"] for r in ds_rules if not r.get("resourceNames")), ds_rules
 print("OpenShift release template ok")
 PY
 fi
