@@ -160,6 +160,37 @@ struct PullDone {
     result: Result<Observation, ImageError>,
 }
 
+/// The pulls in flight, each known by its image: a pull task that dies (a panic in a runtime
+/// backend) still names its image, which is then retried instead of staying in flight forever
+/// (never checked again, its unpinning blocked).
+#[derive(Default)]
+struct Pulls {
+    set: JoinSet<PullDone>,
+    images: std::collections::HashMap<tokio::task::Id, String>,
+}
+
+impl Pulls {
+    fn spawn(&mut self, reference: String, pull: impl std::future::Future<Output = PullDone> + Send + 'static) {
+        let handle = self.set.spawn(pull);
+        self.images.insert(handle.id(), reference);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+
+    /// The next pull to end: its result, or the image whose task died and how.
+    async fn next(&mut self) -> Option<Result<PullDone, (String, tokio::task::JoinError)>> {
+        Some(match self.set.join_next_with_id().await? {
+            Ok((id, done)) => {
+                self.images.remove(&id);
+                Ok(done)
+            }
+            Err(e) => Err((self.images.remove(&e.id()).unwrap_or_default(), e)),
+        })
+    }
+}
+
 /// Where the image list comes from.
 pub enum ListSource {
     /// `--images`: fixed for the life of the process.
@@ -197,7 +228,13 @@ pub struct Agent<R: Runtime> {
     /// attempt went (`None`: not tried yet).
     release: v1::Release,
     release_outcome: Option<Result<(), String>>,
+    /// Beaten at every turn of the loop, for `/healthz`.
+    pub heartbeat: kip::process::Heartbeat,
 }
+
+/// What the loop's heartbeat allows beyond two check intervals: the calls of one check, each
+/// within the runtime deadline (`--runtime-timeout`, at most 10 min).
+const HEARTBEAT_SLACK: Duration = Duration::from_secs(15 * 60);
 
 impl<R: Runtime> Agent<R> {
     pub fn new(rt: R, source: ListSource, policy: Policy, metrics: Arc<Metrics>, ready: Readiness) -> Self {
@@ -228,6 +265,7 @@ impl<R: Runtime> Agent<R> {
             runtime_down: None,
             release: v1::Release::None,
             release_outcome: None,
+            heartbeat: kip::process::Heartbeat::default(),
         };
         let initial = match &agent.source {
             ListSource::Fixed(list) => Some((list.clone(), None)),
@@ -272,7 +310,7 @@ impl<R: Runtime> Agent<R> {
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut pulls: JoinSet<PullDone> = JoinSet::new();
+        let mut pulls = Pulls::default();
         let mut runtime_backoff = reconcile::retry_backoff(Duration::from_secs(1), Duration::from_secs(30));
         let mut next_check = Instant::now();
         loop {
@@ -297,6 +335,9 @@ impl<R: Runtime> Agent<R> {
                 // runtime that refuses them is not asked again until the next check.
                 pulls_due = self.start_due_work(&mut pulls, checked).await;
             }
+            // The longest this loop may stay away: a check (its calls bounded by the runtime
+            // deadline) at least every check interval.
+            self.heartbeat.beat(self.policy.check_interval.saturating_mul(2).saturating_add(HEARTBEAT_SLACK));
             if let Some(lease) = &self.lease {
                 // Held while pulls run or wait for it; given back when nothing is left.
                 lease.want(pulls_due || !pulls.is_empty());
@@ -308,15 +349,19 @@ impl<R: Runtime> Agent<R> {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep_until(wake) => {}
                 _ = crate::lease::LeaseHandle::changed(&mut self.lease) => {}
-                Some(done) = pulls.join_next(), if !pulls.is_empty() => match done {
+                Some(done) = pulls.next(), if !pulls.is_empty() => match done {
                     Ok(done) => self.finish_pull(done),
-                    Err(e) => tracing::error!(error = %e, "pull task failed"),
+                    Err((reference, e)) => self.pull_task_died(&reference, &e),
                 },
                 Some(update) = Self::next_list(&mut self.source) => {
                     if update.release != v1::Release::None && !pulls.is_empty() {
                         // A pull in flight would pin what the release is about to unpin.
-                        pulls.abort_all();
-                        while pulls.join_next().await.is_some() {}
+                        pulls.set.abort_all();
+                        while let Some(done) = pulls.next().await {
+                            if let Err((reference, e)) = done {
+                                self.pull_task_died(&reference, &e);
+                            }
+                        }
                     }
                     self.set_list(update.list.clone(), Some(&update));
                     // Check at once: new images are pulled and dropped ones unpinned now.
@@ -325,7 +370,7 @@ impl<R: Runtime> Agent<R> {
             }
         }
         // Dropping the tasks cancels their gRPC calls, which cancels the runtime's pulls.
-        pulls.shutdown().await;
+        pulls.set.shutdown().await;
         tracing::info!("agent stopped");
     }
 
@@ -404,7 +449,7 @@ impl<R: Runtime> Agent<R> {
 
     /// Starts the pulls and pins that are due; returns true when a pull was due (started, or
     /// waiting for the cluster's pull budget).
-    async fn start_due_work(&mut self, pulls: &mut JoinSet<PullDone>, pins_due: bool) -> bool {
+    async fn start_due_work(&mut self, pulls: &mut Pulls, pins_due: bool) -> bool {
         let may_pull = self.lease.as_ref().is_none_or(|l| l.may_pull());
         let mut pulls_due = false;
         for action in reconcile::plan(&self.list, &self.digests, &self.states, Instant::now(), &self.policy) {
@@ -432,7 +477,7 @@ impl<R: Runtime> Agent<R> {
                     });
                     tracing::info!(image = %reference, reason = reason.as_str(), "pulling");
                     let (rt, dir, timeout) = (self.rt.clone(), self.secrets_dir.clone(), self.policy.pull_timeout);
-                    pulls.spawn(async move {
+                    pulls.spawn(reference.clone(), async move {
                         let started = Instant::now();
                         let result = pull_and_pin(&rt, dir.as_deref(), &entry, timeout, known).await;
                         PullDone { reference, registry: entry.registry, reason, elapsed: started.elapsed(), result }
@@ -477,6 +522,18 @@ impl<R: Runtime> Agent<R> {
                     self.runtime_not_answering(&e);
                 }
             }
+        }
+    }
+
+    /// A pull task that ended without a result (it panicked, or a release cancelled it): the
+    /// image is no longer in flight and is retried with the backoff.
+    fn pull_task_died(&mut self, reference: &str, e: &tokio::task::JoinError) {
+        let policy = self.policy.clone();
+        let Some(state) = self.states.get_mut(reference) else { return };
+        let why = if e.is_panic() { "the pull task panicked" } else { "the pull was cancelled" };
+        let delay = state.pull_failed(Instant::now(), why.to_string(), &policy);
+        if e.is_panic() {
+            tracing::error!(image = %reference, retry_in_ms = delay.as_millis() as u64, "{why}");
         }
     }
 

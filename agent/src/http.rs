@@ -1,4 +1,4 @@
-//! The agent's HTTP endpoints: `/metrics` (OpenMetrics), `/healthz` (alive), `/readyz`
+//! The agent's HTTP endpoints: `/metrics` (OpenMetrics), `/healthz` (the main loop's heartbeat), `/readyz`
 //! (runtime reachable and every listed image cached at least once).
 
 use std::sync::{Arc, RwLock};
@@ -25,10 +25,10 @@ impl Readiness {
     }
 }
 
-pub fn router(metrics: Arc<Metrics>, ready: Readiness) -> Router {
+pub fn router(metrics: Arc<Metrics>, ready: Readiness, heartbeat: kip::process::Heartbeat) -> Router {
     Arc::new(move |path| match path {
         "/metrics" => http::openmetrics(metrics.render()),
-        "/healthz" => http::text(hyper::StatusCode::OK, "ok\n"),
+        "/healthz" => http::health(heartbeat.check()),
         "/readyz" => http::readiness(ready.get()),
         _ => http::not_found(),
     })

@@ -85,12 +85,12 @@ pub struct LeaseClient {
 }
 
 impl LeaseClient {
-    /// Starts the lease task; it ends with `shutdown`.
-    pub fn start(self, shutdown: CancellationToken) -> LeaseHandle {
+    /// The agent's handle on the lease, and the task that keeps it (to be run, by the caller's
+    /// supervisor); the task ends with `shutdown`.
+    pub fn start(self, shutdown: CancellationToken) -> (LeaseHandle, impl std::future::Future<Output = ()> + Send) {
         let (want, want_rx) = watch::channel(false);
         let (allowed_tx, allowed) = watch::channel(None);
-        tokio::spawn(self.run(want_rx, allowed_tx, shutdown));
-        LeaseHandle { want, allowed }
+        (LeaseHandle { want, allowed }, self.run(want_rx, allowed_tx, shutdown))
     }
 
     async fn run(

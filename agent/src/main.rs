@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use kip::process::{init_logging, wait_for_signal};
+use kip::process::{init_logging, wait_for_signal, Supervised};
 use kip_agent::agent::{self, Agent, ListSource};
 use kip_agent::cli::Cli;
 use kip_agent::follow;
@@ -43,14 +43,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
     let ready = Readiness::starting();
+    let heartbeat = kip::process::Heartbeat::default();
+    let mut tasks = Supervised::new();
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", cli.listen))?;
     tracing::info!(addr = %cli.listen, "serving /metrics, /healthz, /readyz");
-    let server =
-        tokio::spawn(kip::http::serve(listener, http::router(metrics.clone(), ready.clone()), shutdown.clone()));
+    tasks.spawn(
+        "the HTTP server",
+        kip::http::serve(listener, http::router(metrics.clone(), ready.clone(), heartbeat.clone()), shutdown.clone()),
+    );
 
-    let mut tasks = Vec::new();
     let mut list_rx = None;
     let state_file = cli.state_dir.join(follow::STATE_FILE);
     let mut lease = None;
@@ -87,19 +90,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 updates,
                 connected: connected.clone(),
             };
-            tasks.push(tokio::spawn(follower.run(shutdown.clone())));
+            tasks.spawn("the list follower", follower.run(shutdown.clone()));
             let (report_tx, report_rx) = tokio::sync::watch::channel(kip::v1::NodeReport::default());
-            lease = Some(
-                kip_agent::lease::LeaseClient {
-                    channel: channel.clone(),
-                    token: token.clone(),
-                    node: node.clone(),
-                    timeout: cli.lease_timeout,
-                    metrics: metrics.clone(),
-                }
-                .start(shutdown.clone()),
-            );
-            tasks.push(tokio::spawn(follow::report_changes(channel, token, report_rx, connected, shutdown.clone())));
+            let (handle, lease_task) = kip_agent::lease::LeaseClient {
+                channel: channel.clone(),
+                token: token.clone(),
+                node: node.clone(),
+                timeout: cli.lease_timeout,
+                metrics: metrics.clone(),
+            }
+            .start(shutdown.clone());
+            lease = Some(handle);
+            tasks.spawn("the pull lease client", lease_task);
+            tasks.spawn("the reporter", follow::report_changes(channel, token, report_rx, connected, shutdown.clone()));
             (ListSource::Coordinator(updates_rx), Some((node, report_tx)))
         }
         (None, Some(images)) => (ListSource::Fixed(images.clone()), None),
@@ -138,8 +141,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 tokio::select! {
                     _ = wait_for_signal() => {
                         shutdown.cancel();
+                        tasks.wait_all(SHUTDOWN_GRACE).await;
                         return Ok(ExitCode::SUCCESS);
                     }
+                    (task, how) = tasks.first_end() => return Ok(ended_unexpectedly(task, &how, &shutdown, tasks).await),
                     Ok(()) = rx.changed() => {}
                     _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
                 }
@@ -155,16 +160,30 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     agent.reports = reports;
     agent.lease = lease;
-    let worker = tokio::spawn(agent.run(shutdown.clone()));
+    agent.heartbeat = heartbeat;
+    tasks.spawn("the image worker", agent.run(shutdown.clone()));
 
-    wait_for_signal().await.context("installing the SIGTERM/SIGINT handlers")?;
+    tokio::select! {
+        signal = wait_for_signal() => signal.context("installing the SIGTERM/SIGINT handlers")?,
+        (task, how) = tasks.first_end() => return Ok(ended_unexpectedly(task, &how, &shutdown, tasks).await),
+    }
     tracing::info!("shutting down");
     shutdown.cancel();
-    let _ = tokio::join!(worker, server);
-    for t in tasks {
-        let _ = t.await;
-    }
+    tasks.wait_all(SHUTDOWN_GRACE).await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// How long the tasks get to finish after SIGTERM (the pod's grace period is 30 s).
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// A task the agent cannot work without ended: stop the rest and exit non-zero, so the kubelet
+/// restarts the agent instead of it living on half-dead.
+async fn ended_unexpectedly(task: &str, how: &str, shutdown: &CancellationToken, tasks: Supervised) -> ExitCode {
+    tracing::error!(task, how, "a task ended unexpectedly; exiting so the agent is restarted");
+    eprintln!("kip-agent: error: {task} {how}");
+    shutdown.cancel();
+    tasks.wait_all(SHUTDOWN_GRACE).await;
+    ExitCode::FAILURE
 }
 
 async fn connect_runtime(cli: &Cli) -> anyhow::Result<NodeRuntime> {

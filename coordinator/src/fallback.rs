@@ -300,13 +300,19 @@ pub struct Settings {
     pub gate: Option<GateTaint>,
     /// After this long since a node's creation its gate opens unverified.
     pub gate_timeout: Duration,
+    /// Beaten at every pass, for `/healthz`.
+    pub heartbeat: kip::process::Heartbeat,
 }
 
 impl Settings {
     pub fn new(grace: Duration) -> Self {
-        Self { grace, gate: None, gate_timeout: Duration::from_secs(900) }
+        Self { grace, gate: None, gate_timeout: Duration::from_secs(900), heartbeat: Default::default() }
     }
 }
+
+/// The longest the controller may stay away between passes: its longest wait (the retry
+/// backoff's 60 s) plus one pass's API calls (a label per node, each within kube's timeouts).
+const PASS_SILENCE: Duration = Duration::from_secs(15 * 60);
 
 /// Waits for a change of an optional view (forever without one).
 async fn changed(rx: &mut Option<tokio::sync::watch::Receiver<u64>>) {
@@ -335,6 +341,7 @@ pub async fn run(
     let mut pod_changes = workloads.as_ref().map(|w| w.pods.changed.clone());
     let mut retry = crate::backoff();
     loop {
+        settings.heartbeat.beat(PASS_SILENCE);
         let published = hub.current();
         let config = &published.config;
         let releasing = config.release != kip::v1::Release::None;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use kip::http;
-use kip::process::{init_logging, wait_for_signal, LogFormat};
+use kip::process::{init_logging, wait_for_signal, LogFormat, Supervised};
 use kip_coordinator::auth::{AgentAuth, AuthMode, ServiceAccount, TokenVerifier};
 use kip_coordinator::reload::{ConfigMapWatch, ConfigReloader};
 use kip_coordinator::{config, fallback, grpc::CoordinatorService, hub::Hub, metrics::Metrics, release};
@@ -221,14 +221,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {} (--listen)", cli.listen))?;
     tracing::info!(grpc = %cli.grpc_listen, http = %cli.listen, "serving");
 
-    let grpc = {
+    let mut tasks = Supervised::new();
+    let heartbeat = kip::process::Heartbeat::default();
+    {
         let service = kip::v1::coordinator_server::CoordinatorServer::new(CoordinatorService::new(
             hub.clone(),
             auth.clone(),
             shutdown.clone(),
         ));
         let shutdown = shutdown.clone();
-        tokio::spawn(
+        tasks.spawn_fallible(
+            "the gRPC server",
             tonic::transport::Server::builder()
                 // Notice agents that vanished without closing their stream.
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -238,31 +241,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
                     async move { shutdown.cancelled().await },
                 ),
-        )
-    };
+        );
+    }
     let router: http::Router = {
-        let hub = hub.clone();
+        let (hub, heartbeat) = (hub.clone(), heartbeat.clone());
         Arc::new(move |path| match path {
             "/metrics" => http::openmetrics(hub.metrics.render()),
-            "/healthz" => http::text(hyper::StatusCode::OK, "ok\n"),
+            "/healthz" => http::health(heartbeat.check()),
             // A valid list is published from the start (an invalid one stops start-up).
             "/readyz" => http::readiness(None),
             "/status" => http::json(hyper::StatusCode::OK, format!("{:#}\n", hub.status_json())),
             _ => http::not_found(),
         })
     };
-    let http_server = tokio::spawn(http::serve(http_listener, router, shutdown.clone()));
-    let resolver = if cli.resolve_tags {
+    tasks.spawn("the HTTP server", http::serve(http_listener, router, shutdown.clone()));
+    if cli.resolve_tags {
         let resolver = Arc::new(kip_coordinator::resolve::Resolver::new(
             cli.plain_http_registries.clone(),
             cli.pull_secrets_dir.clone(),
             metrics.clone(),
         ));
-        Some(tokio::spawn(resolver.run(hub.clone(), shutdown.clone())))
+        tasks.spawn("the tag resolver", resolver.run(hub.clone(), shutdown.clone()));
     } else {
         tracing::info!("--resolve-tags false: agents refresh every tag on their own interval");
-        None
-    };
+    }
     let api_active = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let config_map = match (cli.config_map.clone(), cli.pod_namespace.clone()) {
         (Some(name), Some(namespace)) => {
@@ -271,24 +273,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         (Some(_), None) => anyhow::bail!("--config-map (KIP_CONFIG_MAP) needs --pod-namespace (POD_NAMESPACE)"),
         (None, _) => None,
     };
-    let reloader = cli.config_dir.clone().map(|dir| {
+    if let Some(dir) = cli.config_dir.clone() {
         let mut r = ConfigReloader::new(dir, env, hub.clone(), raw);
         r.resync_interval = cli.config_resync;
         r.api_active = api_active;
-        tokio::spawn(r.run(shutdown.clone()))
-    });
+        tasks.spawn("the config directory reloader", r.run(shutdown.clone()));
+    }
 
     // Everything that needs the Kubernetes API; without one (the demo, a laptop) it keeps
     // trying while the list is published regardless.
     let deployment = cli.deployment_name.clone().zip(cli.pod_namespace.clone()).map(|(name, ns)| (ns, name));
-    let kube = {
+    {
         let settings = fallback::Settings {
             grace: cli.node_label_grace,
             gate: cli.gate_taint.0.clone(),
             gate_timeout: cli.gate_timeout,
+            heartbeat,
         };
         let (hub, shutdown) = (hub.clone(), shutdown.clone());
-        tokio::spawn(async move {
+        tasks.spawn("the Kubernetes controller", async move {
             let work = async {
                 let client = kip_coordinator::connect_kube().await;
                 api_client.send_replace(Some(client.clone()));
@@ -304,20 +307,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             };
             fallback::until_shutdown(&shutdown, work).await;
-        })
-    };
+        });
+    }
 
-    wait_for_signal().await.context("installing the SIGTERM/SIGINT handlers")?;
+    tokio::select! {
+        signal = wait_for_signal() => signal.context("installing the SIGTERM/SIGINT handlers")?,
+        (task, how) = tasks.first_end() => {
+            // The coordinator cannot work without it: stop, and let the kubelet restart us.
+            tracing::error!(task, how, "a task ended unexpectedly; exiting so the coordinator is restarted");
+            shutdown.cancel();
+            tasks.wait_all(Duration::from_secs(20)).await;
+            anyhow::bail!("{task} {how}");
+        }
+    }
     tracing::info!("shutting down");
     shutdown.cancel();
-    let _ = kube.await;
-    if let Some(r) = reloader {
-        let _ = r.await;
-    }
-    let _ = http_server.await;
-    if let Some(r) = resolver {
-        let _ = r.await;
-    }
-    grpc.await.context("gRPC server task")?.context("gRPC server")?;
+    tasks.wait_all(Duration::from_secs(20)).await;
     Ok(())
 }

@@ -17,14 +17,16 @@ use kip_coordinator::metrics::Metrics;
 use tokio_util::sync::CancellationToken;
 
 fn lease_client(url: &str, node: &str, timeout: Duration, stop: &CancellationToken) -> LeaseHandle {
-    LeaseClient {
+    let (handle, task) = LeaseClient {
         channel: coordinator_channel(url).unwrap(),
         token: BearerToken::default(),
         node: node.into(),
         timeout,
         metrics: Arc::new(kip_agent::metrics::Metrics::new()),
     }
-    .start(stop.clone())
+    .start(stop.clone());
+    tokio::spawn(task);
+    handle
 }
 
 /// Waits until `lease` may pull, or fails after `within`.

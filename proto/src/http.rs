@@ -76,6 +76,14 @@ pub fn readiness(not_ready_reason: Option<String>) -> HttpResponse {
     }
 }
 
+/// `/healthz`: 200 while the main loops beat, 503 with the reason once one is stuck.
+pub fn health(heartbeat: Result<(), String>) -> HttpResponse {
+    match heartbeat {
+        Ok(()) => text(StatusCode::OK, "ok\n"),
+        Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {reason}\n")),
+    }
+}
+
 fn with_type(status: StatusCode, body: String, content_type: &'static str) -> HttpResponse {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;

@@ -184,6 +184,22 @@ async fn failed_pulls_are_retried_with_growing_delays_and_the_error_reported() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_pull_task_that_panics_is_retried_and_does_not_hold_the_image_in_flight() {
+    let rt = FakeRuntime::default();
+    rt.panic_next_pulls(A, 1);
+    let node = Node::start(rt, &[("a", A), ("b", B)]);
+    sleep(Duration::from_millis(1)).await;
+    let report = node.report_of("a");
+    assert!(!report.cached && report.last_error.contains("panicked"), "{report:?}");
+    sleep(CHECK).await;
+    assert_eq!(node.rt.pulls_of(A).len(), 2, "pulled again after the backoff");
+    assert_eq!(node.rt.pin_of(A), Some(Pin::Kip));
+    assert!(node.report_of("a").last_error.is_empty());
+    assert_eq!(node.rt.pin_of(B), Some(Pin::Kip), "the other image was never held up");
+    node.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn tags_are_pulled_again_each_refresh_interval_digests_never() {
     let node = Node::start(FakeRuntime::default(), &[("a", A), ("d", D)]);
     sleep(Duration::from_millis(1)).await;

@@ -34,6 +34,8 @@ pub struct FakeState {
     registry: HashMap<String, String>,
     pub down: bool,
     failing_pulls: HashMap<String, u32>,
+    /// Pulls that panic (a bug in a backend), as many times as given.
+    panicking_pulls: HashMap<String, u32>,
     pub pin_problem: Option<String>,
     pub pulls: Vec<(String, Instant)>,
     /// How long a pull takes (paused time in the tests).
@@ -91,6 +93,10 @@ impl FakeRuntime {
 
     pub fn fail_next_pulls(&self, reference: &str, times: u32) {
         self.state().failing_pulls.insert(reference.into(), times);
+    }
+
+    pub fn panic_next_pulls(&self, reference: &str, times: u32) {
+        self.state().panicking_pulls.insert(reference.into(), times);
     }
 
     pub fn pin_of(&self, reference: &str) -> Option<Pin> {
@@ -181,6 +187,11 @@ impl Runtime for FakeRuntime {
         }
         let mut state = self.state();
         state.pulls.push((reference.to_string(), Instant::now()));
+        if let Some(left) = state.panicking_pulls.get_mut(reference).filter(|n| **n > 0) {
+            *left -= 1;
+            drop(state);
+            panic!("the fake runtime's pull of {reference} panics, as asked");
+        }
         if let Some(left) = state.failing_pulls.get_mut(reference).filter(|n| **n > 0) {
             *left -= 1;
             return Err(CriError::Call {
