@@ -38,6 +38,11 @@ struct Cli {
     #[arg(long, env = "KIP_GRPC_LISTEN", value_name = "ADDR", default_value = "0.0.0.0:50051")]
     grpc_listen: SocketAddr,
 
+    /// Most gRPC connections served at once (one per agent, a few for `wait-release`); more wait
+    /// in the kernel's backlog. Above the cluster's node count.
+    #[arg(long, env = "KIP_GRPC_MAX_CONNECTIONS", value_name = "N", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    grpc_max_connections: u32,
+
     /// Address of the HTTP server for /metrics, /healthz, /readyz and /status
     #[arg(long, env = "KIP_LISTEN", value_name = "ADDR", default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
@@ -238,7 +243,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .http2_keepalive_timeout(Some(Duration::from_secs(10)))
                 .add_service(service)
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                    kip::listen::Listener::new(grpc_listener, cli.grpc_max_connections as usize, "gRPC").incoming(),
                     async move { shutdown.cancelled().await },
                 ),
         );

@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -12,6 +13,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::listen::Listener;
+
 pub type HttpResponse = Response<Full<Bytes>>;
 
 /// Answers GET/HEAD requests by path.
@@ -19,19 +22,27 @@ pub type Router = Arc<dyn Fn(&str) -> HttpResponse + Send + Sync>;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// Connections served at once; more wait in the kernel's backlog. Probes, a scrape or two and
+/// the uninstall hook's reads need a handful; the port is reachable from every pod.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long a client has to send a request's headers, also the most a kept-alive connection may
+/// stay idle: a client that connects and says nothing holds no slot for longer.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves until `shutdown` is cancelled.
 pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) {
+    let listener = Listener::new(listener, MAX_CONNECTIONS, "HTTP");
+    let mut conn_builder = hyper::server::conn::http1::Builder::new();
+    // hyper enforces the header read timeout only with a timer.
+    conn_builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    let conn_builder = Arc::new(conn_builder);
     loop {
-        let (stream, _) = tokio::select! {
+        let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accepting an HTTP connection failed");
-                    continue;
-                }
-            },
+            connection = listener.accept() => connection,
         };
+        let conn_builder = conn_builder.clone();
         let router = router.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
@@ -44,8 +55,7 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: Cancellation
                     })
                 }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await
-            {
+            if let Err(e) = conn_builder.serve_connection(TokioIo::new(stream), svc).await {
                 tracing::debug!(error = %e, "HTTP connection ended with an error");
             }
         });
@@ -151,5 +161,27 @@ mod tests {
         server.await.unwrap();
         let err = get(&format!("http://{addr}/status"), t).await.unwrap_err();
         assert!(err.starts_with(&format!("GET http://{addr}/status: ")), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_sends_no_whole_request_is_cut_off_after_the_header_timeout() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let router: Router = Arc::new(|_| text(StatusCode::OK, "ok\n"));
+        let server = tokio::spawn(serve(listener, router, shutdown.clone()));
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        let started = tokio::time::Instant::now();
+        for client in [&mut silent, &mut slow] {
+            let mut rest = Vec::new();
+            let closed = tokio::time::timeout(Duration::from_secs(120), client.read_to_end(&mut rest)).await;
+            assert!(closed.is_ok(), "the connection is still open after two minutes");
+        }
+        assert!(started.elapsed() <= HEADER_READ_TIMEOUT + Duration::from_secs(1), "{:?}", started.elapsed());
+        shutdown.cancel();
+        server.await.unwrap();
     }
 }

@@ -8,6 +8,7 @@
 pub mod duration;
 pub mod http;
 pub mod images;
+pub mod listen;
 pub mod process;
 pub mod pull_secrets;
 pub mod reference;
