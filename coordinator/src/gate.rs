@@ -150,7 +150,7 @@ pub enum Verdict {
 /// Pure: whether a gated node may go into service, and why (not).
 pub fn decide(
     images: &ImageList,
-    report: Option<&v1::NodeReport>,
+    report: Result<&v1::NodeReport, String>,
     fallback_ready: bool,
     waited: Duration,
     timeout: Duration,
@@ -168,10 +168,30 @@ pub fn decide(
     }
 }
 
+/// Pure: the report that speaks for a node as it is now (`entry`: its agent's latest report and
+/// when it came), or why there is none. A report that came before the node was created belongs to
+/// an earlier node of the same name (EKS reuses `ip-…` names), and one from an agent that is not
+/// connected may be out of date: neither opens a gate.
+pub fn current_report(
+    entry: Option<(&v1::NodeReport, SystemTime)>,
+    created: Option<SystemTime>,
+    connected: bool,
+) -> Result<&v1::NodeReport, String> {
+    match entry {
+        None => Err("its agent has not reported".into()),
+        Some((_, received)) if created.is_some_and(|c| received < c) => {
+            Err("its agent has not reported since the node was created (the report is an earlier node's of that name)"
+                .into())
+        }
+        Some(_) if !connected => Err("its agent is not connected".into()),
+        Some((report, _)) => Ok(report),
+    }
+}
+
 /// Pure: `Ok` when `report` shows every entry of `images` cached, and pinned unless the runtime
-/// said why it cannot pin; otherwise what is missing.
-pub fn images_ready(images: &ImageList, report: Option<&v1::NodeReport>) -> Result<(), String> {
-    let Some(report) = report else { return Err("its agent has not reported".into()) };
+/// said why it cannot pin; otherwise what is missing (or why there is no report to go by).
+pub fn images_ready(images: &ImageList, report: Result<&v1::NodeReport, String>) -> Result<(), String> {
+    let report = report?;
     let runtime = report.runtime.clone().unwrap_or_default();
     if !runtime.available {
         return Err(format!("its agent has no usable runtime ({})", runtime.error));
@@ -311,16 +331,16 @@ mod tests {
     fn the_gate_opens_when_every_listed_image_is_cached_and_pinned() {
         let images = list("a=busybox;b=nginx");
         let both = report(true, "", &[("a", "busybox", true, true), ("b", "nginx", true, true)]);
-        assert_eq!(decide(&images, Some(&both), false, Duration::ZERO, T, false), Verdict::Open(Opened::Cached));
+        assert_eq!(decide(&images, Ok(&both), false, Duration::ZERO, T, false), Verdict::Open(Opened::Cached));
 
         let one = report(true, "", &[("a", "busybox", true, true), ("b", "nginx", false, false)]);
         assert_eq!(
-            decide(&images, Some(&one), false, Duration::ZERO, T, false),
+            decide(&images, Ok(&one), false, Duration::ZERO, T, false),
             Verdict::Hold("1 of 2 images not cached yet: b".into())
         );
         let unpinned = report(true, "", &[("a", "busybox", true, true), ("b", "nginx", true, false)]);
         assert_eq!(
-            decide(&images, Some(&unpinned), false, Duration::ZERO, T, false),
+            decide(&images, Ok(&unpinned), false, Duration::ZERO, T, false),
             Verdict::Hold("not pinned yet: b".into())
         );
         // A runtime that cannot pin (it said why): cached is all there is.
@@ -329,13 +349,13 @@ mod tests {
             "CRI-O drop-in dir not writable",
             &[("a", "busybox", true, false), ("b", "nginx", true, false)],
         );
-        assert_eq!(decide(&images, Some(&cannot_pin), false, Duration::ZERO, T, false), Verdict::Open(Opened::Cached));
+        assert_eq!(decide(&images, Ok(&cannot_pin), false, Duration::ZERO, T, false), Verdict::Open(Opened::Cached));
         // An image of the same name but another reference (the list changed) does not count.
         let stale = report(true, "", &[("a", "busybox", true, true), ("b", "nginx:1.25", true, true)]);
-        assert!(matches!(decide(&images, Some(&stale), false, Duration::ZERO, T, false), Verdict::Hold(_)));
+        assert!(matches!(decide(&images, Ok(&stale), false, Duration::ZERO, T, false), Verdict::Hold(_)));
         // Nothing listed: nothing to wait for.
         assert_eq!(
-            decide(&ImageList::default(), Some(&report(true, "", &[])), false, Duration::ZERO, T, false),
+            decide(&ImageList::default(), Ok(&report(true, "", &[])), false, Duration::ZERO, T, false),
             Verdict::Open(Opened::Cached)
         );
     }
@@ -344,20 +364,40 @@ mod tests {
     fn without_an_agent_the_fallback_pod_or_the_timeout_opens_it() {
         let images = list("a=busybox");
         assert_eq!(
-            decide(&images, None, false, Duration::from_secs(10), T, false),
+            decide(&images, Err("its agent has not reported".into()), false, Duration::from_secs(10), T, false),
             Verdict::Hold("its agent has not reported".into())
         );
         let no_runtime = report(false, "", &[]);
         assert_eq!(
-            decide(&images, Some(&no_runtime), false, Duration::from_secs(10), T, false),
+            decide(&images, Ok(&no_runtime), false, Duration::from_secs(10), T, false),
             Verdict::Hold("its agent has no usable runtime (no CRI socket found)".into())
         );
         assert_eq!(
-            decide(&images, Some(&no_runtime), true, Duration::ZERO, T, false),
+            decide(&images, Ok(&no_runtime), true, Duration::ZERO, T, false),
             Verdict::Open(Opened::FallbackReady)
         );
-        assert_eq!(decide(&images, None, false, T, T, false), Verdict::Open(Opened::Timeout));
-        assert_eq!(decide(&images, None, false, Duration::ZERO, T, true), Verdict::Open(Opened::Uninstall));
+        assert_eq!(decide(&images, Err("its agent has not reported".into()), false, T, T, false), Verdict::Open(Opened::Timeout));
+        assert_eq!(decide(&images, Err("its agent has not reported".into()), false, Duration::ZERO, T, true), Verdict::Open(Opened::Uninstall));
+    }
+
+    #[test]
+    fn only_a_report_of_a_connected_agent_since_the_node_was_created_counts() {
+        let r = report(true, "", &[("a", "busybox", true, true)]);
+        let created = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let before = created - Duration::from_secs(1);
+        let after = created + Duration::from_secs(1);
+        assert_eq!(current_report(Some((&r, after)), Some(created), true), Ok(&r));
+        // A node deleted and registered again under its name: the old node's report.
+        let stale = current_report(Some((&r, before)), Some(created), true);
+        assert!(stale.as_ref().is_err_and(|e| e.contains("since the node was created")), "{stale:?}");
+        assert_eq!(current_report(Some((&r, after)), Some(created), false), Err("its agent is not connected".into()));
+        assert_eq!(current_report(None, Some(created), true), Err("its agent has not reported".into()));
+        // Without a creation time (never so from the API), the report counts.
+        assert_eq!(current_report(Some((&r, before)), None, true), Ok(&r));
+        // The gate holds on the stale report, with the reason.
+        let images = list("a=busybox");
+        let verdict = decide(&images, stale, false, Duration::ZERO, T, false);
+        assert!(matches!(&verdict, Verdict::Hold(why) if why.contains("earlier node")), "{verdict:?}");
     }
 
     #[test]

@@ -344,6 +344,11 @@ impl Hub {
         self.nodes_changed.send_modify(|v| *v += 1);
     }
 
+    /// Whether `node`'s agent has a Watch stream open to this process now.
+    pub fn is_connected(&self, node: &str) -> bool {
+        self.connections.read().is_ok_and(|c| c.get(node).is_some_and(|c| c.open_streams > 0))
+    }
+
     /// Per known node: runtime availability (from its report) and connection state.
     pub fn liveness(&self) -> Vec<Liveness> {
         let nodes = self.nodes();

@@ -109,7 +109,12 @@ const GATE: &str = "kip.eclipse.dev/images-pending";
 
 /// A node created `age` ago with `taints` (as JSON), as the API returns it.
 fn tainted_node(name: &str, age: Duration, taints: Value) -> Value {
-    let created = chrono_like(std::time::SystemTime::now() - age);
+    node_created_at(name, std::time::SystemTime::now() - age, taints)
+}
+
+/// A node created at `created` with `taints`, as the API returns it.
+fn node_created_at(name: &str, created: std::time::SystemTime, taints: Value) -> Value {
+    let created = chrono_like(created);
     json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "creationTimestamp": created}, "spec": {"taints": taints}})
 }
 
@@ -675,6 +680,7 @@ async fn the_gate_opens_when_the_agent_has_every_image_with_a_tested_patch_retri
     expect(&mut handle, Method::GET, DS_PATH, StatusCode::NOT_FOUND, not_found()).await;
     assert_quiet(&mut handle, "the gate opened before the agent reported").await;
     assert_eq!(hub.status_json()["gate"]["held"], json!({"new": "its agent has not reported"}));
+    hub.node_stream("new", true);
 
     let mut partial = all_cached("new");
     partial.images[1].cached = false;
@@ -705,6 +711,42 @@ async fn the_gate_opens_when_the_agent_has_every_image_with_a_tested_patch_retri
         (status["gate"]["opened"][0]["node"].clone(), status["gate"]["opened"][0]["reason"].clone()),
         (json!("new"), json!("cached"))
     );
+    running.stop(Some(handle)).await;
+}
+
+/// A node deleted and registered again under its name (EKS reuses `ip-…` names): the report its
+/// name's earlier node sent, received before this node was created, opens no gate; nor does the
+/// report of an agent that is not connected. The new node's own report does.
+#[tokio::test]
+async fn an_earlier_nodes_report_or_a_disconnected_agents_opens_no_gate() {
+    let (fb, mut handle) = mocked();
+    let hub = Hub::new(config(&[("KIP_MODE", "cri")]), Arc::new(Metrics::new()));
+    let gate = json!({"key": GATE, "effect": "NoSchedule"});
+    let reused = "ip-10-0-0-1";
+    hub.node_stream(reused, true);
+    hub.record_report(all_cached(reused));
+    hub.node_stream("gone-agent", true);
+    hub.record_report(all_cached("gone-agent"));
+    hub.node_stream("gone-agent", false);
+    // Registered again two seconds after its name's last report (the API keeps whole seconds).
+    let created = std::time::SystemTime::now() + Duration::from_secs(2);
+    let mut nodes = Nodes::listed(&[]);
+    nodes.show_node(node_created_at(reused, created, json!([gate])));
+    nodes.show_node(tainted_node("gone-agent", Duration::from_secs(60), json!([gate])));
+    let running = Running::start_with(fb, &hub, &nodes, None, gate_settings(Duration::from_secs(3600)));
+    expect(&mut handle, Method::GET, DS_PATH, StatusCode::NOT_FOUND, not_found()).await;
+    assert_quiet(&mut handle, "a gate opened on an earlier node's or a disconnected agent's report").await;
+    let held = hub.status_json()["gate"]["held"].clone();
+    assert!(held[reused].as_str().unwrap().contains("earlier node"), "{held}");
+    assert_eq!(held["gone-agent"], json!("its agent is not connected"));
+
+    // The new node's agent reports (after the node's creation): its gate opens.
+    tokio::time::sleep(created.duration_since(std::time::SystemTime::now()).unwrap_or_default()).await;
+    hub.record_report(all_cached(reused));
+    let path = format!("/api/v1/nodes/{reused}");
+    let (_, _, body) = expect(&mut handle, Method::PATCH, &path, StatusCode::OK, node(reused)).await;
+    assert_eq!(body, removal(0, &gate));
+    assert_quiet(&mut handle, "the disconnected agent's node opened").await;
     running.stop(Some(handle)).await;
 }
 
