@@ -37,14 +37,35 @@ impl Allowed {
     }
 }
 
-/// Pure: after the coordinator failed a lease call with `code`, having failed since `since`,
-/// may the agent go ahead on its own limits at `now`?
-pub fn go_ahead_after_failure(code: tonic::Code, since: Instant, now: Instant, timeout: Duration) -> Option<Allowed> {
+/// Pure: after a lease call failed with `code` (`from_coordinator`: the coordinator itself
+/// refused it), having failed since `since`, may the agent go ahead on its own limits at `now`?
+/// Only a coordinator that cannot be reached is waited for no longer than the lease timeout; one
+/// that answers (even "cannot verify your token now", when the API server struggles) keeps the
+/// budget, or every agent would pull at once just when the cluster is under stress.
+pub fn go_ahead_after_failure(
+    code: tonic::Code,
+    from_coordinator: bool,
+    since: Instant,
+    now: Instant,
+    timeout: Duration,
+) -> Option<Allowed> {
+    use tonic::Code;
     match code {
-        tonic::Code::Unimplemented => Some(Allowed::Unsupported),
-        _ if now.duration_since(since) >= timeout => Some(Allowed::Unreachable),
+        Code::Unimplemented => Some(Allowed::Unsupported),
+        _ if from_coordinator => None,
+        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled
+            if now.duration_since(since) >= timeout =>
+        {
+            Some(Allowed::Unreachable)
+        }
         _ => None,
     }
+}
+
+/// How long a granted lease is kept between renewals: a third of its life as the coordinator
+/// said it (so two renewals may be lost), within 1 s and 10 s.
+pub fn renew_every(ttl: Duration) -> Duration {
+    (ttl / 3).clamp(Duration::from_secs(1), Duration::from_secs(10))
 }
 
 /// The work loop's end: says when it wants to pull, learns when it may.
@@ -109,7 +130,7 @@ impl LeaseClient {
                 }
             }
             let asked = Instant::now();
-            let Some(how) = self.acquire(&mut client, &mut want, &shutdown).await else {
+            let Some((how, ttl)) = self.acquire(&mut client, &mut want, &shutdown).await else {
                 if shutdown.is_cancelled() {
                     return;
                 }
@@ -127,7 +148,8 @@ impl LeaseClient {
                 );
             }
             allowed.send_replace(Some(how));
-            self.hold(&mut client, &mut want, how, &shutdown).await;
+            self.hold(&mut client, &mut want, how, ttl, &shutdown).await;
+            // Held no more (done, or lost): no pull starts until the lease is asked for again.
             allowed.send_replace(None);
             if shutdown.is_cancelled() {
                 return;
@@ -145,7 +167,7 @@ impl LeaseClient {
         client: &mut follow::Client,
         want: &mut watch::Receiver<bool>,
         shutdown: &CancellationToken,
-    ) -> Option<Allowed> {
+    ) -> Option<(Allowed, Duration)> {
         let mut failing_since: Option<Instant> = None;
         let mut backoff = reconcile::retry_backoff(Duration::from_millis(500), Duration::from_secs(5));
         loop {
@@ -161,7 +183,9 @@ impl LeaseClient {
                 call = client.pull_lease(self.request(false)) => call,
             };
             let delay = match call {
-                Ok(reply) if reply.get_ref().granted => return Some(Allowed::Granted),
+                Ok(reply) if reply.get_ref().granted => {
+                    return Some((Allowed::Granted, Duration::from_millis(reply.get_ref().ttl_ms)))
+                }
                 Ok(reply) => {
                     failing_since = None;
                     let r = reply.get_ref();
@@ -176,8 +200,10 @@ impl LeaseClient {
                 Err(status) => {
                     let now = Instant::now();
                     let since = *failing_since.get_or_insert(now);
-                    if let Some(how) = go_ahead_after_failure(status.code(), since, now, self.timeout) {
-                        return Some(how);
+                    let from_coordinator = status.metadata().contains_key(v1::ANSWERED_BY);
+                    if let Some(how) = go_ahead_after_failure(status.code(), from_coordinator, since, now, self.timeout)
+                    {
+                        return Some((how, Duration::ZERO));
                     }
                     tracing::debug!(error = %status, "pull lease not answered; asking again");
                     backoff.next().unwrap_or(Duration::from_secs(5))
@@ -190,25 +216,37 @@ impl LeaseClient {
         }
     }
 
-    /// Keeps a granted lease (renewing at a third of its life) while pulls are wanted, then gives
-    /// it back. Without a lease (the fallbacks) it only waits for the pulls to end.
+    /// Keeps a granted lease (renewing at a third of its life, `ttl`) while pulls are wanted,
+    /// then gives it back. A renewal the coordinator answers "not granted" (the lease expired, its
+    /// renewals lost, and the slot went to another node; or a restarted coordinator gave it away)
+    /// ends the hold at once: the agent starts no pull until it holds a lease again. Without a
+    /// lease (the fallbacks) it only waits for the pulls to end.
     async fn hold(
         &self,
         client: &mut follow::Client,
         want: &mut watch::Receiver<bool>,
         how: Allowed,
+        ttl: Duration,
         shutdown: &CancellationToken,
     ) {
-        let renew_every = Duration::from_secs(10);
+        let renew_every = renew_every(ttl);
         while *want.borrow_and_update() {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 changed = want.changed() => if changed.is_err() { break },
                 _ = tokio::time::sleep(renew_every), if how == Allowed::Granted => {
-                    // A lost renewal changes nothing here: pulls in flight cannot be paused, and
-                    // a coordinator that restarted grants it again or lets it expire.
-                    if let Err(status) = client.pull_lease(self.request(false)).await {
-                        tracing::debug!(error = %status, "pull lease renewal failed");
+                    match client.pull_lease(self.request(false)).await {
+                        Ok(reply) if reply.get_ref().granted => {}
+                        Ok(reply) => {
+                            let r = reply.get_ref();
+                            tracing::warn!(in_use = r.in_use, budget = r.budget,
+                                "pull lease lost (not renewed in time, now held by others): no new pull until it is granted again");
+                            self.metrics.pull_leases_lost.inc();
+                            return;
+                        }
+                        // A lost renewal is retried at the next turn; pulls in flight cannot be
+                        // paused, and a coordinator that restarted grants it again or not.
+                        Err(status) => tracing::debug!(error = %status, "pull lease renewal failed"),
                     }
                 }
             }
@@ -233,12 +271,26 @@ mod tests {
     fn an_unreachable_coordinator_is_waited_for_only_until_the_timeout() {
         let t0 = Instant::now();
         let timeout = Duration::from_secs(60);
-        assert_eq!(go_ahead_after_failure(tonic::Code::Unavailable, t0, t0 + Duration::from_secs(59), timeout), None);
+        let later = t0 + timeout;
+        use tonic::Code;
+        assert_eq!(go_ahead_after_failure(Code::Unavailable, false, t0, t0 + Duration::from_secs(59), timeout), None);
+        assert_eq!(go_ahead_after_failure(Code::Unavailable, false, t0, later, timeout), Some(Allowed::Unreachable));
         assert_eq!(
-            go_ahead_after_failure(tonic::Code::Unavailable, t0, t0 + timeout, timeout),
+            go_ahead_after_failure(Code::DeadlineExceeded, false, t0, later, timeout),
             Some(Allowed::Unreachable)
         );
-        assert_eq!(go_ahead_after_failure(tonic::Code::Unimplemented, t0, t0, timeout), Some(Allowed::Unsupported));
-        assert_eq!(go_ahead_after_failure(tonic::Code::PermissionDenied, t0, t0, timeout), None);
+        assert_eq!(go_ahead_after_failure(Code::Unimplemented, false, t0, t0, timeout), Some(Allowed::Unsupported));
+        // The coordinator answered: it is there, and the budget holds however long it refuses.
+        assert_eq!(go_ahead_after_failure(Code::Unavailable, true, t0, later, timeout), None);
+        assert_eq!(go_ahead_after_failure(Code::PermissionDenied, false, t0, later, timeout), None);
+        assert_eq!(go_ahead_after_failure(Code::Unauthenticated, false, t0, later, timeout), None);
+    }
+
+    #[test]
+    fn a_lease_is_renewed_at_a_third_of_its_life() {
+        assert_eq!(renew_every(Duration::from_secs(30)), Duration::from_secs(10));
+        assert_eq!(renew_every(Duration::from_secs(3)), Duration::from_secs(1));
+        assert_eq!(renew_every(Duration::ZERO), Duration::from_secs(1), "an old coordinator that sends no ttl");
+        assert_eq!(renew_every(Duration::from_secs(600)), Duration::from_secs(10));
     }
 }

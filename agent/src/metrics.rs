@@ -66,6 +66,8 @@ pub struct Metrics {
     pub runtime_info: Family<RuntimeLabels, Gauge>,
     /// From wanting to pull to being allowed, by how (granted, coordinator_unreachable, unsupported).
     pub pull_lease_wait: Family<OutcomeLabels, Histogram>,
+    /// Leases the coordinator did not renew (expired, given to another node meanwhile).
+    pub pull_leases_lost: Counter,
     pub registry_requests: Family<RegistryLabels, Counter>,
 }
 
@@ -88,6 +90,7 @@ impl Metrics {
             pull_lease_wait: Family::new_with_constructor(|| {
                 Histogram::new([0.1, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0])
             }),
+            pull_leases_lost: Counter::default(),
             registry_requests: Family::default(),
             registry: Registry::default(),
         };
@@ -124,6 +127,11 @@ impl Metrics {
             "Time from having images to pull until the cluster's pull budget let this node pull, by outcome",
             Unit::Seconds,
             m.pull_lease_wait.clone(),
+        );
+        registry.register(
+            "kip_pull_leases_lost",
+            "Pull leases the coordinator did not renew (expired and given to another node): no new pull until granted again",
+            m.pull_leases_lost.clone(),
         );
         registry.register(
             "kip_registry_requests",

@@ -95,13 +95,15 @@ impl Refusal {
         }
     }
 
+    /// The status the agent gets, marked as the coordinator's own answer (an agent does not take
+    /// "cannot verify the token now" for an unreachable coordinator and pull outside the budget).
     pub fn status(&self) -> Status {
         let msg = self.to_string();
-        match self {
+        kip::v1::coordinator_status(match self {
             Refusal::Missing | Refusal::Invalid(_) => Status::unauthenticated(msg),
             Refusal::WrongAccount(_) | Refusal::WrongNode { .. } => Status::permission_denied(msg),
             Refusal::Unavailable(_) => Status::unavailable(msg),
-        }
+        })
     }
 }
 

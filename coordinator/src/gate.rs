@@ -376,8 +376,14 @@ mod tests {
             decide(&images, Ok(&no_runtime), true, Duration::ZERO, T, false),
             Verdict::Open(Opened::FallbackReady)
         );
-        assert_eq!(decide(&images, Err("its agent has not reported".into()), false, T, T, false), Verdict::Open(Opened::Timeout));
-        assert_eq!(decide(&images, Err("its agent has not reported".into()), false, Duration::ZERO, T, true), Verdict::Open(Opened::Uninstall));
+        assert_eq!(
+            decide(&images, Err("its agent has not reported".into()), false, T, T, false),
+            Verdict::Open(Opened::Timeout)
+        );
+        assert_eq!(
+            decide(&images, Err("its agent has not reported".into()), false, Duration::ZERO, T, true),
+            Verdict::Open(Opened::Uninstall)
+        );
     }
 
     #[test]

@@ -50,7 +50,7 @@ impl Coordinator for CoordinatorService {
 
     async fn watch(&self, request: Request<v1::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         if request.get_ref().node_name.trim().is_empty() {
-            return Err(Status::invalid_argument("node_name is empty"));
+            return Err(kip::v1::coordinator_status(Status::invalid_argument("node_name is empty")));
         }
         self.auth.check(request.metadata(), &request.get_ref().node_name, &self.hub.metrics).await?;
         let req = request.into_inner();
@@ -71,7 +71,7 @@ impl Coordinator for CoordinatorService {
 
     async fn report(&self, request: Request<v1::NodeReport>) -> Result<Response<v1::ReportAck>, Status> {
         if request.get_ref().node_name.trim().is_empty() {
-            return Err(Status::invalid_argument("node_name is empty"));
+            return Err(kip::v1::coordinator_status(Status::invalid_argument("node_name is empty")));
         }
         self.auth.check(request.metadata(), &request.get_ref().node_name, &self.hub.metrics).await?;
         let report = request.into_inner();
@@ -82,7 +82,7 @@ impl Coordinator for CoordinatorService {
     async fn pull_lease(&self, request: Request<v1::LeaseRequest>) -> Result<Response<v1::LeaseReply>, Status> {
         let node = request.get_ref().node_name.trim().to_string();
         if node.is_empty() {
-            return Err(Status::invalid_argument("node_name is empty"));
+            return Err(kip::v1::coordinator_status(Status::invalid_argument("node_name is empty")));
         }
         self.auth.check(request.metadata(), &node, &self.hub.metrics).await?;
         let metrics = &self.hub.metrics;

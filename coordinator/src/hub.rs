@@ -344,6 +344,12 @@ impl Hub {
         self.nodes_changed.send_modify(|v| *v += 1);
     }
 
+    /// `/metrics`: the metrics as of now (leases that ran out are dropped first).
+    pub fn render_metrics(&self) -> String {
+        self.leases.expire(&self.metrics);
+        self.metrics.render()
+    }
+
     /// Whether `node`'s agent has a Watch stream open to this process now.
     pub fn is_connected(&self, node: &str) -> bool {
         self.connections.read().is_ok_and(|c| c.get(node).is_some_and(|c| c.open_streams > 0))
@@ -913,5 +919,17 @@ mod tests {
         let runtime = &status["nodes"]["crio-1"]["runtime"];
         assert_eq!(runtime["name"], serde_json::json!("cri-o"));
         assert!(runtime["pin_error"].as_str().unwrap().contains("Read-only file system"), "{runtime}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_nobody_renews_leaves_the_in_use_gauge_at_the_next_scrape() {
+        let hub = Hub::new(config("a=busybox"), Arc::new(Metrics::new()));
+        assert!(hub.leases.acquire("a", || 1, &hub.metrics).await.granted);
+        assert!(hub.render_metrics().contains("kip_pull_leases_in_use 1\n"));
+        // node a died: nobody asks again, the lease runs out.
+        tokio::time::sleep(LEASE_TTL + Duration::from_secs(1)).await;
+        let text = hub.render_metrics();
+        assert!(text.contains("kip_pull_leases_in_use 0\n"), "{text}");
+        assert_eq!(hub.leases.to_json(1)["held"], serde_json::json!([]));
     }
 }

@@ -282,6 +282,30 @@ impl LeaseDesk {
         self.freed.notify_waiters();
     }
 
+    /// Drops the leases that ran out without a renewal (logged: a node that stopped renewing died
+    /// or lost the coordinator) and sets the in-use gauge; run before every scrape, so the gauge
+    /// does not keep counting a lease nobody holds until the next ask.
+    pub fn expire(&self, metrics: &Metrics) {
+        let (expired, in_use) = match self.leases.lock() {
+            Ok(mut leases) => (leases.expire(Instant::now()), leases.in_use()),
+            Err(_) => return,
+        };
+        for node in &expired {
+            tracing::info!(node, "pull lease expired (not renewed)");
+        }
+        metrics.pull_leases_in_use.set(in_use as i64);
+        if !expired.is_empty() {
+            self.freed.notify_waiters();
+        }
+    }
+
+    /// Test support: leases last `ttl` from now on (a renewal then brings the agent a new one).
+    pub fn set_ttl(&self, ttl: Duration) {
+        if let Ok(mut leases) = self.leases.lock() {
+            leases.ttl = ttl;
+        }
+    }
+
     /// `/status`: who holds a lease, who waits (in order).
     pub fn to_json(&self, slots: usize) -> serde_json::Value {
         let (held, waiting) = match self.leases.lock() {

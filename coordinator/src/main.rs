@@ -251,7 +251,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let router: http::Router = {
         let (hub, heartbeat) = (hub.clone(), heartbeat.clone());
         Arc::new(move |path| match path {
-            "/metrics" => http::openmetrics(hub.metrics.render()),
+            "/metrics" => http::openmetrics(hub.render_metrics()),
             "/healthz" => http::health(heartbeat.check()),
             // A valid list is published from the start (an invalid one stops start-up).
             "/readyz" => http::readiness(None),

@@ -17,9 +17,19 @@ use kip_coordinator::metrics::Metrics;
 use tokio_util::sync::CancellationToken;
 
 fn lease_client(url: &str, node: &str, timeout: Duration, stop: &CancellationToken) -> LeaseHandle {
+    lease_client_with(url, node, timeout, stop, BearerToken::default())
+}
+
+fn lease_client_with(
+    url: &str,
+    node: &str,
+    timeout: Duration,
+    stop: &CancellationToken,
+    token: BearerToken,
+) -> LeaseHandle {
     let (handle, task) = LeaseClient {
         channel: coordinator_channel(url).unwrap(),
-        token: BearerToken::default(),
+        token,
         node: node.into(),
         timeout,
         metrics: Arc::new(kip_agent::metrics::Metrics::new()),
@@ -38,6 +48,88 @@ async fn allowed_within(lease: &mut Option<LeaseHandle>, within: Duration) -> bo
     })
     .await
     .is_ok()
+}
+
+fn budget_of_one() -> Arc<Hub> {
+    let raw: kip_coordinator::config::RawConfig = [("IMAGES", "a=busybox"), ("KIP_MAX_NODES_PULLING", "1")]
+        .into_iter()
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect();
+    Hub::new(kip_coordinator::config::validate(&raw).unwrap(), Arc::new(Metrics::new()))
+}
+
+/// A restarted coordinator gave node-b the only slot before node-a's next renewal: node-a's
+/// renewal is answered "not granted", and node-a starts no new pull until it is granted again
+/// (two nodes pulling with a budget of one is what the budget exists to prevent).
+#[tokio::test]
+async fn a_renewal_answered_not_granted_stops_new_pulls_until_granted_again() {
+    let first = budget_of_one();
+    first.leases.set_ttl(Duration::from_secs(3));
+    let served = common::serve(first, AgentAuth::None).await;
+    let stop = CancellationToken::new();
+    let mut a = Some(lease_client(&served.url, "node-a", Duration::from_secs(60), &stop));
+    a.as_ref().unwrap().want(true);
+    assert!(allowed_within(&mut a, Duration::from_secs(5)).await, "node-a gets the only slot");
+
+    // The coordinator restarts; node-b holds the slot (renewing) before node-a renews.
+    served.shutdown.cancel();
+    let _ = served.server.await;
+    let restarted = budget_of_one();
+    restarted.leases.set_ttl(Duration::from_secs(3));
+    let addr = served.url.trim_start_matches("http://").to_string();
+    assert!(restarted.leases.acquire("node-b", || 1, &restarted.metrics).await.granted);
+    let renewing_b = {
+        let hub = restarted.clone();
+        tokio::spawn(async move {
+            loop {
+                hub.leases.acquire("node-b", || 1, &hub.metrics).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let served = common::serve_on(restarted.clone(), AgentAuth::None, &addr).await;
+
+    // node-a's renewal waits for a slot (10 s at most), then is answered "not granted".
+    let lost = tokio::time::timeout(Duration::from_secs(30), async {
+        while a.as_ref().unwrap().may_pull() {
+            LeaseHandle::changed(&mut a).await;
+        }
+    })
+    .await;
+    assert!(lost.is_ok(), "node-a went on pulling without a lease while node-b held the only one");
+    assert_eq!(restarted.status_json()["pull_leases"]["held"], serde_json::json!(["node-b"]));
+
+    // node-b is done: node-a, still asking, holds the lease again.
+    renewing_b.abort();
+    restarted.leases.release("node-b", &restarted.metrics);
+    assert!(allowed_within(&mut a, Duration::from_secs(15)).await, "node-a is granted again");
+    assert_eq!(restarted.status_json()["pull_leases"]["held"], serde_json::json!(["node-a"]));
+    stop.cancel();
+    served.shutdown.cancel();
+}
+
+/// A coordinator that answers "cannot verify the token now" (the API server struggles) is not an
+/// unreachable one: the agent keeps waiting for the budget past its lease timeout.
+#[tokio::test]
+async fn a_coordinator_that_cannot_verify_tokens_now_is_not_taken_for_an_unreachable_one() {
+    let hub = budget_of_one();
+    let (_, no_api) = tokio::sync::watch::channel(None);
+    let verifier = kip_coordinator::auth::TokenVerifier::new(no_api, "kip:kip-agent".parse().unwrap(), "kip".into());
+    let served = common::serve(hub.clone(), AgentAuth::TokenReview(verifier)).await;
+    let stop = CancellationToken::new();
+    let token = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token.path(), "header.payload.signature").unwrap();
+    let token = BearerToken { file: Some(token.path().to_path_buf()) };
+    let mut a = Some(lease_client_with(&served.url, "node-a", Duration::from_secs(1), &stop, token));
+    a.as_ref().unwrap().want(true);
+    assert!(
+        !allowed_within(&mut a, Duration::from_secs(4)).await,
+        "the agent pulled outside the budget after its 1 s lease timeout while the coordinator answered"
+    );
+    let text = hub.metrics.render();
+    assert!(text.contains("reason=\"unavailable\""), "the refusals were counted: {text}");
+    stop.cancel();
+    served.shutdown.cancel();
 }
 
 #[tokio::test]

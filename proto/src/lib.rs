@@ -16,6 +16,17 @@ pub mod reference;
 /// The `kip.v1` gRPC API (coordinator ⇄ agents), generated from `proto/kip/v1/kip.proto`.
 pub mod v1 {
     tonic::include_proto!("kip.v1");
+
+    /// The metadata key the coordinator sets on every error status of its own (a token it
+    /// cannot verify now, a bad token, shutting down): an agent tells a coordinator that answers
+    /// from one it cannot reach, and waits for the pull budget only on the first.
+    pub const ANSWERED_BY: &str = "kip-answered-by";
+
+    /// `status` marked as the coordinator's own answer.
+    pub fn coordinator_status(mut status: tonic::Status) -> tonic::Status {
+        status.metadata_mut().insert(ANSWERED_BY, tonic::metadata::MetadataValue::from_static("coordinator"));
+        status
+    }
 }
 
 /// The CRI (`runtime.v1`): the image and runtime services every Kubernetes runtime serves.

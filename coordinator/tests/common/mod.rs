@@ -23,13 +23,18 @@ pub struct Served {
 }
 
 pub async fn serve(hub: Arc<Hub>, auth: AgentAuth) -> Served {
+    serve_on(hub, auth, "127.0.0.1:0").await
+}
+
+/// As [`serve`], on `addr` (the address of a server stopped before: a restarted coordinator).
+pub async fn serve_on(hub: Arc<Hub>, auth: AgentAuth, addr: &str) -> Served {
     let shutdown = CancellationToken::new();
     let service = kip::v1::coordinator_server::CoordinatorServer::new(CoordinatorService::new(
         hub,
         Arc::new(auth),
         shutdown.clone(),
     ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let stop = shutdown.clone();
     let server = tokio::spawn(
