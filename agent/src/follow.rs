@@ -253,7 +253,9 @@ impl Follower {
             };
             let delivered = match &received {
                 Ok(n) => {
-                    tracing::warn!(coordinator = %self.url, updates = n, "coordinator closed the stream; reconnecting");
+                    // Routine: the coordinator ends each stream shortly before the token that
+                    // opened it expires (and when it stops).
+                    tracing::info!(coordinator = %self.url, updates = n, "coordinator closed the stream; reconnecting");
                     *n
                 }
                 Err((n, e)) => {

@@ -8,8 +8,6 @@
 //! (no API reachable) the call is refused (`Unavailable`): the check fails closed.
 //! Tokens are never logged, counted by value or kept: the cache is keyed by their SHA-256.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
@@ -31,9 +29,17 @@ const POD_NAME_KEY: &str = "authentication.kubernetes.io/pod-name";
 /// expiry minus [`EXPIRY_MARGIN`].
 const CACHE_AT_MOST: Duration = Duration::from_secs(300);
 const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
-/// Enough for every agent of a large cluster with a rotated token each; beyond it the oldest
-/// entries go.
-const CACHE_ENTRIES: usize = 20_000;
+/// Enough for every agent of a large cluster with a rotated token each; beyond it the least
+/// used entries go (expired ones go on their own).
+const CACHE_ENTRIES: u64 = 20_000;
+/// A refused token is refused again without a review for this long: a caller that repeats a
+/// bad token costs the API server one review per interval.
+const REFUSAL_CACHE: Duration = Duration::from_secs(10);
+/// Reviews in flight at once; more callers wait for one to finish, at most [`REVIEW_QUEUE_WAIT`].
+const CONCURRENT_REVIEWS: usize = 8;
+const REVIEW_QUEUE_WAIT: Duration = Duration::from_secs(5);
+/// A ServiceAccount token is a JWT of one to two KiB; anything much longer is not one.
+const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
 /// `--agent-auth`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -72,7 +78,7 @@ impl ServiceAccount {
 }
 
 /// Why a call was refused. Never carries the token.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Refusal {
     #[error("no bearer token (the agent needs KIP_TOKEN_FILE, a projected ServiceAccount token with audience kip)")]
     Missing,
@@ -152,6 +158,44 @@ pub fn jwt_expiry(token: &str) -> Option<SystemTime> {
     Some(SystemTime::UNIX_EPOCH + Duration::from_secs(exp))
 }
 
+/// Pure: whether `token` can be an agent's projected ServiceAccount token for `audience` at
+/// `now`, judged from its text alone (the signature is the API server's to check): a JWT of three
+/// base64url parts, not too long, whose claims have an `exp` still ahead and `audience` in `aud`.
+/// What fails here is refused without a TokenReview, so random strings cost the API nothing.
+pub fn plausible_token(token: &str, audience: &str, now: SystemTime) -> Result<(), Refusal> {
+    let malformed = |why: &str| Err(Refusal::Invalid(format!("not a ServiceAccount token: {why}")));
+    if token.len() > MAX_TOKEN_BYTES {
+        return malformed("too long");
+    }
+    let parts: Vec<&str> = token.split('.').collect();
+    let base64url = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if parts.len() != 3 || !parts.iter().all(|p| base64url(p)) {
+        return malformed("not a JWT");
+    }
+    let Some(claims) = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(parts[1])
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+    else {
+        return malformed("its claims are not JSON");
+    };
+    let Some(exp) = claims.get("exp").and_then(serde_json::Value::as_u64) else {
+        return malformed("no expiry");
+    };
+    if SystemTime::UNIX_EPOCH + Duration::from_secs(exp) <= now {
+        return Err(Refusal::Invalid("the token has expired".into()));
+    }
+    let for_kip = match claims.get("aud") {
+        Some(serde_json::Value::String(a)) => a == audience,
+        Some(serde_json::Value::Array(a)) => a.iter().any(|a| a.as_str() == Some(audience)),
+        _ => false,
+    };
+    if !for_kip {
+        return Err(Refusal::Invalid(format!("not issued for the audience {audience:?}")));
+    }
+    Ok(())
+}
+
 /// Pure: until when a token verified at `now` is trusted without another review.
 pub fn trusted_until(token: &str, now: SystemTime) -> SystemTime {
     let cap = now + CACHE_AT_MOST;
@@ -161,9 +205,33 @@ pub fn trusted_until(token: &str, now: SystemTime) -> SystemTime {
     }
 }
 
-struct Verified {
-    node: String,
-    until: SystemTime,
+/// What a review said of a token, kept under the token's SHA-256 for `ttl`.
+#[derive(Clone)]
+struct Reviewed {
+    node: Result<String, Refusal>,
+    ttl: Duration,
+}
+
+/// Each entry lives as long as it says.
+struct OwnLife;
+
+impl moka::Expiry<[u8; 32], Reviewed> for OwnLife {
+    fn expire_after_create(&self, _: &[u8; 32], v: &Reviewed, _: std::time::Instant) -> Option<Duration> {
+        Some(v.ttl)
+    }
+}
+
+/// A refusal, and whether it is news worth a warning (a fresh review's) or a repeat (the cache's,
+/// or a string that is no token at all: logged at debug, counted all the same).
+pub struct Refused {
+    pub refusal: Refusal,
+    pub quiet: bool,
+}
+
+impl From<Refusal> for Refused {
+    fn from(refusal: Refusal) -> Self {
+        Self { refusal, quiet: false }
+    }
 }
 
 pub struct TokenVerifier {
@@ -171,28 +239,54 @@ pub struct TokenVerifier {
     client: watch::Receiver<Option<Client>>,
     agents: ServiceAccount,
     audience: String,
-    cache: Mutex<HashMap<[u8; 32], Verified>>,
+    cache: moka::sync::Cache<[u8; 32], Reviewed>,
+    reviews: tokio::sync::Semaphore,
 }
 
 impl TokenVerifier {
     pub fn new(client: watch::Receiver<Option<Client>>, agents: ServiceAccount, audience: String) -> Self {
-        Self { client, agents, audience, cache: Mutex::new(HashMap::new()) }
+        let cache = moka::sync::Cache::builder().max_capacity(CACHE_ENTRIES).expire_after(OwnLife).build();
+        Self { client, agents, audience, cache, reviews: tokio::sync::Semaphore::new(CONCURRENT_REVIEWS) }
     }
 
     /// The node `token` may speak for.
-    async fn node_of(&self, token: &str) -> Result<String, Refusal> {
-        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    async fn node_of(&self, token: &str) -> Result<String, Refused> {
         let now = SystemTime::now();
-        if let Some(v) =
-            self.cache.lock().ok().and_then(|c| c.get(&key).filter(|v| v.until > now).map(|v| v.node.clone()))
-        {
-            return Ok(v);
+        plausible_token(token, &self.audience, now).map_err(|refusal| Refused { refusal, quiet: true })?;
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(known) = self.cache.get(&key) {
+            return known.node.map_err(|refusal| Refused { refusal, quiet: true });
         }
         let client = self
             .client
             .borrow()
             .clone()
             .ok_or_else(|| Refusal::Unavailable("the Kubernetes API has not been reached yet".into()))?;
+        // Bounded: a flood of calls queues here instead of becoming a flood of TokenReviews.
+        let _review = tokio::time::timeout(REVIEW_QUEUE_WAIT, self.reviews.acquire())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| Refusal::Unavailable("too many token reviews in flight; try again".into()))?;
+        // Another call with this token may have had it reviewed while this one waited.
+        if let Some(known) = self.cache.get(&key) {
+            return known.node.map_err(|refusal| Refused { refusal, quiet: true });
+        }
+        let node = self.review(client, token).await;
+        let ttl = match &node {
+            Ok(_) => trusted_until(token, now).duration_since(now).unwrap_or_default(),
+            // Not a verdict on the token: asked again at the next call.
+            Err(Refusal::Unavailable(_)) => Duration::ZERO,
+            Err(_) => REFUSAL_CACHE,
+        };
+        if !ttl.is_zero() {
+            self.cache.insert(key, Reviewed { node: node.clone(), ttl });
+        }
+        Ok(node?)
+    }
+
+    /// One TokenReview (and, on clusters before 1.30, one pod read).
+    async fn review(&self, client: Client, token: &str) -> Result<String, Refusal> {
         let review = TokenReview {
             spec: TokenReviewSpec { token: Some(token.to_string()), audiences: Some(vec![self.audience.clone()]) },
             ..Default::default()
@@ -202,21 +296,11 @@ impl TokenVerifier {
             .await
             .map_err(|e| Refusal::Unavailable(format!("TokenReview failed: {e}")))?;
         let id = identity(&reviewed.status.unwrap_or_default(), &self.agents, &self.audience)?;
-        let node = match (id.node, id.pod) {
-            (Some(node), _) => node,
-            (None, Some(pod)) => self.node_of_pod(client, &pod).await?,
-            (None, None) => return Err(Refusal::Invalid("the token is not bound to a pod".into())),
-        };
-        if let Ok(mut cache) = self.cache.lock() {
-            if cache.len() >= CACHE_ENTRIES {
-                cache.retain(|_, v| v.until > now);
-                if cache.len() >= CACHE_ENTRIES {
-                    cache.clear();
-                }
-            }
-            cache.insert(key, Verified { node: node.clone(), until: trusted_until(token, now) });
+        match (id.node, id.pod) {
+            (Some(node), _) => Ok(node),
+            (None, Some(pod)) => self.node_of_pod(client, &pod).await,
+            (None, None) => Err(Refusal::Invalid("the token is not bound to a pod".into())),
         }
-        Ok(node)
     }
 
     /// Clusters before 1.30 put no node in the token: the pod's `spec.nodeName` says it.
@@ -240,26 +324,40 @@ pub enum AgentAuth {
 }
 
 impl AgentAuth {
-    /// Allows a call for `node` or says why not (counted and logged, without the token).
-    pub async fn check(&self, metadata: &MetadataMap, node: &str, metrics: &Metrics) -> Result<(), Status> {
-        let AgentAuth::TokenReview(verifier) = self else { return Ok(()) };
+    /// Allows a call for `node` or says why not (counted, and logged without the token). `Ok`
+    /// holds until when the call's token is good (`None`: no token checked): a Watch stream
+    /// ends then, and the agent comes back with its rotated token (a stream never outlives its
+    /// token, nor so its pod).
+    pub async fn check(
+        &self,
+        metadata: &MetadataMap,
+        node: &str,
+        metrics: &Metrics,
+    ) -> Result<Option<SystemTime>, Status> {
+        let AgentAuth::TokenReview(verifier) = self else { return Ok(None) };
         let result = match bearer(metadata) {
-            Ok(token) => verifier.node_of(token).await.and_then(|token_node| {
-                if token_node == node {
-                    Ok(())
-                } else {
-                    Err(Refusal::WrongNode { token_node, claimed: node.to_string() })
-                }
-            }),
-            Err(e) => Err(e),
+            Ok(token) => match verifier.node_of(token).await {
+                Ok(token_node) if token_node == node => Ok(jwt_expiry(token)),
+                Ok(token_node) => Err(Refusal::WrongNode { token_node, claimed: node.to_string() }.into()),
+                Err(refused) => Err(refused),
+            },
+            Err(e) => Err(e.into()),
         };
-        result.map_err(|refusal| {
+        result.map_err(|Refused { refusal, quiet }| {
             metrics.refused(refusal.reason());
-            tracing::warn!(node, reason = refusal.reason(), error = %refusal, "agent call refused");
+            if quiet {
+                tracing::debug!(node, reason = refusal.reason(), error = %refusal, "agent call refused");
+            } else {
+                tracing::warn!(node, reason = refusal.reason(), error = %refusal, "agent call refused");
+            }
             refusal.status()
         })
     }
 }
+
+/// How long before its token expires a Watch stream is ended (the agent's kubelet has rotated
+/// the token file by then: it does so at 80% of the token's life).
+pub const STREAM_END_BEFORE_EXPIRY: Duration = EXPIRY_MARGIN;
 
 #[cfg(test)]
 mod tests {
@@ -338,6 +436,28 @@ mod tests {
         assert_eq!(trusted_until(&jwt(999_000), now), now, "an expired token is not cached");
         assert_eq!(trusted_until("opaque", now), now + CACHE_AT_MOST);
         assert_eq!(jwt_expiry("a.!!!.c"), None);
+    }
+
+    #[test]
+    fn only_a_jwt_for_kip_that_has_not_expired_is_sent_for_review() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let b64 = |v: serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+        let token =
+            |claims: serde_json::Value| format!("{}.{}.c2ln", b64(serde_json::json!({"alg": "RS256"})), b64(claims));
+        assert_eq!(plausible_token(&token(serde_json::json!({"aud": ["kip"], "exp": 1_000_600})), "kip", now), Ok(()));
+        assert_eq!(plausible_token(&token(serde_json::json!({"aud": "kip", "exp": 1_000_600})), "kip", now), Ok(()));
+        let refused = |t: &str| match plausible_token(t, "kip", now) {
+            Err(Refusal::Invalid(why)) => why,
+            other => panic!("{t:.30}: {other:?}"),
+        };
+        assert!(refused(&token(serde_json::json!({"aud": ["kip"], "exp": 999_999}))).contains("expired"));
+        assert!(refused(&token(serde_json::json!({"aud": ["api"], "exp": 1_000_600}))).contains("audience"));
+        assert!(refused(&token(serde_json::json!({"aud": ["kip"]}))).contains("no expiry"));
+        assert!(refused("abc.!!!.def").contains("not a JWT"));
+        assert!(refused("abc.def").contains("not a JWT"));
+        assert!(refused("a..b").contains("not a JWT"));
+        assert!(refused("abc.def.ghi").contains("not JSON"));
+        assert!(refused(&"a".repeat(MAX_TOKEN_BYTES + 1)).contains("too long"));
     }
 
     #[test]

@@ -52,7 +52,8 @@ impl Coordinator for CoordinatorService {
         if request.get_ref().node_name.trim().is_empty() {
             return Err(kip::v1::coordinator_status(Status::invalid_argument("node_name is empty")));
         }
-        self.auth.check(request.metadata(), &request.get_ref().node_name, &self.hub.metrics).await?;
+        let token_good_until =
+            self.auth.check(request.metadata(), &request.get_ref().node_name, &self.hub.metrics).await?;
         let req = request.into_inner();
         tracing::info!(node = %req.node_name, agent_version = %req.agent_version, "agent connected");
         self.hub.metrics.agents_connected.inc();
@@ -65,7 +66,27 @@ impl Coordinator for CoordinatorService {
             let _alive = &guard;
             Ok(published.to_update())
         });
-        let updates = updates.take_until(self.shutdown.clone().cancelled_owned());
+        // The stream ends with the coordinator, or shortly before the caller's token expires: the
+        // agent reconnects with its rotated token, checked again (a stream never outlives the
+        // token that opened it, nor the pod the token is bound to).
+        let token_life = token_good_until.map(|until| {
+            let left = until
+                .checked_sub(crate::auth::STREAM_END_BEFORE_EXPIRY)
+                .and_then(|t| t.duration_since(std::time::SystemTime::now()).ok())
+                .unwrap_or_default();
+            kip::duration::after(tokio::time::Instant::now(), left)
+        });
+        let shutdown = self.shutdown.clone();
+        let ended = async move {
+            match token_life {
+                Some(at) => tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep_until(at) => {}
+                },
+                None => shutdown.cancelled().await,
+            }
+        };
+        let updates = updates.take_until(ended);
         Ok(Response::new(Box::pin(updates)))
     }
 

@@ -24,15 +24,38 @@ use tower_test::mock::{pair, Handle};
 
 const AGENT: &str = "system:serviceaccount:kip:kip-agent";
 
-/// What the stub API server says of each token, and how many reviews it answered per token.
+/// What the stub API server says of each token, how many reviews it answered per token name, and
+/// the most reviews it had in hand at once (each is answered after `delay`).
 struct StubApi {
     reviews: Arc<std::sync::Mutex<HashMap<String, usize>>>,
     pod_reads: Arc<AtomicUsize>,
+    most_at_once: Arc<AtomicUsize>,
+}
+
+/// A projected token as the kubelet writes it: a JWT for audience `kip` expiring in `life`, whose
+/// claims carry `name` (what the stub API server answers by). The signature is the API's affair.
+fn jwt(name: &str, life: Duration) -> String {
+    use base64::Engine as _;
+    let exp = (std::time::SystemTime::now() + life).duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    format!("{}.{}.c2lnbmF0dXJl", b64(json!({"alg": "RS256"})), b64(json!({"aud": ["kip"], "exp": exp, "test": name})))
+}
+
+/// The `name` a token of [`jwt`] carries.
+fn name_in(token: &str) -> String {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).unwrap_or_default();
+    let claims: Value = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    claims["test"].as_str().unwrap_or_default().to_string()
 }
 
 fn review_of(token: &str) -> Value {
     let user = |username: &str, extra: Value| json!({"username": username, "extra": extra});
-    let status = match token {
+    let status = match name_in(token).as_str() {
         // A 1.30+ cluster: the node is in the token.
         "token-of-node-a" => json!({"authenticated": true, "audiences": ["kip"], "user": user(AGENT, json!({
             "authentication.kubernetes.io/pod-name": ["kip-agent-a"],
@@ -48,37 +71,52 @@ fn review_of(token: &str) -> Value {
 }
 
 impl StubApi {
-    fn serve(mut handle: Handle<Request<Body>, Response<Body>>) -> Self {
+    fn serve(handle: Handle<Request<Body>, Response<Body>>) -> Self {
+        Self::serve_slowly(handle, Duration::ZERO)
+    }
+
+    fn serve_slowly(mut handle: Handle<Request<Body>, Response<Body>>, delay: Duration) -> Self {
         let reviews = Arc::new(std::sync::Mutex::new(HashMap::new()));
         let pod_reads = Arc::new(AtomicUsize::new(0));
-        let (r, p) = (reviews.clone(), pod_reads.clone());
+        let most_at_once = Arc::new(AtomicUsize::new(0));
+        let in_hand = Arc::new(AtomicUsize::new(0));
+        let (r, p, most) = (reviews.clone(), pod_reads.clone(), most_at_once.clone());
         tokio::spawn(async move {
             while let Some((req, send)) = handle.next_request().await {
-                let (method, path) = (req.method().clone(), req.uri().path().to_string());
-                let body = req.into_body().collect().await.unwrap().to_bytes();
-                let (status, reply) = match (method, path.as_str()) {
-                    (Method::POST, "/apis/authentication.k8s.io/v1/tokenreviews") => {
-                        let sent: Value = serde_json::from_slice(&body).unwrap();
-                        assert_eq!(sent["spec"]["audiences"], json!(["kip"]), "the review asks for kip's audience");
-                        let token = sent["spec"]["token"].as_str().unwrap().to_string();
-                        *r.lock().unwrap().entry(token.clone()).or_default() += 1;
-                        (StatusCode::CREATED, review_of(&token))
-                    }
-                    (Method::GET, "/api/v1/namespaces/kip/pods/kip-agent-b") => {
-                        p.fetch_add(1, Ordering::SeqCst);
-                        (
-                            StatusCode::OK,
-                            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "kip-agent-b"}, "spec": {"nodeName": "node-b", "containers": []}}),
-                        )
-                    }
-                    (m, other) => panic!("unexpected request {m} {other}"),
-                };
-                send.send_response(
-                    Response::builder().status(status).body(Body::from(serde_json::to_vec(&reply).unwrap())).unwrap(),
-                );
+                let (r, p, most, in_hand) = (r.clone(), p.clone(), most.clone(), in_hand.clone());
+                most.fetch_max(in_hand.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    let (status, reply) = match (method, path.as_str()) {
+                        (Method::POST, "/apis/authentication.k8s.io/v1/tokenreviews") => {
+                            let sent: Value = serde_json::from_slice(&body).unwrap();
+                            assert_eq!(sent["spec"]["audiences"], json!(["kip"]), "the review asks for kip's audience");
+                            let token = sent["spec"]["token"].as_str().unwrap().to_string();
+                            *r.lock().unwrap().entry(name_in(&token)).or_default() += 1;
+                            (StatusCode::CREATED, review_of(&token))
+                        }
+                        (Method::GET, "/api/v1/namespaces/kip/pods/kip-agent-b") => {
+                            p.fetch_add(1, Ordering::SeqCst);
+                            (
+                                StatusCode::OK,
+                                json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "kip-agent-b"}, "spec": {"nodeName": "node-b", "containers": []}}),
+                            )
+                        }
+                        (m, other) => panic!("unexpected request {m} {other}"),
+                    };
+                    tokio::time::sleep(delay).await;
+                    in_hand.fetch_sub(1, Ordering::SeqCst);
+                    send.send_response(
+                        Response::builder()
+                            .status(status)
+                            .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                            .unwrap(),
+                    );
+                });
             }
         });
-        Self { reviews, pod_reads }
+        Self { reviews, pod_reads, most_at_once }
     }
 
     fn reviews_of(&self, token: &str) -> usize {
@@ -95,7 +133,12 @@ async fn coordinator(api: Option<kube::Client>) -> (common::Served, Arc<Hub>) {
 }
 
 /// A token file as the kubelet's projected volume holds it.
-fn token_file(dir: &tempfile::TempDir, token: &str) -> BearerToken {
+fn token_file(dir: &tempfile::TempDir, name: &str) -> BearerToken {
+    raw_token_file(dir, &jwt(name, Duration::from_secs(600)))
+}
+
+/// A token file holding `token` as it is.
+fn raw_token_file(dir: &tempfile::TempDir, token: &str) -> BearerToken {
     let file = dir.path().join("token");
     std::fs::write(&file, format!("{token}\n")).unwrap();
     BearerToken { file: Some(file) }
@@ -169,5 +212,75 @@ async fn without_an_api_to_verify_with_every_call_is_refused() {
     assert_eq!(watch.err().map(|s| s.code()), Some(tonic::Code::Unavailable));
     assert!(hub.nodes().is_empty());
     assert!(hub.metrics.render().contains("kip_agent_calls_refused_total{reason=\"unavailable\"} 2"));
+    c.shutdown.cancel();
+}
+
+/// What anyone in the cluster can send costs the API server little: strings that are no token
+/// of kip's (random, too long, expired, for another audience) are refused without a review; a
+/// bad token sent again and again is reviewed once (its refusal is kept a while); and however
+/// many calls come at once, at most 8 reviews are in flight.
+#[tokio::test]
+async fn junk_tokens_cost_no_review_a_repeated_bad_one_costs_one_and_reviews_are_bounded() {
+    let (service, handle) = pair::<Request<Body>, Response<Body>>();
+    let api = StubApi::serve_slowly(handle, Duration::from_millis(200));
+    let (c, hub) = coordinator(Some(kube::Client::new(service, "default"))).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    let expired = jwt("token-of-node-a", Duration::ZERO);
+    let long = format!("{}.{}.sig", "a".repeat(10_000), "b".repeat(10));
+    let wrong_audience = {
+        use base64::Engine as _;
+        let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+        format!(
+            "{}.{}.sig",
+            b64(json!({"alg": "RS256"})),
+            b64(json!({"aud": ["api"], "exp": 4_000_000_000u64, "test": "token-of-node-a"}))
+        )
+    };
+    for junk in ["random", "a.b", "x.y.z", "a.!!!.c", long.as_str(), expired.as_str(), wrong_audience.as_str()] {
+        let refused = report(&c.url, raw_token_file(&dir, junk), "node-a").await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{junk:.40}: {refused:?}");
+    }
+    assert_eq!(api.reviews.lock().unwrap().values().sum::<usize>(), 0, "junk was sent to the API server");
+
+    for _ in 0..20 {
+        let refused = report(&c.url, token_file(&dir, "forged"), "node-a").await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    }
+    assert_eq!(api.reviews_of("forged"), 1, "a repeated bad token is reviewed once");
+
+    let dirs: Vec<tempfile::TempDir> = (0..40).map(|_| tempfile::tempdir().unwrap()).collect();
+    let calls = dirs.iter().enumerate().map(|(i, d)| {
+        let url = c.url.clone();
+        let token = token_file(d, &format!("flood-{i}"));
+        async move { report(&url, token, "node-a").await }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    assert!(answers.iter().all(Result::is_err));
+    let most = api.most_at_once.load(Ordering::SeqCst);
+    assert!((1..=8).contains(&most), "{most} reviews were in flight at once");
+    assert!(hub.nodes().is_empty());
+    c.shutdown.cancel();
+}
+
+/// A Watch stream ends shortly before the token that opened it expires; the agent comes back
+/// with its rotated token (reviewed again).
+#[tokio::test]
+async fn a_watch_stream_ends_before_its_token_expires() {
+    let (service, handle) = pair::<Request<Body>, Response<Body>>();
+    let _api = StubApi::serve(handle);
+    let (c, _hub) = coordinator(Some(kube::Client::new(service, "default"))).await;
+    let dir = tempfile::tempdir().unwrap();
+    // 32 s of life: the stream ends 30 s before, about 2 s from now.
+    let token = raw_token_file(&dir, &jwt("token-of-node-a", Duration::from_secs(32)));
+    let mut client = follow::client(coordinator_channel(&c.url).unwrap(), token);
+    let mut stream = client
+        .watch(kip::v1::WatchRequest { node_name: "node-a".into(), agent_version: "test".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stream.message().await.unwrap().is_some(), "the list comes first");
+    let ended = tokio::time::timeout(Duration::from_secs(20), stream.message()).await;
+    assert!(matches!(ended, Ok(Ok(None))), "the stream outlived its token: {ended:?}");
     c.shutdown.cancel();
 }
