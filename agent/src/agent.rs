@@ -117,9 +117,12 @@ pub async fn unpin_unlisted<R: Runtime>(rt: &R, states: &States, remove: bool) -
     }
     tracing::info!(refs = ?released, "removed kip's pin from images no longer listed");
     if remove {
-        for r in &released {
-            rt.remove(r).await?;
-            tracing::info!(image = %r, "removed unlisted image");
+        let removal = rt.remove_released(&released).await?;
+        if !removal.deleted.is_empty() {
+            tracing::info!(names = ?removal.deleted, "removed unlisted images");
+        }
+        for (name, why) in &removal.kept {
+            tracing::info!(image = %name, why = %why, "unlisted image not removed: it is not only kip's");
         }
     }
     Ok(released)

@@ -301,3 +301,31 @@ async fn a_restarted_agent_keeps_its_pins_and_clears_a_leftover_temporary_file()
     let pins = rig.crictl_pins();
     assert_eq!((pins.get(&images[0]), pins.get(&images[1])), (Some(&false), Some(&false)), "{pins:?}");
 }
+
+/// Issue 20 item 8: a release with `remove` (and `--remove-unlisted`) deletes an image kip pinned
+/// only where no name kip does not own is on it: the same content pulled as an admin's
+/// `admin/keep:1` stays, under both names; the image only kip named is deleted.
+#[tokio::test]
+async fn removal_keeps_an_image_that_also_carries_an_admin_s_name() {
+    let Some(rig) = Rig::start("removal_keeps_an_image_that_also_carries_an_admin_s_name") else { return };
+    let images = rig.push("rm", 2);
+    let admins = format!("{}/admin/keep:1", rig.registry);
+    let oci = rig.dir.path().join("oci-rm-0");
+    run(&rig.scripts.join("push-image.sh"), &[&format!("oci:{}:1", oci.display()), &admins]);
+    rig.crictl(&["pull", &admins]);
+    let crio = rig.backend().await;
+    for r in &images {
+        let image = crio.pull(r, None, None, Duration::from_secs(60)).await.unwrap().unwrap();
+        assert!(crio.pin(r, &image).await.unwrap());
+    }
+    let shared = crio.status(&images[0]).await.unwrap().unwrap();
+    assert!(shared.repo_tags.contains(&admins), "one image under both names: {shared:?}");
+
+    let offset = rig.log_len();
+    kip_agent::agent::release_node(&crio, true, None).await.unwrap();
+    rig.wait_reload(offset).await;
+    let tags = rig.crictl_pins();
+    assert!(!tags.contains_key(&images[1]), "the image only kip named is deleted: {tags:?}");
+    assert!(tags.contains_key(&admins), "the admin's name stays: {tags:?}");
+    assert!(tags.contains_key(&images[0]), "the image it names stays whole: {tags:?}");
+}

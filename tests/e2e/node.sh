@@ -191,14 +191,24 @@ id_record=$(records_of "$BYDIGEST" | grep '^sha256:')
 is_pinned_by_kip "$id_record" || fail "image ID record $id_record shared with a listed image was unpinned"
 kill -TERM "$AGENT_PID"; wait "$AGENT_PID" || fail "agent exited non-zero on SIGTERM"
 
-log "--remove-unlisted: an image kip pinned that left the list is deleted"
-"$AGENT" --cri-socket "$CONTAINERD_SOCK" --images "multi=$MULTI; bydigest=$BYDIGEST" --remove-unlisted \
+log "--remove-unlisted: an image kip pinned that left the list is deleted, unless it has a name kip does not own"
+# An admin's name for multi's content (as \`ctr images tag\` makes it): multi leaves the list with
+# private, but only private (named by kip alone) may go; multi stays under both names.
+KEEP=docker.io/admin/keep:1
+kctr images tag "$MULTI" "$KEEP" >/dev/null
+"$AGENT" --cri-socket "$CONTAINERD_SOCK" --images "bydigest=$BYDIGEST" --remove-unlisted \
   --listen "127.0.0.1:$PORT" --check-interval 1s >> "$KIP_WORK/agent.log" 2>&1 &
 AGENT_PID=$!
 KIP_PIDS+=("$AGENT_PID")
 absent() { local refs; refs=$(kctr images ls -q) && ! has_line "$refs" "$1"; }
 wait_for 30 "$PRIVATE to be removed" absent "$PRIVATE"
-ref_present "$MULTI" || fail "--remove-unlisted removed a listed image"
+not_kips() { ! is_pinned_by_kip "$1"; }
+wait_for 30 "$MULTI to lose kip's pin" not_kips "$MULTI"
+ref_present "$KEEP" || { kctr images ls >&2; fail "--remove-unlisted deleted the admin's $KEEP (the same content as kip's $MULTI)"; }
+ref_present "$MULTI" || fail "--remove-unlisted deleted $MULTI although the admin's $KEEP names its content"
+agent_log=$(cat "$KIP_WORK/agent.log")
+has_match "$agent_log" "not removed: it is not only kip's" || fail "the agent did not say why $MULTI stayed"
+ref_present "$BYDIGEST" || fail "--remove-unlisted removed a listed image"
 ref_present "$OTHER" || fail "--remove-unlisted removed an image kip never pinned"
 kill -TERM "$AGENT_PID"; wait "$AGENT_PID" || fail "agent exited non-zero on SIGTERM"
 

@@ -332,6 +332,24 @@ async fn a_release_removes_kip_s_pins_and_state_file_keeps_the_images_and_others
     node.stop().await;
 }
 
+/// An admin tagged the content of a listed image under a name of their own (`ctr images tag`):
+/// when kip lets go of the image (a release with `remove`, or `--remove-unlisted`), that image
+/// stays with the admin's name; the image only kip named is deleted.
+#[tokio::test(start_paused = true)]
+async fn removal_never_deletes_an_image_that_carries_a_name_kip_does_not_own() {
+    let rt = FakeRuntime::default();
+    rt.alias(A, "docker.io/admin/keep:1");
+    let mut node = Node::start(rt, &[("a", A), ("b", B)]);
+    sleep(Duration::from_millis(1)).await;
+    assert_eq!((node.rt.pin_of(A), node.rt.pin_of(B)), (Some(Pin::Kip), Some(Pin::Kip)));
+    node.release(v1::Release::Remove);
+    sleep(Duration::from_millis(1)).await;
+    assert_eq!(node.rt.state().removed, vec![B.to_string()], "only the image nobody else names is deleted");
+    assert_eq!(node.rt.pin_of(A), Some(Pin::None), "kip's pin went, the image and the admin's name stay");
+    assert!(node.reports.borrow().released);
+    node.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_release_with_remove_deletes_what_kip_pinned_only() {
     let rt = FakeRuntime::default();

@@ -1,26 +1,34 @@
 //! containerd: images through the CRI, pins as the label `io.cri-containerd.pinned=pinned` on
-//! every record of the image (namespace `k8s.io`) plus kip's own `kip.eclipse.dev/pinned-by=kip`,
-//! so kip only ever removes pins it set. Labels change through the native images API, and an
+//! every record of the image (namespace `k8s.io`) plus kip's own `kip.eclipse.dev/pinned-by=kip`
+//! and `kip.eclipse.dev/pinned-as=<the record's name>`, so kip only ever removes pins it set (not
+//! those of a copy an admin made with `ctr images tag`). Labels change through the native images API, and an
 //! update always carries the whole record as read (target included) with a field mask naming
 //! only kip's two labels: containerd >= 1.7 crashes on an update without a target, and an empty
 //! mask would replace the whole record.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use kip::containerd::services::images::v1::{
-    images_client::ImagesClient, GetImageRequest, Image, ListImagesRequest, UpdateImageRequest,
+    images_client::ImagesClient, DeleteImageRequest, GetImageRequest, Image, ListImagesRequest, UpdateImageRequest,
 };
 use kip::cri::AuthConfig;
 use tonic::transport::Channel;
 
-use super::{every_record_pinned, parse_version, CriOnly, Keep, Runtime, RuntimeError, Snapshot};
+use super::{
+    every_record_pinned, parse_version, plan_removal, CriOnly, Keep, Removal, RemovalVerdict, Runtime, RuntimeError,
+    Snapshot,
+};
 use crate::cri::{unix_channel, CriClient, ImageInfo, RuntimeInfo};
 
 pub const PIN_LABEL: &str = "io.cri-containerd.pinned";
 pub const PIN_VALUE: &str = "pinned";
 pub const OWNER_LABEL: &str = "kip.eclipse.dev/pinned-by";
 pub const OWNER_VALUE: &str = "kip";
+/// The name of the record kip pinned, set with the pin: a copy of the record under another name
+/// (`ctr images tag` copies every label, kip's included, on 1.6 and 1.7) is then not kip's, and
+/// kip neither unpins nor deletes it. Records pinned by kip before this label count as kip's.
+pub const PINNED_AS_LABEL: &str = "kip.eclipse.dev/pinned-as";
 /// The namespace the CRI plugin keeps kubelet's images in.
 pub const CRI_NAMESPACE: &str = "k8s.io";
 
@@ -42,9 +50,10 @@ pub enum PinState {
     PinnedByOther,
 }
 
-pub fn pin_state(labels: &HashMap<String, String>) -> PinState {
+pub fn pin_state(name: &str, labels: &HashMap<String, String>) -> PinState {
     let pinned = labels.get(PIN_LABEL).is_some_and(|v| v == PIN_VALUE);
-    let ours = labels.get(OWNER_LABEL).is_some_and(|v| v == OWNER_VALUE);
+    let ours = labels.get(OWNER_LABEL).is_some_and(|v| v == OWNER_VALUE)
+        && labels.get(PINNED_AS_LABEL).is_none_or(|v| v.is_empty() || v == name);
     match (pinned, ours) {
         (true, true) => PinState::PinnedByKip,
         (true, false) => PinState::PinnedByOther,
@@ -61,16 +70,18 @@ pub fn relabel(mut record: Image, pin: Option<&str>) -> UpdateImageRequest {
         Some(owner) => {
             record.labels.insert(PIN_LABEL.to_string(), PIN_VALUE.to_string());
             record.labels.insert(OWNER_LABEL.to_string(), owner.to_string());
+            record.labels.insert(PINNED_AS_LABEL.to_string(), record.name.clone());
         }
         None => {
-            record.labels.insert(PIN_LABEL.to_string(), String::new());
-            record.labels.insert(OWNER_LABEL.to_string(), String::new());
+            for label in [PIN_LABEL, OWNER_LABEL, PINNED_AS_LABEL] {
+                record.labels.insert(label.to_string(), String::new());
+            }
         }
     }
     UpdateImageRequest {
         image: Some(record),
         update_mask: Some(prost_types::FieldMask {
-            paths: vec![format!("labels.{PIN_LABEL}"), format!("labels.{OWNER_LABEL}")],
+            paths: [PIN_LABEL, OWNER_LABEL, PINNED_AS_LABEL].iter().map(|l| format!("labels.{l}")).collect(),
         }),
         source_date_epoch: None,
     }
@@ -168,6 +179,22 @@ impl Containerd {
         }
     }
 
+    /// Deletes one record, only while it still points at the target it was read with (the
+    /// field is ignored by 1.6, which has no such check).
+    async fn delete(&self, record: &Image) -> Result<(), LabelError> {
+        let req = with_namespace(DeleteImageRequest {
+            name: record.name.clone(),
+            sync: false,
+            target: record.target.clone(),
+        });
+        match within(self.call_timeout, "Delete", &record.name, self.images.clone().delete(req)).await? {
+            Ok(_) => Ok(()),
+            // Gone already (kubelet GC), or re-pointed since it was read: not kip's to delete.
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+            Err(s) => Err(label_error("Delete", &record.name, &s)),
+        }
+    }
+
     /// Every image record of the CRI's namespace, labels included.
     async fn list(&self) -> Result<Vec<Image>, LabelError> {
         let req = with_namespace(ListImagesRequest { filters: vec![] });
@@ -180,7 +207,7 @@ impl Containerd {
         let mut changed = 0;
         for name in names {
             let Some(record) = self.get(name).await? else { continue };
-            if pin_state(&record.labels) == PinState::Unpinned {
+            if pin_state(&record.name, &record.labels) == PinState::Unpinned {
                 self.update(relabel(record, Some(OWNER_VALUE))).await?;
                 changed += 1;
             }
@@ -206,7 +233,10 @@ impl Runtime for Containerd {
             return Ok(images);
         }
         let records = self.list().await?;
-        let pins = records.into_iter().map(|r| (r.name, pin_state(&r.labels) != PinState::Unpinned)).collect();
+        let pins = records
+            .into_iter()
+            .map(|r| (r.name.clone(), pin_state(&r.name, &r.labels) != PinState::Unpinned))
+            .collect();
         Ok(Snapshot { record_pins: Some(pins), ..images })
     }
 
@@ -249,7 +279,7 @@ impl Runtime for Containerd {
         let mut pins = HashMap::new();
         for name in &records {
             if let Some(record) = self.get(name).await? {
-                pins.insert(record.name, pin_state(&record.labels) != PinState::Unpinned);
+                pins.insert(record.name.clone(), pin_state(&record.name, &record.labels) != PinState::Unpinned);
             }
         }
         Ok(every_record_pinned(&records, &pins))
@@ -268,7 +298,12 @@ impl Runtime for Containerd {
             .list()
             .await?
             .into_iter()
-            .filter(|r| r.labels.get(OWNER_LABEL).is_some_and(|v| v == OWNER_VALUE))
+            .filter(|r| {
+                let claimed = r.labels.get(OWNER_LABEL).is_some_and(|v| v == OWNER_VALUE);
+                // Kip's label without the pin (someone took the pin off) is still cleaned up;
+                // a copy of a kip record under another name is not kip's.
+                claimed && r.labels.get(PINNED_AS_LABEL).is_none_or(|v| v.is_empty() || *v == r.name)
+            })
             .collect();
         let released = crate::reconcile::to_release(ours.iter().map(|r| r.name.as_str()), keep);
         for record in ours.into_iter().filter(|r| released.contains(&r.name)) {
@@ -277,8 +312,38 @@ impl Runtime for Containerd {
         Ok(released)
     }
 
-    async fn remove(&self, reference: &str) -> Result<(), RuntimeError> {
-        self.base.remove(reference).await
+    /// Through the native images API, record by record: the CRI's `RemoveImage` would delete
+    /// every name of the image, an admin's `ctr images tag` of the same content included. The
+    /// records of one image are those with the same target; only an image whose every record
+    /// is kip's ([`plan_removal`]) is deleted, each record conditional on its target.
+    async fn remove_released(&self, released: &[String]) -> Result<Removal, RuntimeError> {
+        let mut images: BTreeMap<String, Vec<Image>> = BTreeMap::new();
+        for record in self.list().await? {
+            if let Some(target) = &record.target {
+                images.entry(target.digest.clone()).or_default().push(record);
+            }
+        }
+        let images: Vec<Vec<Image>> = images.into_values().collect();
+        let names: Vec<Vec<String>> = images.iter().map(|g| g.iter().map(|r| r.name.clone()).collect()).collect();
+        let mut removal = Removal::default();
+        for (i, verdict) in plan_removal(&names, released) {
+            match verdict {
+                RemovalVerdict::Delete => {
+                    // The image ID record last: the CRI finds the image by it until the end.
+                    let mut records: Vec<&Image> = images[i].iter().collect();
+                    records.sort_by_key(|r| r.name.starts_with("sha256:"));
+                    for record in records {
+                        self.delete(record).await?;
+                        removal.deleted.push(record.name.clone());
+                    }
+                }
+                RemovalVerdict::Keep(why) => {
+                    let name = names[i].iter().find(|n| released.contains(n)).cloned().unwrap_or_default();
+                    removal.kept.push((name, why));
+                }
+            }
+        }
+        Ok(removal)
     }
 }
 
@@ -318,11 +383,16 @@ mod tests {
 
     #[test]
     fn pin_ownership_is_read_from_the_labels() {
-        assert_eq!(pin_state(&labels(&[])), PinState::Unpinned);
-        assert_eq!(pin_state(&labels(&[(PIN_LABEL, "pinned")])), PinState::PinnedByOther);
-        assert_eq!(pin_state(&labels(&[(PIN_LABEL, "pinned"), (OWNER_LABEL, "kip")])), PinState::PinnedByKip);
-        assert_eq!(pin_state(&labels(&[(OWNER_LABEL, "kip")])), PinState::Unpinned);
-        assert_eq!(pin_state(&labels(&[(PIN_LABEL, "yes")])), PinState::Unpinned);
+        let n = "r/a:1";
+        assert_eq!(pin_state(n, &labels(&[])), PinState::Unpinned);
+        assert_eq!(pin_state(n, &labels(&[(PIN_LABEL, "pinned")])), PinState::PinnedByOther);
+        assert_eq!(pin_state(n, &labels(&[(PIN_LABEL, "pinned"), (OWNER_LABEL, "kip")])), PinState::PinnedByKip);
+        assert_eq!(pin_state(n, &labels(&[(OWNER_LABEL, "kip")])), PinState::Unpinned);
+        assert_eq!(pin_state(n, &labels(&[(PIN_LABEL, "yes")])), PinState::Unpinned);
+        let kips = [(PIN_LABEL, "pinned"), (OWNER_LABEL, "kip"), (PINNED_AS_LABEL, "r/a:1")];
+        assert_eq!(pin_state(n, &labels(&kips)), PinState::PinnedByKip);
+        // `ctr images tag r/a:1 admin/keep:1` copies every label: the copy is not kip's.
+        assert_eq!(pin_state("admin/keep:1", &labels(&kips)), PinState::PinnedByOther);
     }
 
     #[test]
@@ -335,9 +405,14 @@ mod tests {
         assert_eq!(sent.labels.get("example.com/owner").map(String::as_str), Some("admin"));
         assert_eq!(sent.labels.get(PIN_LABEL).map(String::as_str), Some(PIN_VALUE));
         assert_eq!(sent.labels.get(OWNER_LABEL).map(String::as_str), Some(OWNER_VALUE));
+        assert_eq!(sent.labels.get(PINNED_AS_LABEL), Some(&sent.name), "the record's own name");
         assert_eq!(
             req.update_mask.unwrap().paths,
-            vec!["labels.io.cri-containerd.pinned", "labels.kip.eclipse.dev/pinned-by"]
+            vec![
+                "labels.io.cri-containerd.pinned",
+                "labels.kip.eclipse.dev/pinned-by",
+                "labels.kip.eclipse.dev/pinned-as"
+            ]
         );
     }
 
@@ -351,8 +426,9 @@ mod tests {
         assert!(sent.target.is_some());
         assert_eq!(sent.labels.get(PIN_LABEL).map(String::as_str), Some(""));
         assert_eq!(sent.labels.get(OWNER_LABEL).map(String::as_str), Some(""));
+        assert_eq!(sent.labels.get(PINNED_AS_LABEL).map(String::as_str), Some(""));
         assert_eq!(sent.labels.get("io.cri-containerd.image").map(String::as_str), Some("managed"));
-        assert_eq!(req.update_mask.unwrap().paths.len(), 2);
+        assert_eq!(req.update_mask.unwrap().paths.len(), 3);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use kip::cri::AuthConfig;
 
-use super::{parse_version, CriOnly, CrioPaths, Keep, Runtime, RuntimeError, Snapshot};
+use super::{parse_version, CriOnly, CrioPaths, Keep, Removal, Runtime, RuntimeError, Snapshot};
 use crate::cri::{CriClient, ImageInfo, RuntimeInfo};
 
 /// kip's drop-in: `zz-` sorts after the usual `NN-name` drop-ins (OpenShift's `00-default`).
@@ -415,8 +415,8 @@ impl Runtime for Crio {
         Ok(released)
     }
 
-    async fn remove(&self, reference: &str) -> Result<(), RuntimeError> {
-        self.base.remove(reference).await
+    async fn remove_released(&self, released: &[String]) -> Result<Removal, RuntimeError> {
+        self.base.remove_released(released).await
     }
 
     /// Deletes kip's drop-in and makes CRI-O reload without it: the admin's own list (or

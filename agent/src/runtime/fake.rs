@@ -10,7 +10,7 @@ use std::time::Duration;
 use kip::cri::AuthConfig;
 use tokio::time::Instant;
 
-use super::{Keep, Runtime, RuntimeError, Snapshot};
+use super::{plan_removal, Keep, Removal, RemovalVerdict, Runtime, RuntimeError, Snapshot};
 use crate::cri::{repository_of, CriError, ImageInfo, RuntimeInfo};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +50,8 @@ pub struct FakeState {
     /// spelling of the name): `status` still finds them.
     pub unlisted: Vec<String>,
     pub removed: Vec<String>,
+    /// Other names of an image (an admin's `ctr images tag`), not kip's.
+    aliases: HashMap<String, Vec<String>>,
     /// `release` calls (the end of a release: leftovers such as CRI-O's drop-in).
     pub releases: usize,
 }
@@ -95,6 +97,11 @@ impl FakeRuntime {
         self.state().failing_pulls.insert(reference.into(), times);
     }
 
+    /// `alias` names the same image as `reference` (an admin's tag of that content).
+    pub fn alias(&self, reference: &str, alias: &str) {
+        self.state().aliases.entry(reference.into()).or_default().push(alias.into());
+    }
+
     pub fn panic_next_pulls(&self, reference: &str, times: u32) {
         self.state().panicking_pulls.insert(reference.into(), times);
     }
@@ -118,11 +125,12 @@ impl FakeRuntime {
         self.state().registry.get(reference).cloned().unwrap_or_else(|| format!("sha256:{:0>64}", reference.len()))
     }
 
-    fn info_of(reference: &str, image: &FakeImage) -> ImageInfo {
+    fn info_of(reference: &str, image: &FakeImage, aliases: &[String]) -> ImageInfo {
         let repo = repository_of(reference);
+        let own = if reference.contains('@') { vec![] } else { vec![reference.to_string()] };
         ImageInfo {
             id: format!("id-{}", image.digest),
-            repo_tags: if reference.contains('@') { vec![] } else { vec![reference.to_string()] },
+            repo_tags: own.into_iter().chain(aliases.iter().cloned()).collect(),
             repo_digests: vec![format!("{repo}@{}", image.digest)],
             pinned: image.pin != Pin::None,
         }
@@ -158,8 +166,12 @@ impl Runtime for FakeRuntime {
         let mut state = self.state();
         state.snapshots += 1;
         let hidden = state.unlisted.clone();
-        let images =
-            state.images.iter().filter(|(r, _)| !hidden.contains(*r)).map(|(r, i)| Self::info_of(r, i)).collect();
+        let images = state
+            .images
+            .iter()
+            .filter(|(r, _)| !hidden.contains(*r))
+            .map(|(r, i)| Self::info_of(r, i, state.aliases.get(r).map_or(&[], Vec::as_slice)))
+            .collect();
         Ok(Snapshot::new(images, None))
     }
 
@@ -167,7 +179,8 @@ impl Runtime for FakeRuntime {
         self.down_error("ImageStatus", reference)?;
         let mut state = self.state();
         state.status_calls += 1;
-        Ok(state.images.get(reference).map(|i| Self::info_of(reference, i)))
+        let aliases = state.aliases.get(reference).cloned().unwrap_or_default();
+        Ok(state.images.get(reference).map(|i| Self::info_of(reference, i, &aliases)))
     }
 
     async fn pull(
@@ -204,7 +217,7 @@ impl Runtime for FakeRuntime {
         }
         let pin = state.images.get(reference).map_or(Pin::None, |i| i.pin);
         let image = FakeImage { digest, pin };
-        let info = Self::info_of(reference, &image);
+        let info = Self::info_of(reference, &image, state.aliases.get(reference).map_or(&[], Vec::as_slice));
         state.images.insert(reference.to_string(), image);
         Ok(Some(info))
     }
@@ -253,11 +266,25 @@ impl Runtime for FakeRuntime {
         Ok(released)
     }
 
-    async fn remove(&self, reference: &str) -> Result<(), RuntimeError> {
+    async fn remove_released(&self, released: &[String]) -> Result<Removal, RuntimeError> {
         let mut state = self.state();
-        state.images.remove(reference);
-        state.removed.push(reference.to_string());
-        Ok(())
+        let references: Vec<String> = state.images.keys().cloned().collect();
+        let names: Vec<Vec<String>> = references
+            .iter()
+            .map(|r| std::iter::once(r.clone()).chain(state.aliases.get(r).cloned().unwrap_or_default()).collect())
+            .collect();
+        let mut removal = Removal::default();
+        for (i, verdict) in plan_removal(&names, released) {
+            match verdict {
+                RemovalVerdict::Delete => {
+                    state.images.remove(&references[i]);
+                    state.removed.push(references[i].clone());
+                    removal.deleted.push(references[i].clone());
+                }
+                RemovalVerdict::Keep(why) => removal.kept.push((references[i].clone(), why)),
+            }
+        }
+        Ok(removal)
     }
 
     async fn release(&self) -> Result<(), RuntimeError> {

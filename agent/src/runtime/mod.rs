@@ -84,14 +84,63 @@ pub trait Runtime: Clone + Send + Sync + 'static {
     /// name. Returns the names whose pin kip removed. Pins kip did not set are never touched.
     fn sync_pins(&self, keep: &Keep) -> impl Future<Output = Result<Vec<String>, RuntimeError>> + Send;
 
-    /// CRI `RemoveImage` (idempotent).
-    fn remove(&self, reference: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Deletes the images kip let go of (`released`: the names `sync_pins` returned) where
+    /// nothing else names them ([`plan_removal`]); an image that still carries a name kip does
+    /// not own stays, and the answer says which and why. Only names are deleted that kip pinned.
+    fn remove_released(&self, released: &[String]) -> impl Future<Output = Result<Removal, RuntimeError>> + Send;
 
     /// After the last pin is gone (kip is being uninstalled): removes what kip keeps on the
     /// node for its pins besides the pins themselves. Only CRI-O has something (the drop-in).
     fn release(&self) -> impl Future<Output = Result<(), RuntimeError>> + Send {
         std::future::ready(Ok(()))
     }
+}
+
+/// What became of the images kip let go of (`--remove-unlisted`, a release with `remove`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Removal {
+    /// The names deleted.
+    pub deleted: Vec<String>,
+    /// Images left in place: a name kip let go of, and why the image stays.
+    pub kept: Vec<(String, String)>,
+}
+
+/// Whether an image kip let go of may be deleted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RemovalVerdict {
+    Delete,
+    /// It carries names kip does not own: deleting it would take them from their owner.
+    Keep(String),
+}
+
+/// Pure: for each image (given as every name it carries) that bears a name in `released`,
+/// whether kip may delete it. It may only when every other name is kip's too: a name it
+/// released, a digest name of a released name's repository (what the runtime adds to a pulled
+/// tag), or the image ID. An admin's tag of the same content (`ctr images tag`), a workload's
+/// other tag, a still-listed image of another repository with that content: the image stays.
+/// Returns the images' indices with their verdicts.
+pub fn plan_removal(images: &[Vec<String>], released: &[String]) -> Vec<(usize, RemovalVerdict)> {
+    let released: std::collections::BTreeSet<&str> = released.iter().map(String::as_str).collect();
+    let repos: std::collections::BTreeSet<&str> = released.iter().map(|n| crate::cri::repository_of(n)).collect();
+    let kips = |name: &str| {
+        released.contains(name)
+            || name.starts_with("sha256:")
+            || (name.contains('@') && repos.contains(crate::cri::repository_of(name)))
+    };
+    images
+        .iter()
+        .enumerate()
+        .filter(|(_, names)| names.iter().any(|n| released.contains(n.as_str())))
+        .map(|(i, names)| {
+            let foreign: Vec<&str> = names.iter().map(String::as_str).filter(|n| !kips(n)).collect();
+            let verdict = if foreign.is_empty() {
+                RemovalVerdict::Delete
+            } else {
+                RemovalVerdict::Keep(format!("the image also carries {} (not kip's)", foreign.join(", ")))
+            };
+            (i, verdict)
+        })
+        .collect()
 }
 
 /// The runtime's images as one check sees them.
@@ -114,6 +163,10 @@ impl Snapshot {
             }
         }
         Self { images, by_name, record_pins }
+    }
+
+    pub fn images(&self) -> &[ImageInfo] {
+        &self.images
     }
 
     /// The image `reference` names when the listing shows that very name. A reference the
@@ -240,8 +293,8 @@ impl Runtime for NodeRuntime {
     async fn sync_pins(&self, keep: &Keep) -> Result<Vec<String>, RuntimeError> {
         each_backend!(self, rt => rt.sync_pins(keep).await)
     }
-    async fn remove(&self, reference: &str) -> Result<(), RuntimeError> {
-        each_backend!(self, rt => rt.remove(reference).await)
+    async fn remove_released(&self, released: &[String]) -> Result<Removal, RuntimeError> {
+        each_backend!(self, rt => rt.remove_released(released).await)
     }
     async fn release(&self) -> Result<(), RuntimeError> {
         each_backend!(self, rt => rt.release().await)
@@ -300,8 +353,27 @@ impl Runtime for CriOnly {
     async fn sync_pins(&self, _keep: &Keep) -> Result<Vec<String>, RuntimeError> {
         Ok(vec![])
     }
-    async fn remove(&self, reference: &str) -> Result<(), RuntimeError> {
-        Ok(self.cri.remove(reference).await?)
+    /// Through the CRI: an image is deleted whole (`RemoveImage` of its ID), so only where
+    /// [`plan_removal`] finds no name of someone else's on it.
+    async fn remove_released(&self, released: &[String]) -> Result<Removal, RuntimeError> {
+        let listed = self.cri.list_images().await?;
+        let names: Vec<Vec<String>> =
+            listed.iter().map(|i| i.repo_tags.iter().chain(&i.repo_digests).cloned().collect()).collect();
+        let mut removal = Removal::default();
+        for (i, verdict) in plan_removal(&names, released) {
+            let (image, names) = (&listed[i], &names[i]);
+            match verdict {
+                RemovalVerdict::Delete => {
+                    self.cri.remove(&image.id).await?;
+                    removal.deleted.extend(names.iter().cloned());
+                }
+                RemovalVerdict::Keep(why) => {
+                    let name = names.iter().find(|n| released.contains(n)).cloned().unwrap_or_default();
+                    removal.kept.push((name, why));
+                }
+            }
+        }
+        Ok(removal)
     }
 }
 
@@ -316,6 +388,30 @@ mod tests {
             repo_digests: digests.iter().map(|d| d.to_string()).collect(),
             pinned,
         }
+    }
+
+    #[test]
+    fn only_an_image_no_one_else_names_is_deleted() {
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let images = vec![
+            // kip's alone: its tag, the digest name the pull added and the ID record.
+            names(&["h/r/a:1", "h/r/a@sha256:aa", "sha256:1111"]),
+            // An admin tagged the same content: stays.
+            names(&["h/r/b:1", "h/r/b@sha256:bb", "sha256:2222", "docker.io/admin/keep:1"]),
+            // A still-listed image of another repository with that content: stays.
+            names(&["h/r/c:1", "h/r/c@sha256:cc", "h/other/d@sha256:cc"]),
+            // Not released at all: not looked at.
+            names(&["h/r/e:1"]),
+        ];
+        let released = names(&["h/r/a:1", "h/r/a@sha256:aa", "sha256:1111", "h/r/b:1", "h/r/b@sha256:bb", "h/r/c:1"]);
+        let plan = plan_removal(&images, &released);
+        assert_eq!(plan.len(), 3, "{plan:?}");
+        assert_eq!(plan[0], (0, RemovalVerdict::Delete));
+        assert_eq!(
+            plan[1],
+            (1, RemovalVerdict::Keep("the image also carries docker.io/admin/keep:1 (not kip's)".into()))
+        );
+        assert_eq!(plan[2], (2, RemovalVerdict::Keep("the image also carries h/other/d@sha256:cc (not kip's)".into())));
     }
 
     #[test]
