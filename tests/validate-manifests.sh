@@ -80,7 +80,7 @@ PY
 }
 
 # check_agent RENDERED.yaml SOCKET CRIO_PINNING: the agent's runtime wiring. SOCKET empty means
-# autodetection (the node's /run read-only, no directory created for absent runtimes).
+# autodetection (the runtimes' socket directories read-only, never the node's whole /run).
 check_agent() {
   "$PY" - "$@" <<'PY'
 import sys, yaml
@@ -99,7 +99,12 @@ if socket:
     assert host["runtime-socket"] == {"path": socket.rsplit("/", 1)[0], "type": "Directory"}, host
 else:
     assert env.get("KIP_HOST_PREFIX") == "/host" and "KIP_CRI_SOCKET" not in env, env
-    assert mounts["/host/run"].get("readOnly") is True and host["host-run"] == {"path": "/run", "type": "Directory"}
+    # The runtimes' socket directories only, read-only; never the node's whole /run.
+    dirs = {p[len("/host"):]: m for p, m in mounts.items() if p.startswith("/host/")}
+    assert sorted(dirs) == ["/run/containerd", "/run/crio", "/run/k3s/containerd"], sorted(dirs)
+    assert all(m.get("readOnly") is True for m in dirs.values()), dirs
+    assert all(host[m["name"]] == {"path": d, "type": "DirectoryOrCreate"} for d, m in dirs.items()), host
+    assert not any(h["path"] in ("/run", "/var/run", "/") for h in host.values()), host
 assert pod.get("hostPID", False) == crio, "hostPID exactly when CRI-O pinning is on"
 if crio:
     assert mounts["/etc/crio"]["readOnly"] is True and host["crio-config"]["type"] == "Directory"
@@ -112,7 +117,7 @@ if len(sys.argv) > 4:  # the coordinator address, extra env and volume the value
     assert mounts["/etc/ssl/kip-registry-ca"]["name"] in vols
 else:
     assert env["KIP_COORDINATOR"].endswith(".svc:50051"), env
-print(f"agent wiring ok: socket {socket or 'autodetected under /host/run'}, CRI-O pinning {'on' if crio else 'off'}")
+print(f"agent wiring ok: socket {socket or 'autodetected in the runtime directories'}, CRI-O pinning {'on' if crio else 'off'}")
 PY
 }
 
