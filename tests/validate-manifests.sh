@@ -250,13 +250,15 @@ for values in "" deploy/helm/ci/*.yaml; do
   name=$(basename "${values:-defaults}" .yaml)
   out="$WORK/helm-$name.yaml"
   "$HELM" lint --quiet deploy/helm ${values:+-f "$values"} >/dev/null
-  "$HELM" template kip deploy/helm -n kip ${values:+-f "$values"} --api-versions monitoring.coreos.com/v1 > "$out"
+  "$HELM" template kip deploy/helm -n kip ${values:+-f "$values"} --api-versions monitoring.coreos.com/v1 \
+    --api-versions admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy > "$out"
   echo "helm template ($name): $(grep -c '^kind:' "$out") resources" >&2
   validate "$out"
   check_configmap "$out"
   check_monitors "$out"
   check_uninstall "$out"
   gate=$(check_access "$out")
+  "$PY" tests/admission-policy.py "$out" >&2
   KIP_GATE_TAINT="$gate" "$COORD" --check-config --config-dir "$WORK/cm-$(basename "$out" .yaml)" >/dev/null
   echo "access ok: agent auth and gate ${gate:-(none)}" >&2
   case $name in
@@ -268,6 +270,11 @@ done
 # Without the prometheus-operator CRDs no monitor is rendered, even when enabled.
 "$HELM" template kip deploy/helm -n kip -f deploy/helm/ci/all-features-values.yaml > "$WORK/no-crd.yaml"
 if grep -q 'kind: \(ServiceMonitor\|PodMonitor\)' "$WORK/no-crd.yaml"; then echo "monitors rendered without their CRDs" >&2; exit 1; fi
+# Where the API has no ValidatingAdmissionPolicy (before 1.30), none is rendered; nor when disabled.
+"$HELM" template kip deploy/helm -n kip > "$WORK/no-vap.yaml"
+"$HELM" template kip deploy/helm -n kip --api-versions admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy \
+  --set admissionPolicy.enabled=false >> "$WORK/no-vap.yaml"
+if grep -q 'kind: ValidatingAdmissionPolicy' "$WORK/no-vap.yaml"; then echo "an admission policy rendered without the API or disabled" >&2; exit 1; fi
 # uninstall.release=false renders no hook at all.
 "$HELM" template kip deploy/helm -n kip --set uninstall.release=false > "$WORK/no-hook.yaml"
 if grep -q 'helm.sh/hook' "$WORK/no-hook.yaml"; then echo "a hook rendered with uninstall.release=false" >&2; exit 1; fi
