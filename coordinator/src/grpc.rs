@@ -32,13 +32,20 @@ impl CoordinatorService {
 struct ConnectedGuard {
     hub: Arc<Hub>,
     node: String,
+    /// Set when the stream ended because its token's life did: routine (the agent is back within
+    /// a second with its rotated token), so not worth an info line per agent every ten minutes.
+    token_ended: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Drop for ConnectedGuard {
     fn drop(&mut self) {
         self.hub.metrics.agents_connected.dec();
         self.hub.node_stream(&self.node, false);
-        tracing::info!(node = %self.node, "agent disconnected");
+        if self.token_ended.load(std::sync::atomic::Ordering::Relaxed) {
+            tracing::debug!(node = %self.node, "agent stream ended before its token expires; the agent reconnects");
+        } else {
+            tracing::info!(node = %self.node, "agent disconnected");
+        }
     }
 }
 
@@ -55,12 +62,16 @@ impl Coordinator for CoordinatorService {
         let token_good_until =
             self.auth.check(request.metadata(), &request.get_ref().node_name, &self.hub.metrics).await?;
         let req = request.into_inner();
-        tracing::info!(node = %req.node_name, agent_version = %req.agent_version, "agent connected");
         self.hub.metrics.agents_connected.inc();
-        self.hub.node_stream(&req.node_name, true);
+        if self.hub.node_stream(&req.node_name, true) {
+            tracing::info!(node = %req.node_name, agent_version = %req.agent_version, "agent connected");
+        } else {
+            tracing::debug!(node = %req.node_name, agent_version = %req.agent_version, "agent reconnected");
+        }
         // A percentage budget grows with the connected nodes.
         self.hub.leases.budget_changed();
-        let guard = ConnectedGuard { hub: self.hub.clone(), node: req.node_name };
+        let token_ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let guard = ConnectedGuard { hub: self.hub.clone(), node: req.node_name, token_ended: token_ended.clone() };
         // WatchStream yields the current value first, then each new one (skipping stale ones).
         let updates = tokio_stream::wrappers::WatchStream::new(self.hub.subscribe()).map(move |published| {
             let _alive = &guard;
@@ -81,7 +92,7 @@ impl Coordinator for CoordinatorService {
             match token_life {
                 Some(at) => tokio::select! {
                     _ = shutdown.cancelled() => {}
-                    _ = tokio::time::sleep_until(at) => {}
+                    _ = tokio::time::sleep_until(at) => token_ended.store(true, std::sync::atomic::Ordering::Relaxed),
                 },
                 None => shutdown.cancelled().await,
             }

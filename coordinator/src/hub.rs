@@ -331,9 +331,12 @@ impl Hub {
         self.nodes_changed.subscribe()
     }
 
-    /// A Watch stream of `node` opened (`open`) or closed.
-    pub fn node_stream(&self, node: &str, open: bool) {
+    /// A Watch stream of `node` opened (`open`) or closed. True when this process had never seen
+    /// the node connect before (worth a log line; a reconnect is not).
+    pub fn node_stream(&self, node: &str, open: bool) -> bool {
+        let mut first = false;
         if let Ok(mut c) = self.connections.write() {
+            first = !c.contains_key(node);
             let conn = c.entry(node.to_string()).or_insert(Connection { open_streams: 0, since: SystemTime::now() });
             let was_connected = conn.open_streams > 0;
             conn.open_streams = if open { conn.open_streams + 1 } else { conn.open_streams.saturating_sub(1) };
@@ -342,6 +345,7 @@ impl Hub {
             }
         }
         self.nodes_changed.send_modify(|v| *v += 1);
+        first
     }
 
     /// `/metrics`: the metrics as of now (leases that ran out are dropped first).

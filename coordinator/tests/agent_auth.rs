@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::{jwt, jwt_expiring_at, name_in};
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -30,27 +32,6 @@ struct StubApi {
     reviews: Arc<std::sync::Mutex<HashMap<String, usize>>>,
     pod_reads: Arc<AtomicUsize>,
     most_at_once: Arc<AtomicUsize>,
-}
-
-/// A projected token as the kubelet writes it: a JWT for audience `kip` expiring in `life`, whose
-/// claims carry `name` (what the stub API server answers by). The signature is the API's affair.
-fn jwt(name: &str, life: Duration) -> String {
-    use base64::Engine as _;
-    let exp = (std::time::SystemTime::now() + life).duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
-    format!("{}.{}.c2lnbmF0dXJl", b64(json!({"alg": "RS256"})), b64(json!({"aud": ["kip"], "exp": exp, "test": name})))
-}
-
-/// The `name` a token of [`jwt`] carries.
-fn name_in(token: &str) -> String {
-    use base64::Engine as _;
-    let payload = token.split('.').nth(1).unwrap_or_default();
-    let claims: Value = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    claims["test"].as_str().unwrap_or_default().to_string()
 }
 
 fn review_of(token: &str) -> Value {
@@ -133,8 +114,9 @@ async fn coordinator(api: Option<kube::Client>) -> (common::Served, Arc<Hub>) {
 }
 
 /// A token file as the kubelet's projected volume holds it.
+/// A token file holding `name`'s token, the same token at every call (it expires in 2096).
 fn token_file(dir: &tempfile::TempDir, name: &str) -> BearerToken {
-    raw_token_file(dir, &jwt(name, Duration::from_secs(600)))
+    raw_token_file(dir, &jwt_expiring_at(name, 4_000_000_000))
 }
 
 /// A token file holding `token` as it is.

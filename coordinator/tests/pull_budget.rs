@@ -118,7 +118,8 @@ async fn a_coordinator_that_cannot_verify_tokens_now_is_not_taken_for_an_unreach
     let served = common::serve(hub.clone(), AgentAuth::TokenReview(verifier)).await;
     let stop = CancellationToken::new();
     let token = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(token.path(), "header.payload.signature").unwrap();
+    // A token kip would send for review: the verifier gets as far as the (missing) API server.
+    std::fs::write(token.path(), common::jwt("token-of-node-a", Duration::from_secs(600))).unwrap();
     let token = BearerToken { file: Some(token.path().to_path_buf()) };
     let mut a = Some(lease_client_with(&served.url, "node-a", Duration::from_secs(1), &stop, token));
     a.as_ref().unwrap().want(true);

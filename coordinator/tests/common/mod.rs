@@ -46,3 +46,31 @@ pub async fn serve_on(hub: Arc<Hub>, auth: AgentAuth, addr: &str) -> Served {
     );
     Served { url, shutdown, server }
 }
+
+/// A projected token as the kubelet writes it: a JWT for audience `kip` expiring in `life`, whose
+/// claims carry `name` (what the stub API server answers by). The signature is the API's affair.
+/// Two calls a second apart give two tokens: keep one where the same token must be sent again.
+pub fn jwt(name: &str, life: std::time::Duration) -> String {
+    let exp = (std::time::SystemTime::now() + life).duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    jwt_expiring_at(name, exp)
+}
+
+/// As [`jwt`], expiring at `exp` (seconds since the epoch): the same token at every call.
+pub fn jwt_expiring_at(name: &str, exp: u64) -> String {
+    use base64::Engine as _;
+    let b64 = |v: serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let claims = serde_json::json!({"aud": ["kip"], "exp": exp, "test": name});
+    format!("{}.{}.c2lnbmF0dXJl", b64(serde_json::json!({"alg": "RS256"})), b64(claims))
+}
+
+/// The `name` a token of [`jwt`] carries.
+pub fn name_in(token: &str) -> String {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).unwrap_or_default();
+    let claims: serde_json::Value = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    claims["test"].as_str().unwrap_or_default().to_string()
+}
