@@ -251,12 +251,12 @@ impl Fallback {
         &mut self,
         desired: &BTreeMap<String, Option<&str>>,
         nodes: &[NodeFacts],
-    ) -> Result<usize, kube::Error> {
+    ) -> Result<usize, LabelsFailed> {
         let shown: BTreeMap<&str, Option<&str>> = nodes.iter().map(|n| (n.name.as_str(), n.label.as_deref())).collect();
         // Once the watch shows what was patched (or the node is gone), it is the truth again.
         self.patched.retain(|n, v| shown.get(n.as_str()).is_some_and(|s| *s != v.as_deref()));
         let api = Api::<Node>::all(self.client.clone());
-        let mut patched = 0;
+        let (mut patched, mut failed) = (0, Vec::new());
         for (node, want) in desired {
             let Some(shown) = shown.get(node.as_str()) else { continue };
             let have = self.patched.get(node).map_or(*shown, |v| v.as_deref());
@@ -275,10 +275,19 @@ impl Fallback {
                 Err(kube::Error::Api(s)) if s.code == 404 => {
                     tracing::warn!(node = %node, "node not found; not labelling it")
                 }
-                Err(e) => return Err(e),
+                // One node refused (a webhook, a policy) must not keep the others unlabelled:
+                // every node is tried, the failures reported together.
+                Err(e) => {
+                    tracing::warn!(node = %node, error = %e, "labelling the node failed");
+                    failed.push((node.clone(), e));
+                }
             }
         }
-        Ok(patched)
+        if failed.is_empty() {
+            Ok(patched)
+        } else {
+            Err(LabelsFailed { patched, failed })
+        }
     }
 
     /// Records an Event on the coordinator's Deployment; failures to record are only logged.
@@ -288,6 +297,23 @@ impl Fallback {
         if let Err(e) = recorder.publish(&ev, reference).await {
             tracing::warn!(error = %e, reason, "cannot record an Event");
         }
+    }
+}
+
+/// Label patches that failed in one pass (the others were sent all the same).
+#[derive(Debug)]
+pub struct LabelsFailed {
+    pub patched: usize,
+    pub failed: Vec<(String, kube::Error)>,
+}
+
+impl std::fmt::Display for LabelsFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (node, first) = match self.failed.first() {
+            Some((node, e)) => (node.as_str(), e.to_string()),
+            None => ("", String::new()),
+        };
+        write!(f, "{} node(s) could not be labelled ({} were), first {node}: {first}", self.failed.len(), self.patched)
     }
 }
 
@@ -418,13 +444,17 @@ pub async fn run(
                 wait = wait.min(left + Duration::from_millis(10));
             }
         }
+        // After a failed pass only the backoff (or a new list) starts the next one: with a
+        // webhook refusing the label, a storm of agent reports or node updates must not become a
+        // storm of PATCHes and Warning Events. What changed meanwhile is seen at the next pass.
+        let settled = !failed;
         tokio::select! {
             _ = shutdown.cancelled() => return None,
             _ = lists.changed() => {}
-            _ = reports.changed() => {}
-            Ok(()) = node_changes.changed() => {}
-            _ = changed(&mut ds_changes) => {}
-            _ = changed(&mut pod_changes) => {}
+            _ = reports.changed(), if settled => {}
+            Ok(()) = node_changes.changed(), if settled => {}
+            _ = changed(&mut ds_changes), if settled => {}
+            _ = changed(&mut pod_changes), if settled => {}
             _ = tokio::time::sleep(wait) => {}
         }
     }

@@ -366,6 +366,71 @@ async fn node_labels_are_patched_only_where_they_change() {
     assert_no_more_requests(fb, handle).await;
 }
 
+fn forbidden(message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": message})
+}
+
+/// A webhook refuses one node's label: the nodes after it are labelled all the same, and the
+/// failure names the node.
+#[tokio::test]
+async fn one_node_refusing_its_label_does_not_keep_the_others_unlabelled() {
+    let (mut fb, mut handle) = mocked();
+    let nodes = Nodes::listed(&[("a-node", None), ("b-node", None), ("c-node", None)]);
+    let api = tokio::spawn(async move {
+        for (node, status) in
+            [("a-node", StatusCode::OK), ("b-node", StatusCode::FORBIDDEN), ("c-node", StatusCode::OK)]
+        {
+            let reply = if status == StatusCode::OK { self::node(node) } else { forbidden("denied by a webhook") };
+            let (_, _, body) =
+                expect(&mut handle, Method::PATCH, &format!("/api/v1/nodes/{node}"), status, reply).await;
+            assert_eq!(body, label_patch(Some("cri")));
+        }
+        handle
+    });
+    let desired: BTreeMap<String, Option<&str>> =
+        ["a-node", "b-node", "c-node"].iter().map(|n| (n.to_string(), Some("cri"))).collect();
+    let failed = fb.sync_labels(&desired, &nodes.facts()).await.unwrap_err();
+    assert_eq!(failed.patched, 2, "{failed}");
+    assert_eq!(failed.failed.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), vec!["b-node"]);
+    assert!(failed.to_string().contains("b-node") && failed.to_string().contains("denied by a webhook"), "{failed}");
+    let handle = api.await.unwrap();
+    assert_no_more_requests(fb, handle).await;
+}
+
+/// After a refused label the next try waits for the backoff: a storm of agent reports meanwhile
+/// does not become a storm of PATCHes (each one a Warning Event too).
+#[tokio::test]
+async fn a_storm_of_reports_after_a_refused_label_waits_for_the_backoff() {
+    let (fb, mut handle) = mocked();
+    let cfg = config(&[]);
+    let hub = Hub::new(cfg.clone(), Arc::new(Metrics::new()));
+    let nodes = Nodes::listed(&[("node-1", Some("cri"))]);
+    let current = serde_json::to_value(daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
+    let running = Running::start(fb, &hub, &nodes);
+    expect(&mut handle, Method::GET, DS_PATH, StatusCode::OK, current).await;
+    hub.node_stream("node-1", true);
+    hub.record_report(report("node-1", false));
+    let path = "/api/v1/nodes/node-1";
+    let (_, _, body) = expect(&mut handle, Method::PATCH, path, StatusCode::FORBIDDEN, forbidden("denied")).await;
+    assert_eq!(body, label_patch(Some("none")));
+    for i in 0..20 {
+        let mut r = report("node-1", false);
+        r.generation = i;
+        hub.record_report(r);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_quiet(&mut handle, "a report woke a retry before the backoff").await;
+    // The retry comes with the backoff (1-2 s) and succeeds.
+    let retry = tokio::time::timeout(
+        Duration::from_secs(10),
+        expect(&mut handle, Method::PATCH, path, StatusCode::OK, node("node-1")),
+    )
+    .await
+    .expect("the label is tried again after the backoff");
+    assert_eq!(retry.2, label_patch(Some("none")));
+    running.stop(Some(handle)).await;
+}
+
 /// The controller loop of a coordinator that just restarted: it finds two labelled nodes and has
 /// heard from no agent yet. During the grace it sends no label request at all; a report of a
 /// missing runtime is evidence, and that node gets the fallback label at once.
