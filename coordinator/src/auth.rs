@@ -254,8 +254,11 @@ impl TokenVerifier {
         let now = SystemTime::now();
         plausible_token(token, &self.audience, now).map_err(|refusal| Refused { refusal, quiet: true })?;
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(known) = self.cache.get(&key) {
-            return known.node.map_err(|refusal| Refused { refusal, quiet: true });
+        // A refusal from the cache was warned about when it was decided.
+        let cached =
+            || self.cache.get(&key).map(|known| known.node.map_err(|refusal| Refused { refusal, quiet: true }));
+        if let Some(known) = cached() {
+            return known;
         }
         let client = self
             .client
@@ -269,8 +272,8 @@ impl TokenVerifier {
             .and_then(Result::ok)
             .ok_or_else(|| Refusal::Unavailable("too many token reviews in flight; try again".into()))?;
         // Another call with this token may have had it reviewed while this one waited.
-        if let Some(known) = self.cache.get(&key) {
-            return known.node.map_err(|refusal| Refused { refusal, quiet: true });
+        if let Some(known) = cached() {
+            return known;
         }
         let node = self.review(client, token).await;
         let ttl = match &node {

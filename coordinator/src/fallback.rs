@@ -492,11 +492,9 @@ async fn open_gates(
     for node in gated {
         let waited = gate::waited(node.created, now);
         let fallback_ready = workloads.is_some_and(|w| w.fallback_ready(&node.name, &images));
-        let report = || {
-            let entry = reports.get(&node.name).map(|e| (&e.report, e.received_at));
-            gate::current_report(entry, node.created, hub.is_connected(&node.name))
-        };
-        let why = match gate::decide(&config.images, report(), fallback_ready, waited, timeout, releasing) {
+        let entry = reports.get(&node.name).map(|e| (&e.report, e.received_at));
+        let report = gate::current_report(entry, node.created, hub.is_connected(&node.name));
+        let why = match gate::decide(&config.images, report.clone(), fallback_ready, waited, timeout, releasing) {
             Verdict::Hold(why) => {
                 let left = timeout.saturating_sub(waited);
                 due = Some(due.map_or(left, |d| d.min(left)));
@@ -512,7 +510,7 @@ async fn open_gates(
                 status.record_opened(&node.name, why, waited);
                 let after = humantime::format_duration(Duration::from_secs(waited.as_secs()));
                 if why == Opened::Timeout {
-                    let held = gate::images_ready(&config.images, report()).err().unwrap_or_default();
+                    let held = gate::images_ready(&config.images, report).err().unwrap_or_default();
                     tracing::warn!(node = %node.name, taint = %gate, after = %after, held = %held, "gate timeout: the node goes into service unverified");
                     fb.record(
                         EventType::Warning,

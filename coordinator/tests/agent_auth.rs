@@ -52,10 +52,6 @@ fn review_of(token: &str) -> Value {
 }
 
 impl StubApi {
-    fn serve(handle: Handle<Request<Body>, Response<Body>>) -> Self {
-        Self::serve_slowly(handle, Duration::ZERO)
-    }
-
     fn serve_slowly(mut handle: Handle<Request<Body>, Response<Body>>, delay: Duration) -> Self {
         let reviews = Arc::new(std::sync::Mutex::new(HashMap::new()));
         let pod_reads = Arc::new(AtomicUsize::new(0));
@@ -113,6 +109,14 @@ async fn coordinator(api: Option<kube::Client>) -> (common::Served, Arc<Hub>) {
     (common::serve(hub.clone(), AgentAuth::TokenReview(verifier)).await, hub)
 }
 
+/// A coordinator whose verifier asks a stub API server answering each request after `delay`.
+async fn coordinator_with_stub_api(delay: Duration) -> (StubApi, common::Served, Arc<Hub>) {
+    let (service, handle) = pair::<Request<Body>, Response<Body>>();
+    let api = StubApi::serve_slowly(handle, delay);
+    let (served, hub) = coordinator(Some(kube::Client::new(service, "default"))).await;
+    (api, served, hub)
+}
+
 /// A token file as the kubelet's projected volume holds it.
 /// A token file holding `name`'s token, the same token at every call (it expires in 2096).
 fn token_file(dir: &tempfile::TempDir, name: &str) -> BearerToken {
@@ -133,9 +137,7 @@ async fn report(url: &str, token: BearerToken, node: &str) -> Result<(), tonic::
 
 #[tokio::test]
 async fn only_the_agent_of_a_node_may_watch_and_report_as_that_node() {
-    let (service, handle) = pair::<Request<Body>, Response<Body>>();
-    let api = StubApi::serve(handle);
-    let (c, hub) = coordinator(Some(kube::Client::new(service, "default"))).await;
+    let (api, c, hub) = coordinator_with_stub_api(Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
 
     // The real follower with node-a's token receives the list.
@@ -203,9 +205,7 @@ async fn without_an_api_to_verify_with_every_call_is_refused() {
 /// many calls come at once, at most 8 reviews are in flight.
 #[tokio::test]
 async fn junk_tokens_cost_no_review_a_repeated_bad_one_costs_one_and_reviews_are_bounded() {
-    let (service, handle) = pair::<Request<Body>, Response<Body>>();
-    let api = StubApi::serve_slowly(handle, Duration::from_millis(200));
-    let (c, hub) = coordinator(Some(kube::Client::new(service, "default"))).await;
+    let (api, c, hub) = coordinator_with_stub_api(Duration::from_millis(200)).await;
     let dir = tempfile::tempdir().unwrap();
 
     let expired = jwt("token-of-node-a", Duration::ZERO);
@@ -249,9 +249,7 @@ async fn junk_tokens_cost_no_review_a_repeated_bad_one_costs_one_and_reviews_are
 /// with its rotated token (reviewed again).
 #[tokio::test]
 async fn a_watch_stream_ends_before_its_token_expires() {
-    let (service, handle) = pair::<Request<Body>, Response<Body>>();
-    let _api = StubApi::serve(handle);
-    let (c, _hub) = coordinator(Some(kube::Client::new(service, "default"))).await;
+    let (_api, c, _hub) = coordinator_with_stub_api(Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     // 32 s of life: the stream ends 30 s before, about 2 s from now.
     let token = raw_token_file(&dir, &jwt("token-of-node-a", Duration::from_secs(32)));

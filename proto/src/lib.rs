@@ -17,9 +17,10 @@ pub mod reference;
 pub mod v1 {
     tonic::include_proto!("kip.v1");
 
-    /// The metadata key the coordinator sets on every error status of its own (a token it
-    /// cannot verify now, a bad token, shutting down): an agent tells a coordinator that answers
-    /// from one it cannot reach, and waits for the pull budget only on the first.
+    /// The metadata key the coordinator sets on its refusals (a token it cannot verify now, a bad
+    /// token, a call without a node name): an agent tells a coordinator that answers from one it
+    /// cannot reach, and waits for the pull budget only on the first. "Shutting down" is left
+    /// unmarked on purpose: a coordinator that is going away may stay away.
     pub const ANSWERED_BY: &str = "kip-answered-by";
 
     /// `status` marked as the coordinator's own answer.

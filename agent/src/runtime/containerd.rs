@@ -50,10 +50,16 @@ pub enum PinState {
     PinnedByOther,
 }
 
+/// Whether the record `name` carries kip's marks as kip set them on it: its owner label, and no
+/// `pinned-as` naming another record (a copy made with `ctr images tag` is not kip's).
+fn claimed_by_kip(name: &str, labels: &HashMap<String, String>) -> bool {
+    labels.get(OWNER_LABEL).is_some_and(|v| v == OWNER_VALUE)
+        && labels.get(PINNED_AS_LABEL).is_none_or(|v| v.is_empty() || v == name)
+}
+
 pub fn pin_state(name: &str, labels: &HashMap<String, String>) -> PinState {
     let pinned = labels.get(PIN_LABEL).is_some_and(|v| v == PIN_VALUE);
-    let ours = labels.get(OWNER_LABEL).is_some_and(|v| v == OWNER_VALUE)
-        && labels.get(PINNED_AS_LABEL).is_none_or(|v| v.is_empty() || v == name);
+    let ours = claimed_by_kip(name, labels);
     match (pinned, ours) {
         (true, true) => PinState::PinnedByKip,
         (true, false) => PinState::PinnedByOther,
@@ -298,12 +304,8 @@ impl Runtime for Containerd {
             .list()
             .await?
             .into_iter()
-            .filter(|r| {
-                let claimed = r.labels.get(OWNER_LABEL).is_some_and(|v| v == OWNER_VALUE);
-                // Kip's label without the pin (someone took the pin off) is still cleaned up;
-                // a copy of a kip record under another name is not kip's.
-                claimed && r.labels.get(PINNED_AS_LABEL).is_none_or(|v| v.is_empty() || *v == r.name)
-            })
+            // Kip's label without the pin (someone took the pin off) is still cleaned up.
+            .filter(|r| claimed_by_kip(&r.name, &r.labels))
             .collect();
         let released = crate::reconcile::to_release(ours.iter().map(|r| r.name.as_str()), keep);
         for record in ours.into_iter().filter(|r| released.contains(&r.name)) {
@@ -337,10 +339,7 @@ impl Runtime for Containerd {
                         removal.deleted.push(record.name.clone());
                     }
                 }
-                RemovalVerdict::Keep(why) => {
-                    let name = names[i].iter().find(|n| released.contains(n)).cloned().unwrap_or_default();
-                    removal.kept.push((name, why));
-                }
+                RemovalVerdict::Keep { name, why } => removal.kept.push((name, why)),
             }
         }
         Ok(removal)

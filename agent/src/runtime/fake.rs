@@ -281,7 +281,7 @@ impl Runtime for FakeRuntime {
                     state.removed.push(references[i].clone());
                     removal.deleted.push(references[i].clone());
                 }
-                RemovalVerdict::Keep(why) => removal.kept.push((references[i].clone(), why)),
+                RemovalVerdict::Keep { name, why } => removal.kept.push((name, why)),
             }
         }
         Ok(removal)

@@ -109,8 +109,12 @@ pub struct Removal {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RemovalVerdict {
     Delete,
-    /// It carries names kip does not own: deleting it would take them from their owner.
-    Keep(String),
+    /// It carries names kip does not own: deleting it would take them from their owner. `name`:
+    /// one of the names kip let go of, `why`: the others'.
+    Keep {
+        name: String,
+        why: String,
+    },
 }
 
 /// Pure: for each image (given as every name it carries) that bears a name in `released`,
@@ -130,15 +134,16 @@ pub fn plan_removal(images: &[Vec<String>], released: &[String]) -> Vec<(usize, 
     images
         .iter()
         .enumerate()
-        .filter(|(_, names)| names.iter().any(|n| released.contains(n.as_str())))
-        .map(|(i, names)| {
+        .filter_map(|(i, names)| {
+            let ours = names.iter().find(|n| released.contains(n.as_str()))?;
             let foreign: Vec<&str> = names.iter().map(String::as_str).filter(|n| !kips(n)).collect();
             let verdict = if foreign.is_empty() {
                 RemovalVerdict::Delete
             } else {
-                RemovalVerdict::Keep(format!("the image also carries {} (not kip's)", foreign.join(", ")))
+                let why = format!("the image also carries {} (not kip's)", foreign.join(", "));
+                RemovalVerdict::Keep { name: ours.clone(), why }
             };
-            (i, verdict)
+            Some((i, verdict))
         })
         .collect()
 }
@@ -163,10 +168,6 @@ impl Snapshot {
             }
         }
         Self { images, by_name, record_pins }
-    }
-
-    pub fn images(&self) -> &[ImageInfo] {
-        &self.images
     }
 
     /// The image `reference` names when the listing shows that very name. A reference the
@@ -367,10 +368,7 @@ impl Runtime for CriOnly {
                     self.cri.remove(&image.id).await?;
                     removal.deleted.extend(names.iter().cloned());
                 }
-                RemovalVerdict::Keep(why) => {
-                    let name = names.iter().find(|n| released.contains(n)).cloned().unwrap_or_default();
-                    removal.kept.push((name, why));
-                }
+                RemovalVerdict::Keep { name, why } => removal.kept.push((name, why)),
             }
         }
         Ok(removal)
@@ -407,11 +405,9 @@ mod tests {
         let plan = plan_removal(&images, &released);
         assert_eq!(plan.len(), 3, "{plan:?}");
         assert_eq!(plan[0], (0, RemovalVerdict::Delete));
-        assert_eq!(
-            plan[1],
-            (1, RemovalVerdict::Keep("the image also carries docker.io/admin/keep:1 (not kip's)".into()))
-        );
-        assert_eq!(plan[2], (2, RemovalVerdict::Keep("the image also carries h/other/d@sha256:cc (not kip's)".into())));
+        let keep = |name: &str, why: &str| RemovalVerdict::Keep { name: name.into(), why: why.into() };
+        assert_eq!(plan[1], (1, keep("h/r/b:1", "the image also carries docker.io/admin/keep:1 (not kip's)")));
+        assert_eq!(plan[2], (2, keep("h/r/c:1", "the image also carries h/other/d@sha256:cc (not kip's)")));
     }
 
     #[test]
