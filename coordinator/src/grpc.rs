@@ -12,10 +12,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::auth::AgentAuth;
-use crate::hub::Hub;
+use crate::state::State;
 
 pub struct CoordinatorService {
-    hub: Arc<Hub>,
+    hub: Arc<State>,
     /// Who may call as which node (`--agent-auth`).
     auth: Arc<AgentAuth>,
     /// Ends every Watch stream, so a graceful shutdown does not wait for them forever.
@@ -23,14 +23,14 @@ pub struct CoordinatorService {
 }
 
 impl CoordinatorService {
-    pub fn new(hub: Arc<Hub>, auth: Arc<AgentAuth>, shutdown: CancellationToken) -> Self {
+    pub fn new(hub: Arc<State>, auth: Arc<AgentAuth>, shutdown: CancellationToken) -> Self {
         Self { hub, auth, shutdown }
     }
 }
 
 /// Counts an open Watch stream for as long as it lives.
 struct ConnectedGuard {
-    hub: Arc<Hub>,
+    hub: Arc<State>,
     node: String,
     /// Set when the stream ended because its token's life did: routine (the agent is back within
     /// a second with its rotated token), so not worth an info line per agent every ten minutes.

@@ -6,12 +6,14 @@
 pub mod auth;
 pub mod config;
 pub mod daemonset;
-pub mod fallback;
+pub mod controller;
+pub mod events;
 #[cfg(test)]
 mod fixtures;
 pub mod gate;
 pub mod grpc;
-pub mod hub;
+pub mod state;
+pub mod status;
 pub mod lease;
 pub mod metrics;
 pub mod release;

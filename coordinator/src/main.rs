@@ -16,7 +16,7 @@ use kip::http;
 use kip::process::{init_logging, wait_for_signal, LogFormat, Supervised};
 use kip_coordinator::auth::{AgentAuth, AuthMode, ServiceAccount, TokenVerifier};
 use kip_coordinator::reload::{ConfigMapWatch, ConfigReloader};
-use kip_coordinator::{config, fallback, grpc::CoordinatorService, hub::Hub, metrics::Metrics, release};
+use kip_coordinator::{config, controller, grpc::CoordinatorService, metrics::Metrics, release, state::State};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
@@ -215,7 +215,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let auth = Arc::new(auth);
     let metrics = Arc::new(Metrics::new());
-    let hub = Hub::with_release_timeout(config, metrics.clone(), cli.release_timeout);
+    let hub = State::with_release_timeout(config, metrics.clone(), cli.release_timeout);
     let shutdown = CancellationToken::new();
 
     let grpc_listener = tokio::net::TcpListener::bind(cli.grpc_listen)
@@ -289,11 +289,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // trying while the list is published regardless.
     let deployment = cli.deployment_name.clone().zip(cli.pod_namespace.clone()).map(|(name, ns)| (ns, name));
     {
-        let settings = fallback::Settings {
-            grace: cli.node_label_grace,
+        let settings = controller::Settings {
             gate: cli.gate_taint.0.clone(),
             gate_timeout: cli.gate_timeout,
             heartbeat,
+            ..controller::Settings::new(cli.node_label_grace)
         };
         let (hub, shutdown) = (hub.clone(), shutdown.clone());
         tasks.spawn("the Kubernetes controller", async move {
@@ -308,10 +308,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 tokio::join!(
                     watch,
-                    fallback::start(client.clone(), hub.clone(), deployment, settings, shutdown.clone())
+                    controller::start(client.clone(), hub.clone(), deployment, settings, shutdown.clone())
                 );
             };
-            fallback::until_shutdown(&shutdown, work).await;
+            controller::until_shutdown(&shutdown, work).await;
         });
     }
 

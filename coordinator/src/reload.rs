@@ -17,17 +17,17 @@ use notify::Watcher as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, RawConfig};
-use crate::hub::Hub;
+use crate::state::State;
 
 /// Validates `raw` and publishes it when it is valid and differs from the last one looked at;
 /// refuses it otherwise (counted once per distinct content). Shared by both sources.
 pub struct ConfigSink {
-    pub hub: Arc<Hub>,
+    pub hub: Arc<State>,
     last_raw: Option<RawConfig>,
 }
 
 impl ConfigSink {
-    pub fn new(hub: Arc<Hub>, initial: Option<RawConfig>) -> Self {
+    pub fn new(hub: Arc<State>, initial: Option<RawConfig>) -> Self {
         Self { hub, last_raw: initial }
     }
 
@@ -65,7 +65,7 @@ pub struct ConfigReloader {
 }
 
 impl ConfigReloader {
-    pub fn new(dir: PathBuf, env: HashMap<String, String>, hub: Arc<Hub>, initial: RawConfig) -> Self {
+    pub fn new(dir: PathBuf, env: HashMap<String, String>, hub: Arc<State>, initial: RawConfig) -> Self {
         Self {
             dir,
             env,
@@ -145,7 +145,7 @@ pub fn raw_from_config_maps(main: &Data, release: Option<&Data>, env: &HashMap<S
 }
 
 impl ConfigMapWatch {
-    pub async fn run(self, client: Client, hub: Arc<Hub>, shutdown: CancellationToken) {
+    pub async fn run(self, client: Client, hub: Arc<State>, shutdown: CancellationToken) {
         let api = Api::<ConfigMap>::namespaced(client, &self.namespace);
         let release_name = release_config_map(&self.name);
         let by_name = |n: &str| watcher::Config::default().fields(&format!("metadata.name={n}"));
@@ -217,12 +217,12 @@ mod tests {
     }
 
     /// A mounted-ConfigMap-like directory with `IMAGES=a=busybox`, its hub and reloader.
-    fn reloader() -> (tempfile::TempDir, Arc<Hub>, ConfigReloader) {
+    fn reloader() -> (tempfile::TempDir, Arc<State>, ConfigReloader) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("IMAGES"), "a=busybox").unwrap();
         let env = HashMap::new();
         let raw = config::read_sources(Some(dir.path()), &env).unwrap();
-        let hub = Hub::new(config::validate(&raw).unwrap(), Arc::new(Metrics::new()));
+        let hub = State::new(config::validate(&raw).unwrap(), Arc::new(Metrics::new()));
         let reloader = ConfigReloader::new(dir.path().to_path_buf(), env, hub.clone(), raw);
         (dir, hub, reloader)
     }

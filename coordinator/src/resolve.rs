@@ -19,7 +19,7 @@ use oci_client::secrets::RegistryAuth;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::Hub;
+use crate::state::State;
 use crate::metrics::Metrics;
 
 /// What the resolver found for one tag.
@@ -189,7 +189,7 @@ impl Resolver {
         }
     }
 
-    pub async fn run(self: Arc<Self>, hub: Arc<Hub>, shutdown: CancellationToken) {
+    pub async fn run(self: Arc<Self>, hub: Arc<State>, shutdown: CancellationToken) {
         let mut list = hub.subscribe();
         loop {
             let published = list.borrow_and_update().clone();

@@ -1,7 +1,7 @@
 //! What the coordinator follows in the cluster, through kube-runtime watchers into reflector
 //! stores: the nodes (labels, taints, creation), the fallback DaemonSet and its pods. Each view
-//! carries a counter bumped on every change after the first complete list, so the controller
-//! wakes on changes instead of polling. Objects are stripped of what kip never reads (node
+//! carries a counter bumped on every change after the first complete list, and a feed of what
+//! changed (by the node it concerns), so the controllers wake on changes instead of polling. Objects are stripped of what kip never reads (node
 //! status with its image list, managed fields) before they are stored.
 
 use std::time::SystemTime;
@@ -12,18 +12,30 @@ use k8s_openapi::api::core::v1::{Node, Pod, Taint};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt as _};
 use kube::{Api, Client, Resource};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use crate::daemonset::AGENT_LABEL;
 
-/// A reflector store and a counter bumped on every change (0 until the first complete list:
-/// before it, nothing is decided from the view).
+/// What changed in a view: the objects of one node, or possibly any (a relist).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Touch {
+    One(String),
+    All,
+}
+
+/// How many changes a view's feed holds for a slow reader (one that falls behind looks at
+/// everything instead).
+const FEED_CAPACITY: usize = 16 * 1024;
+
+/// A reflector store, a counter bumped on every change (0 until the first complete list:
+/// before it, nothing is decided from the view), and the feed of changes by node name.
 pub struct View<K: Resource + 'static>
 where
     K::DynamicType: std::hash::Hash + Eq + Clone,
 {
     pub store: Store<K>,
     pub changed: watch::Receiver<u64>,
+    pub touched: broadcast::Sender<Touch>,
 }
 
 impl<K: Resource + 'static> Clone for View<K>
@@ -31,7 +43,7 @@ where
     K::DynamicType: std::hash::Hash + Eq + Clone,
 {
     fn clone(&self) -> Self {
-        Self { store: self.store.clone(), changed: self.changed.clone() }
+        Self { store: self.store.clone(), changed: self.changed.clone(), touched: self.touched.clone() }
     }
 }
 
@@ -42,14 +54,27 @@ where
     pub fn listed(&self) -> bool {
         *self.changed.borrow() > 0
     }
+
+    /// A view fed by the caller (a test plays the watch): its store's writer and its counter.
+    pub fn played() -> (Self, reflector::store::Writer<K>, watch::Sender<u64>)
+    where
+        K: Clone,
+        K::DynamicType: Default,
+    {
+        let (store, writer) = reflector::store::<K>();
+        let (tx, changed) = watch::channel(0);
+        (Self { store, changed, touched: broadcast::channel(FEED_CAPACITY).0 }, writer, tx)
+    }
 }
 
 /// Watches `api` into a [`View`]: the view, and the task that keeps it current (retried with
-/// kube-runtime's backoff; a deleted object leaves the view). `strip` drops what is not needed.
+/// kube-runtime's backoff; a deleted object leaves the view). `strip` drops what is not needed;
+/// `node_of` names the node an object concerns (for the feed).
 pub fn follow<K>(
     api: Api<K>,
     config: watcher::Config,
     strip: fn(&mut K),
+    node_of: fn(&K) -> Option<String>,
     what: &'static str,
 ) -> (View<K>, impl std::future::Future<Output = ()>)
 where
@@ -57,26 +82,36 @@ where
 {
     let (store, writer) = reflector::store::<K>();
     let (tx, changed) = watch::channel(0u64);
+    let touched = broadcast::channel(FEED_CAPACITY).0;
+    let feed = touched.clone();
     let stream = watcher(api, config).default_backoff().modify(strip).reflect(writer);
     let task = async move {
         let mut stream = std::pin::pin!(stream);
         let mut listed = false;
         while let Some(event) = stream.next().await {
-            match event {
-                Ok(watcher::Event::InitDone) => listed = true,
+            let touch = match event {
+                Ok(watcher::Event::InitDone) => {
+                    listed = true;
+                    Touch::All
+                }
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
-                Ok(_) => {}
+                Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => match node_of(&o) {
+                    Some(node) => Touch::One(node),
+                    None => continue,
+                },
                 Err(e) => {
                     tracing::warn!(error = %e, "watching {what} failed; retrying");
                     continue;
                 }
-            }
+            };
             if listed {
                 tx.send_modify(|v| *v += 1);
+                // Nobody listening yet is fine: a controller starts by looking at everything.
+                let _ = feed.send(touch);
             }
         }
     };
-    (View { store, changed }, task)
+    (View { store, changed, touched }, task)
 }
 
 pub type NodeView = View<Node>;
@@ -104,6 +139,11 @@ impl NodeFacts {
 }
 
 impl View<Node> {
+    /// One node, as the watch shows it.
+    pub fn node(&self, name: &str) -> Option<NodeFacts> {
+        self.store.get(&ObjectRef::new(name)).and_then(|n| NodeFacts::of(&n))
+    }
+
     /// Every node, by name.
     pub fn facts(&self) -> Vec<NodeFacts> {
         let mut facts: Vec<NodeFacts> = self.store.state().iter().filter_map(|n| NodeFacts::of(n)).collect();
@@ -126,7 +166,7 @@ fn strip_node(node: &mut Node) {
 }
 
 pub fn watch_nodes(client: Client) -> (NodeView, impl std::future::Future<Output = ()>) {
-    follow(Api::<Node>::all(client), watcher::Config::default(), strip_node, "nodes")
+    follow(Api::<Node>::all(client), watcher::Config::default(), strip_node, |n| n.metadata.name.clone(), "nodes")
 }
 
 /// The fallback DaemonSet and its pods, in one namespace under one name: the controller
@@ -175,12 +215,14 @@ impl Workloads {
             Api::<DaemonSet>::namespaced(client.clone(), namespace),
             watcher::Config::default().fields(&format!("metadata.name={name}")),
             strip_daemonset,
+            |d| d.metadata.name.clone(),
             "the fallback DaemonSet",
         );
         let (pods, pod_task) = follow(
             Api::<Pod>::namespaced(client, namespace),
             watcher::Config::default().labels(&fallback_pod_selector(name)),
             strip_pod,
+            |p| p.spec.as_ref().and_then(|s| s.node_name.clone()),
             "the fallback DaemonSet's pods",
         );
         let task = async move {

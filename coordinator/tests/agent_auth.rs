@@ -18,7 +18,7 @@ use http_body_util::BodyExt as _;
 use kip::v1::NodeReport;
 use kip_agent::follow::{self, coordinator_channel, BearerToken, Follower, ListUpdate};
 use kip_coordinator::auth::{AgentAuth, TokenVerifier};
-use kip_coordinator::{hub::Hub, metrics::Metrics};
+use kip_coordinator::{state::State, metrics::Metrics};
 use kube::client::Body;
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -102,15 +102,15 @@ impl StubApi {
 }
 
 /// A coordinator with `--agent-auth tokenreview` whose verifier asks `api` (`None`: not reached).
-async fn coordinator(api: Option<kube::Client>) -> (common::Served, Arc<Hub>) {
-    let hub = Hub::new(common::config_with("a=busybox"), Arc::new(Metrics::new()));
+async fn coordinator(api: Option<kube::Client>) -> (common::Served, Arc<State>) {
+    let hub = State::new(common::config_with("a=busybox"), Arc::new(Metrics::new()));
     let (_, client) = watch::channel(api);
     let verifier = TokenVerifier::new(client, "kip:kip-agent".parse().unwrap(), "kip".into());
     (common::serve(hub.clone(), AgentAuth::TokenReview(verifier)).await, hub)
 }
 
 /// A coordinator whose verifier asks a stub API server answering each request after `delay`.
-async fn coordinator_with_stub_api(delay: Duration) -> (StubApi, common::Served, Arc<Hub>) {
+async fn coordinator_with_stub_api(delay: Duration) -> (StubApi, common::Served, Arc<State>) {
     let (service, handle) = pair::<Request<Body>, Response<Body>>();
     let api = StubApi::serve_slowly(handle, delay);
     let (served, hub) = coordinator(Some(kube::Client::new(service, "default"))).await;

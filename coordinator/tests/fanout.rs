@@ -12,14 +12,14 @@ use std::time::{Duration, Instant};
 use common::config_with;
 use kip_agent::follow::{coordinator_channel, Follower, ListUpdate};
 use kip_coordinator::auth::AgentAuth;
-use kip_coordinator::{hub::Hub, metrics::Metrics};
+use kip_coordinator::{state::State, metrics::Metrics};
 use tokio::sync::watch;
 
 const AGENTS: usize = 50;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_list_change_reaches_50_agents() {
-    let hub = Hub::new(config_with("a=busybox;b=nginx"), Arc::new(Metrics::new()));
+    let hub = State::new(config_with("a=busybox;b=nginx"), Arc::new(Metrics::new()));
     let common::Served { url, shutdown, server } = common::serve(hub.clone(), AgentAuth::None).await;
     let state = tempfile::tempdir().unwrap();
     let mut receivers: Vec<watch::Receiver<Option<ListUpdate>>> = Vec::new();

@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kip_coordinator::config::{validate, KipConfig, RawConfig};
 use kip_coordinator::daemonset::{self, Options};
 use kip_coordinator::fallback::{self, DsOutcome, Fallback, NodeFacts, NodeView, Settings};
-use kip_coordinator::hub::{ClusterCleanup, Hub};
+use kip_coordinator::state::{ClusterCleanup, State};
 use kip_coordinator::metrics::Metrics;
 use kip_coordinator::watches::{View, Workloads};
 use kube::client::Body;
@@ -153,13 +153,13 @@ struct Running {
 }
 
 impl Running {
-    fn start(fb: Fallback, hub: &Arc<Hub>, nodes: &Nodes) -> Self {
+    fn start(fb: Fallback, hub: &Arc<State>, nodes: &Nodes) -> Self {
         Self::start_with(fb, hub, nodes, None, Settings::new(Duration::from_secs(3600)))
     }
 
     fn start_with(
         fb: Fallback,
-        hub: &Arc<Hub>,
+        hub: &Arc<State>,
         nodes: &Nodes,
         workloads: Option<Workloads>,
         settings: Settings,
@@ -185,7 +185,7 @@ impl Running {
 }
 
 /// `/status` says the release is done (bounded so that a regression fails instead of hanging).
-async fn wait_until_release_done(hub: &Hub) {
+async fn wait_until_release_done(hub: &State) {
     tokio::time::timeout(Duration::from_secs(30), async {
         while hub.status_json()["release"]["done"] != json!(true) {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -403,7 +403,7 @@ async fn one_node_refusing_its_label_does_not_keep_the_others_unlabelled() {
 async fn a_storm_of_reports_after_a_refused_label_waits_for_the_backoff() {
     let (fb, mut handle) = mocked();
     let cfg = config(&[]);
-    let hub = Hub::new(cfg.clone(), Arc::new(Metrics::new()));
+    let hub = State::new(cfg.clone(), Arc::new(Metrics::new()));
     let nodes = Nodes::listed(&[("node-1", Some("cri"))]);
     let current = serde_json::to_value(daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
     let running = Running::start(fb, &hub, &nodes);
@@ -438,7 +438,7 @@ async fn a_storm_of_reports_after_a_refused_label_waits_for_the_backoff() {
 async fn a_restarted_coordinator_touches_no_label_during_the_grace_but_acts_on_evidence() {
     let (fb, mut handle) = mocked();
     let cfg = config(&[]);
-    let hub = Hub::new(cfg.clone(), Arc::new(Metrics::new()));
+    let hub = State::new(cfg.clone(), Arc::new(Metrics::new()));
     let nodes = Nodes::listed(&[("node-1", Some("cri")), ("node-2", Some("cri"))]);
     let current = serde_json::to_value(daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
     let running = Running::start(fb, &hub, &nodes);
@@ -464,7 +464,7 @@ async fn a_restarted_coordinator_touches_no_label_during_the_grace_but_acts_on_e
 async fn a_fresh_install_schedules_the_fallback_only_where_an_agent_reports_no_runtime() {
     let (fb, mut handle) = mocked();
     let cfg = config(&[]);
-    let hub = Hub::new(cfg.clone(), Arc::new(Metrics::new()));
+    let hub = State::new(cfg.clone(), Arc::new(Metrics::new()));
     let nodes = Nodes::listed(&[("a", None), ("b", None), ("c", None)]);
     let running = Running::start(fb, &hub, &nodes);
     expect(&mut handle, Method::GET, DS_PATH, StatusCode::NOT_FOUND, not_found()).await;
@@ -496,7 +496,7 @@ async fn a_fresh_install_schedules_the_fallback_only_where_an_agent_reports_no_r
 async fn the_uninstall_deletes_the_daemonset_then_waits_for_the_agents_then_takes_every_label() {
     let (fb, mut handle) = mocked();
     let cfg = config(&[("KIP_RELEASE", "unpin")]);
-    let hub = Hub::with_release_timeout(cfg, Arc::new(Metrics::new()), Duration::from_secs(3600));
+    let hub = State::with_release_timeout(cfg, Arc::new(Metrics::new()), Duration::from_secs(3600));
     let nodes = Nodes::listed(&[("n1", Some("cri")), ("n2", Some("none")), ("n3", None)]);
     hub.node_stream("n1", true);
     hub.record_report(report("n1", true));
@@ -526,7 +526,7 @@ async fn the_uninstall_deletes_the_daemonset_then_waits_for_the_agents_then_take
 async fn an_unreachable_node_ends_the_wait_at_the_release_timeout_and_is_named() {
     let (fb, mut handle) = mocked();
     let cfg = config(&[("KIP_RELEASE", "unpin"), ("KIP_MODE", "cri")]);
-    let hub = Hub::with_release_timeout(cfg, Arc::new(Metrics::new()), Duration::from_secs(1));
+    let hub = State::with_release_timeout(cfg, Arc::new(Metrics::new()), Duration::from_secs(1));
     let nodes = Nodes::listed(&[("dead", Some("cri"))]);
     let running = Running::start(fb, &hub, &nodes);
     expect(&mut handle, Method::GET, DS_PATH, StatusCode::NOT_FOUND, not_found()).await;
@@ -581,7 +581,7 @@ async fn start_up_lookups_are_retried_until_the_api_answers() {
 async fn shutdown_does_not_wait_for_a_hanging_api_call() {
     let (fb, mut handle) = mocked();
     let cfg = config(&[]);
-    let hub = Hub::new(cfg, Arc::new(Metrics::new()));
+    let hub = State::new(cfg, Arc::new(Metrics::new()));
     let nodes = Nodes::listed(&[]);
     let shutdown = tokio_util::sync::CancellationToken::new();
     let controller = tokio::spawn({
@@ -610,7 +610,7 @@ async fn shutdown_does_not_wait_for_a_hanging_api_call() {
 async fn leaving_auto_mode_takes_back_labels_set_before() {
     let (fb, mut handle) = mocked();
     let cfg = config(&[("KIP_MODE", "daemonset")]);
-    let hub = Hub::new(cfg.clone(), Arc::new(Metrics::new()));
+    let hub = State::new(cfg.clone(), Arc::new(Metrics::new()));
     let nodes = Nodes::listed(&[("node-1", Some("cri")), ("node-2", Some("none")), ("node-3", None)]);
     let current = serde_json::to_value(daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
     let running = Running::start(fb, &hub, &nodes);
@@ -633,7 +633,7 @@ async fn the_config_map_is_followed_through_the_api_with_its_release_companion()
 
     let (service, mut handle) = pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, "kip");
-    let hub = Hub::new(config(&[("IMAGES", "a=busybox")]), Arc::new(Metrics::new()));
+    let hub = State::new(config(&[("IMAGES", "a=busybox")]), Arc::new(Metrics::new()));
     let api_active = Arc::new(AtomicBool::new(false));
     let watch = ConfigMapWatch {
         namespace: "kip".into(),
@@ -734,7 +734,7 @@ fn removal(index: usize, taint: &Value) -> Value {
 #[tokio::test]
 async fn the_gate_opens_when_the_agent_has_every_image_with_a_tested_patch_retried_on_conflict() {
     let (fb, mut handle) = mocked();
-    let hub = Hub::new(config(&[("KIP_MODE", "cri")]), Arc::new(Metrics::new()));
+    let hub = State::new(config(&[("KIP_MODE", "cri")]), Arc::new(Metrics::new()));
     let gate = json!({"key": GATE, "effect": "NoSchedule"});
     let not_ready = json!({"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"});
     let dedicated = json!({"key": "example.com/dedicated", "value": "ide", "effect": "NoSchedule"});
@@ -785,7 +785,7 @@ async fn the_gate_opens_when_the_agent_has_every_image_with_a_tested_patch_retri
 #[tokio::test]
 async fn an_earlier_nodes_report_or_a_disconnected_agents_opens_no_gate() {
     let (fb, mut handle) = mocked();
-    let hub = Hub::new(config(&[("KIP_MODE", "cri")]), Arc::new(Metrics::new()));
+    let hub = State::new(config(&[("KIP_MODE", "cri")]), Arc::new(Metrics::new()));
     let gate = json!({"key": GATE, "effect": "NoSchedule"});
     let reused = "ip-10-0-0-1";
     hub.node_stream(reused, true);
@@ -841,7 +841,7 @@ fn played_workloads(
 async fn without_an_agent_the_gate_opens_on_a_ready_fallback_pod_or_at_the_timeout() {
     let (fb, mut handle) = mocked();
     let cfg = config(&[]);
-    let hub = Hub::new(cfg.clone(), Arc::new(Metrics::new()));
+    let hub = State::new(cfg.clone(), Arc::new(Metrics::new()));
     let gate = json!({"key": GATE, "effect": "NoSchedule"});
     let mut nodes = Nodes::listed(&[]);
     nodes.show_node(tainted_node("old", Duration::from_secs(7200), json!([gate])));

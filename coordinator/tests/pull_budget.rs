@@ -12,7 +12,7 @@ use std::time::Duration;
 use kip_agent::follow::{coordinator_channel, BearerToken};
 use kip_agent::lease::{LeaseClient, LeaseHandle};
 use kip_coordinator::auth::AgentAuth;
-use kip_coordinator::hub::Hub;
+use kip_coordinator::state::State;
 use kip_coordinator::metrics::Metrics;
 use tokio_util::sync::CancellationToken;
 
@@ -50,12 +50,12 @@ async fn allowed_within(lease: &mut Option<LeaseHandle>, within: Duration) -> bo
     .is_ok()
 }
 
-fn budget_of_one() -> Arc<Hub> {
+fn budget_of_one() -> Arc<State> {
     let raw: kip_coordinator::config::RawConfig = [("IMAGES", "a=busybox"), ("KIP_MAX_NODES_PULLING", "1")]
         .into_iter()
         .map(|(k, v)| (k.into(), v.into()))
         .collect();
-    Hub::new(kip_coordinator::config::validate(&raw).unwrap(), Arc::new(Metrics::new()))
+    State::new(kip_coordinator::config::validate(&raw).unwrap(), Arc::new(Metrics::new()))
 }
 
 /// A restarted coordinator gave node-b the only slot before node-a's next renewal: node-a's
@@ -139,7 +139,7 @@ async fn one_node_pulls_at_a_time_and_a_vanished_coordinator_is_not_waited_for_f
         .into_iter()
         .map(|(k, v)| (k.into(), v.into()))
         .collect();
-    let hub = Hub::new(kip_coordinator::config::validate(&raw).unwrap(), Arc::new(Metrics::new()));
+    let hub = State::new(kip_coordinator::config::validate(&raw).unwrap(), Arc::new(Metrics::new()));
     let served = common::serve(hub.clone(), AgentAuth::None).await;
     let stop = CancellationToken::new();
     let mut a = Some(lease_client(&served.url, "node-a", Duration::from_secs(60), &stop));

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use kip_coordinator::auth::AgentAuth;
-use kip_coordinator::{config, grpc::CoordinatorService, hub::Hub};
+use kip_coordinator::{config, grpc::CoordinatorService, state::State};
 use tokio_util::sync::CancellationToken;
 
 /// A configuration with `IMAGES=images` and every other key at its default.
@@ -22,12 +22,12 @@ pub struct Served {
     pub server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
-pub async fn serve(hub: Arc<Hub>, auth: AgentAuth) -> Served {
+pub async fn serve(hub: Arc<State>, auth: AgentAuth) -> Served {
     serve_on(hub, auth, "127.0.0.1:0").await
 }
 
 /// As [`serve`], on `addr` (the address of a server stopped before: a restarted coordinator).
-pub async fn serve_on(hub: Arc<Hub>, auth: AgentAuth, addr: &str) -> Served {
+pub async fn serve_on(hub: Arc<State>, auth: AgentAuth, addr: &str) -> Served {
     let shutdown = CancellationToken::new();
     let service = kip::v1::coordinator_server::CoordinatorServer::new(CoordinatorService::new(
         hub,
