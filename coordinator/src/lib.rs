@@ -5,20 +5,20 @@
 
 pub mod auth;
 pub mod config;
-pub mod daemonset;
 pub mod controller;
+pub mod daemonset;
 pub mod events;
 #[cfg(test)]
 mod fixtures;
 pub mod gate;
 pub mod grpc;
-pub mod state;
-pub mod status;
 pub mod lease;
 pub mod metrics;
 pub mod release;
 pub mod reload;
 pub mod resolve;
+pub mod state;
+pub mod status;
 pub mod watches;
 
 /// A Kubernetes API client (in-cluster or kubeconfig), retried until one can be built.

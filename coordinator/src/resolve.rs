@@ -19,8 +19,8 @@ use oci_client::secrets::RegistryAuth;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::state::State;
 use crate::metrics::Metrics;
+use crate::state::State;
 
 /// What the resolver found for one tag.
 #[derive(Clone, Debug, PartialEq, Eq)]

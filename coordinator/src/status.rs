@@ -42,7 +42,8 @@ pub fn render(s: &Snapshot) -> serde_json::Value {
         .iter()
         .zip(s.published.config.images.entries())
         .map(|((l, cached, pinned), e)| {
-            let mut image = serde_json::json!({"name": l.name, "image": l.image, "nodes_cached": cached, "nodes_pinned": pinned});
+            let mut image =
+                serde_json::json!({"name": l.name, "image": l.image, "nodes_cached": cached, "nodes_pinned": pinned});
             // Who keeps the tag current: the coordinator (one HEAD per interval) or every agent.
             let (by, digest, why) = match (e.by_digest, s.resolution.get(&e.reference)) {
                 (true, _) => ("digest", "", "listed by digest: never pulled again while present"),

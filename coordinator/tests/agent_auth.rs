@@ -18,7 +18,7 @@ use http_body_util::BodyExt as _;
 use kip::v1::NodeReport;
 use kip_agent::follow::{self, coordinator_channel, BearerToken, Follower, ListUpdate};
 use kip_coordinator::auth::{AgentAuth, TokenVerifier};
-use kip_coordinator::{state::State, metrics::Metrics};
+use kip_coordinator::{metrics::Metrics, state::State};
 use kube::client::Body;
 use serde_json::{json, Value};
 use tokio::sync::watch;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::config_with;
 use kip_agent::follow::{coordinator_channel, Follower, ListUpdate};
 use kip_coordinator::auth::AgentAuth;
-use kip_coordinator::{state::State, metrics::Metrics};
+use kip_coordinator::{metrics::Metrics, state::State};
 use tokio::sync::watch;
 
 const AGENTS: usize = 50;

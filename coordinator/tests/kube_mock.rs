@@ -11,15 +11,19 @@ use std::time::Duration;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt as _;
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kip_coordinator::config::{validate, KipConfig, RawConfig};
+use kip_coordinator::controller::daemonset::{DaemonSetController, DsOutcome};
+use kip_coordinator::controller::labels::Labels;
+use kip_coordinator::controller::{self, Cluster, Settings};
 use kip_coordinator::daemonset::{self, Options};
-use kip_coordinator::fallback::{self, DsOutcome, Fallback, NodeFacts, NodeView, Settings};
-use kip_coordinator::state::{ClusterCleanup, State};
 use kip_coordinator::metrics::Metrics;
+use kip_coordinator::state::{ClusterCleanup, State};
+use kip_coordinator::watches::{NodeFacts, NodeView, Touch};
 use kip_coordinator::watches::{View, Workloads};
 use kube::client::Body;
-use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
 use serde_json::{json, Value};
 use tower_test::mock::{pair, Handle};
@@ -34,10 +38,51 @@ fn config(pairs: &[(&str, &str)]) -> KipConfig {
     validate(&raw).unwrap()
 }
 
-fn mocked() -> (Fallback, ApiHandle) {
+fn mocked() -> (Arc<Cluster>, ApiHandle) {
     let (service, handle) = pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, "default");
-    (Fallback::new(client, Options::default(), None), handle)
+    (Arc::new(Cluster::new(client, Options::default(), None)), handle)
+}
+
+/// The DaemonSet controller and the label writer on the mocked API.
+fn daemonset_controller(cluster: &Arc<Cluster>) -> DaemonSetController {
+    DaemonSetController::new(cluster.clone())
+}
+
+fn labels(cluster: &Arc<Cluster>) -> Labels {
+    Labels::new(cluster.client.clone())
+}
+
+/// Answers the next `expected.len()` requests in whatever order they come (the controllers run
+/// side by side): each must match one (method, path) of `expected`, answered with its status and
+/// reply. Returns each path's body.
+async fn expect_unordered(
+    handle: &mut ApiHandle,
+    expected: Vec<(Method, String, StatusCode, Value)>,
+) -> BTreeMap<String, Value> {
+    let mut left = expected;
+    let mut bodies = BTreeMap::new();
+    while !left.is_empty() {
+        let (req, send) = tokio::time::timeout(Duration::from_secs(30), handle.next_request())
+            .await
+            .expect("a request in time")
+            .expect("a request");
+        let (method, path) = (req.method().clone(), req.uri().path().to_string());
+        let at = left.iter().position(|(m, p, _, _)| *m == method && *p == path).unwrap_or_else(|| {
+            panic!(
+                "unexpected {method} {path}; expected one of {:?}",
+                left.iter().map(|(m, p, _, _)| format!("{m} {p}")).collect::<Vec<_>>()
+            )
+        });
+        let (_, _, status, reply) = left.remove(at);
+        let bytes = req.into_body().collect().await.unwrap().to_bytes();
+        let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+        bodies.insert(path, body);
+        send.send_response(
+            Response::builder().status(status).body(Body::from(serde_json::to_vec(&reply).unwrap())).unwrap(),
+        );
+    }
+    bodies
 }
 
 /// Takes the next request, checks method and path, returns its query and JSON body.
@@ -73,9 +118,10 @@ struct Nodes {
 
 impl Nodes {
     fn listed(nodes: &[(&str, Option<&str>)]) -> Self {
-        let (store, writer) = reflector::store::<Node>();
-        let (tx, changed) = tokio::sync::watch::channel(0);
-        let mut this = Self { writer, tx, view: NodeView { store, changed } };
+        let (view, mut writer, tx) = NodeView::played();
+        // Listed (the store is ready), then the nodes as they come.
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        let mut this = Self { writer, tx, view };
         for (name, label) in nodes {
             this.show(name, *label);
         }
@@ -91,13 +137,21 @@ impl Nodes {
             ..Default::default()
         };
         self.writer.apply_watcher_event(&watcher::Event::Apply(Node { metadata: meta, ..Default::default() }));
-        self.tx.send_modify(|v| *v += 1);
+        self.changed(name);
     }
 
     /// The watch shows `node` as given (taints, creation time).
     fn show_node(&mut self, node: Value) {
-        self.writer.apply_watcher_event(&watcher::Event::Apply(serde_json::from_value(node).unwrap()));
+        let node: Node = serde_json::from_value(node).unwrap();
+        let name = node.metadata.name.clone().unwrap();
+        self.writer.apply_watcher_event(&watcher::Event::Apply(node));
+        self.changed(&name);
+    }
+
+    /// What the watch does after each event: the counter and the feed.
+    fn changed(&self, name: &str) {
         self.tx.send_modify(|v| *v += 1);
+        let _ = self.view.touched.send(Touch::One(name.to_string()));
     }
 
     fn facts(&self) -> Vec<NodeFacts> {
@@ -153,19 +207,19 @@ struct Running {
 }
 
 impl Running {
-    fn start(fb: Fallback, hub: &Arc<State>, nodes: &Nodes) -> Self {
-        Self::start_with(fb, hub, nodes, None, Settings::new(Duration::from_secs(3600)))
+    fn start(cluster: Arc<Cluster>, hub: &Arc<State>, nodes: &Nodes) -> Self {
+        Self::start_with(cluster, hub, nodes, None, Settings::new(Duration::from_secs(3600)))
     }
 
     fn start_with(
-        fb: Fallback,
+        cluster: Arc<Cluster>,
         hub: &Arc<State>,
         nodes: &Nodes,
         workloads: Option<Workloads>,
         settings: Settings,
     ) -> Self {
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let run = fallback::run(fb, hub.clone(), nodes.view.clone(), workloads, settings, shutdown.clone());
+        let run = controller::run(cluster, hub.clone(), nodes.view.clone(), workloads, settings, shutdown.clone());
         Self {
             shutdown,
             task: tokio::spawn(async move {
@@ -212,14 +266,15 @@ async fn assert_quiet(handle: &mut ApiHandle, why: &str) {
     assert!(quiet.is_err(), "{why}: {:?}", quiet.map(|r| r.map(|(req, _)| req.uri().clone())));
 }
 
-async fn assert_no_more_requests(fb: Fallback, mut handle: ApiHandle) {
-    drop(fb);
+async fn assert_no_more_requests(cluster: Arc<Cluster>, mut handle: ApiHandle) {
+    drop(cluster);
     assert!(handle.next_request().await.is_none(), "an unexpected request was sent");
 }
 
 #[tokio::test]
 async fn created_after_404_with_server_side_apply_then_nothing_when_unchanged() {
-    let (mut fb, mut handle) = mocked();
+    let (fb, mut handle) = mocked();
+    let mut ds = daemonset_controller(&fb);
     let cfg = config(&[]);
     let desired = daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap();
     let desired_json = serde_json::to_value(&desired).unwrap();
@@ -233,16 +288,18 @@ async fn created_after_404_with_server_side_apply_then_nothing_when_unchanged() 
         assert_eq!(body, desired_json, "the applied object is the generated DaemonSet");
         handle
     });
-    assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Created);
+    assert_eq!(ds.sync(&cfg).await.unwrap(), DsOutcome::Created);
     let handle = api.await.unwrap();
     // Same config: no request at all.
-    assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Unchanged);
+    assert_eq!(ds.sync(&cfg).await.unwrap(), DsOutcome::Unchanged);
+    drop(ds);
     assert_no_more_requests(fb, handle).await;
 }
 
 #[tokio::test]
 async fn an_existing_daemonset_with_the_same_hash_is_left_alone_and_a_changed_spec_is_applied() {
-    let (mut fb, mut handle) = mocked();
+    let (fb, mut handle) = mocked();
+    let mut ds = daemonset_controller(&fb);
     let cfg = config(&[]);
     let current = serde_json::to_value(daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
     let changed_cfg = config(&[("IMAGES", "a=busybox;b=nginx;c=redis")]);
@@ -258,15 +315,17 @@ async fn an_existing_daemonset_with_the_same_hash_is_left_alone_and_a_changed_sp
             handle
         }
     });
-    assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Unchanged, "found with the same hash: no apply");
-    assert_eq!(fb.sync_daemonset(&changed_cfg).await.unwrap(), DsOutcome::Updated);
+    assert_eq!(ds.sync(&cfg).await.unwrap(), DsOutcome::Unchanged, "found with the same hash: no apply");
+    assert_eq!(ds.sync(&changed_cfg).await.unwrap(), DsOutcome::Updated);
     let handle = api.await.unwrap();
+    drop(ds);
     assert_no_more_requests(fb, handle).await;
 }
 
 #[tokio::test]
 async fn a_daemonset_the_watch_shows_deleted_or_edited_is_applied_again_at_once() {
-    let (mut fb, mut handle) = mocked();
+    let (fb, mut handle) = mocked();
+    let mut ds = daemonset_controller(&fb);
     let cfg = config(&[]);
     let desired = serde_json::to_value(daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
     let api = tokio::spawn(async move {
@@ -283,23 +342,24 @@ async fn a_daemonset_the_watch_shows_deleted_or_edited_is_applied_again_at_once(
         expect(&mut handle, Method::PATCH, DS_PATH, StatusCode::OK, desired.clone()).await;
         (handle, desired)
     });
-    assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Created);
+    assert_eq!(ds.sync(&cfg).await.unwrap(), DsOutcome::Created);
     // Until the watch has shown the created DaemonSet, its absence there is only lag.
-    fb.observe_daemonset(&cfg, None).await;
-    assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Unchanged);
+    ds.observe(&cfg, None).await;
+    assert_eq!(ds.sync(&cfg).await.unwrap(), DsOutcome::Unchanged);
     let created = daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap();
-    fb.observe_daemonset(&cfg, Some(&created)).await;
-    fb.observe_daemonset(&cfg, None).await;
-    assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Created);
-    fb.observe_daemonset(&cfg, Some(&created)).await;
+    ds.observe(&cfg, Some(&created)).await;
+    ds.observe(&cfg, None).await;
+    assert_eq!(ds.sync(&cfg).await.unwrap(), DsOutcome::Created);
+    ds.observe(&cfg, Some(&created)).await;
     let mut edited = created.clone();
     edited.metadata.annotations.as_mut().unwrap().insert("kip.eclipse.dev/spec-hash".into(), "edited".into());
-    fb.observe_daemonset(&cfg, Some(&edited)).await;
-    assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Updated);
+    ds.observe(&cfg, Some(&edited)).await;
+    assert_eq!(ds.sync(&cfg).await.unwrap(), DsOutcome::Updated);
     let (handle, desired) = api.await.unwrap();
     // What the watch shows next is kip's own object: nothing to do.
-    fb.observe_daemonset(&cfg, Some(&serde_json::from_value(desired).unwrap())).await;
-    assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Unchanged);
+    ds.observe(&cfg, Some(&serde_json::from_value(desired).unwrap())).await;
+    assert_eq!(ds.sync(&cfg).await.unwrap(), DsOutcome::Unchanged);
+    drop(ds);
     assert_no_more_requests(fb, handle).await;
 }
 
@@ -313,32 +373,37 @@ async fn expect_kips_daemonset_deleted(handle: &mut ApiHandle) {
 
 #[tokio::test]
 async fn cri_mode_deletes_only_kips_own_daemonset_once() {
-    let (mut fb, mut handle) = mocked();
+    let (fb, mut handle) = mocked();
+    let mut ds = daemonset_controller(&fb);
     let cfg = config(&[("KIP_MODE", "cri")]);
     let api = tokio::spawn(async move {
         expect_kips_daemonset_deleted(&mut handle).await;
         handle
     });
-    assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Deleted);
-    assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Unchanged);
+    assert_eq!(ds.sync(&cfg).await.unwrap(), DsOutcome::Deleted);
+    assert_eq!(ds.sync(&cfg).await.unwrap(), DsOutcome::Unchanged);
     let handle = api.await.unwrap();
+    drop(ds);
     assert_no_more_requests(fb, handle).await;
 
     // A DaemonSet of that name that kip did not create is not touched.
-    let (mut fb, mut handle) = mocked();
+    let (fb, mut handle) = mocked();
+    let mut ds = daemonset_controller(&fb);
     let api = tokio::spawn(async move {
         let foreign = json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "kubernetes-image-puller", "namespace": "k8s-image-puller"}});
         expect(&mut handle, Method::GET, DS_PATH, StatusCode::OK, foreign).await;
         handle
     });
-    assert_eq!(fb.sync_daemonset(&cfg).await.unwrap(), DsOutcome::Unchanged);
+    assert_eq!(ds.sync(&cfg).await.unwrap(), DsOutcome::Unchanged);
     let handle = api.await.unwrap();
+    drop(ds);
     assert_no_more_requests(fb, handle).await;
 }
 
 #[tokio::test]
 async fn node_labels_are_patched_only_where_they_change() {
-    let (mut fb, mut handle) = mocked();
+    let (fb, mut handle) = mocked();
+    let labels = labels(&fb);
     let mut nodes = Nodes::listed(&[("fallback-node", Some("none")), ("new-node", None), ("old-node", Some("cri"))]);
     let api = tokio::spawn(async move {
         let (_, ct, body) =
@@ -356,13 +421,14 @@ async fn node_labels_are_patched_only_where_they_change() {
         ("old-node".to_string(), None),
         ("deleted-node".to_string(), Some("cri")),
     ]);
-    assert_eq!(fb.sync_labels(&desired, &nodes.facts()).await.unwrap(), 2);
+    assert_eq!(labels.set_all(&desired, &nodes.facts()).await.unwrap(), 2);
     let handle = api.await.unwrap();
     // Before the watch shows the patches: nothing is sent twice.
-    assert_eq!(fb.sync_labels(&desired, &nodes.facts()).await.unwrap(), 0);
+    assert_eq!(labels.set_all(&desired, &nodes.facts()).await.unwrap(), 0);
     nodes.show("new-node", Some("cri"));
     nodes.show("old-node", None);
-    assert_eq!(fb.sync_labels(&desired, &nodes.facts()).await.unwrap(), 0);
+    assert_eq!(labels.set_all(&desired, &nodes.facts()).await.unwrap(), 0);
+    drop(labels);
     assert_no_more_requests(fb, handle).await;
 }
 
@@ -374,7 +440,8 @@ fn forbidden(message: &str) -> Value {
 /// failure names the node.
 #[tokio::test]
 async fn one_node_refusing_its_label_does_not_keep_the_others_unlabelled() {
-    let (mut fb, mut handle) = mocked();
+    let (fb, mut handle) = mocked();
+    let labels = labels(&fb);
     let nodes = Nodes::listed(&[("a-node", None), ("b-node", None), ("c-node", None)]);
     let api = tokio::spawn(async move {
         for (node, status) in
@@ -389,12 +456,59 @@ async fn one_node_refusing_its_label_does_not_keep_the_others_unlabelled() {
     });
     let desired: BTreeMap<String, Option<&str>> =
         ["a-node", "b-node", "c-node"].iter().map(|n| (n.to_string(), Some("cri"))).collect();
-    let failed = fb.sync_labels(&desired, &nodes.facts()).await.unwrap_err();
+    let failed = labels.set_all(&desired, &nodes.facts()).await.unwrap_err();
     assert_eq!(failed.patched, 2, "{failed}");
     assert_eq!(failed.failed.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), vec!["b-node"]);
     assert!(failed.to_string().contains("b-node") && failed.to_string().contains("denied by a webhook"), "{failed}");
     let handle = api.await.unwrap();
+    drop(labels);
     assert_no_more_requests(fb, handle).await;
+}
+
+/// The node controller: one node whose label a webhook refuses backs off alone; the others are
+/// labelled at once, and only the refused one is tried again (after its backoff).
+#[tokio::test]
+async fn a_node_the_api_refuses_backs_off_alone_and_the_others_are_labelled() {
+    let (fb, mut handle) = mocked();
+    let cfg = config(&[("KIP_MODE", "cri")]);
+    let hub = State::new(cfg.clone(), Arc::new(Metrics::new()));
+    let names = ["a-node", "b-node", "c-node"];
+    let nodes = Nodes::listed(&names.iter().map(|n| (*n, None)).collect::<Vec<_>>());
+    let running = Running::start(fb, &hub, &nodes);
+    expect(&mut handle, Method::GET, DS_PATH, StatusCode::NOT_FOUND, not_found()).await;
+    for n in names {
+        hub.node_stream(n, true);
+    }
+    // KIP_MODE=cri wants no label; give each node one to take away.
+    let mut nodes = nodes;
+    for n in names {
+        nodes.show(n, Some("cri"));
+    }
+    let expected = names
+        .iter()
+        .map(|n| {
+            let (status, reply) = if *n == "b-node" {
+                (StatusCode::FORBIDDEN, forbidden("denied by a webhook"))
+            } else {
+                (StatusCode::OK, node(n))
+            };
+            (Method::PATCH, format!("/api/v1/nodes/{n}"), status, reply)
+        })
+        .collect();
+    let bodies = expect_unordered(&mut handle, expected).await;
+    assert!(bodies.values().all(|b| *b == label_patch(None)), "{bodies:?}");
+    nodes.show("a-node", None);
+    nodes.show("c-node", None);
+    let retry = tokio::time::timeout(
+        Duration::from_secs(10),
+        expect(&mut handle, Method::PATCH, "/api/v1/nodes/b-node", StatusCode::OK, node("b-node")),
+    )
+    .await
+    .expect("the refused node is tried again after its backoff");
+    assert_eq!(retry.2, label_patch(None));
+    nodes.show("b-node", None);
+    assert_quiet(&mut handle, "a node was patched again").await;
+    running.stop(Some(handle)).await;
 }
 
 /// After a refused label the next try waits for the backoff: a storm of agent reports meanwhile
@@ -565,7 +679,7 @@ async fn start_up_lookups_are_retried_until_the_api_answers() {
         expect(&mut handle, Method::GET, path, StatusCode::OK, deployment).await;
         handle
     });
-    let fb = Fallback::discover(client, Some(("kip".into(), "kip-coordinator".into())), None).await;
+    let fb = Arc::new(Cluster::discover(client, Some(("kip".into(), "kip-coordinator".into())), None).await);
     assert!(fb.options.openshift, "detected after the retry, not assumed false");
     let owner = fb.options.owner.clone().expect("an owner after the retry");
     assert_eq!(
@@ -588,8 +702,8 @@ async fn shutdown_does_not_wait_for_a_hanging_api_call() {
         let shutdown = shutdown.clone();
         let view = nodes.view.clone();
         async move {
-            let work = fallback::run(fb, hub, view, None, Settings::new(Duration::from_secs(300)), shutdown.clone());
-            kip_coordinator::fallback::until_shutdown(&shutdown, async {
+            let work = controller::run(fb, hub, view, None, Settings::new(Duration::from_secs(300)), shutdown.clone());
+            controller::until_shutdown(&shutdown, async {
                 work.await;
             })
             .await;
@@ -614,11 +728,14 @@ async fn leaving_auto_mode_takes_back_labels_set_before() {
     let nodes = Nodes::listed(&[("node-1", Some("cri")), ("node-2", Some("none")), ("node-3", None)]);
     let current = serde_json::to_value(daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
     let running = Running::start(fb, &hub, &nodes);
-    expect(&mut handle, Method::GET, DS_PATH, StatusCode::OK, current).await;
+    // The DaemonSet and the nodes are separate controllers: their requests come in any order.
+    let mut expected = vec![(Method::GET, DS_PATH.to_string(), StatusCode::OK, current)];
     for n in ["node-1", "node-2"] {
-        let (_, _, body) =
-            expect(&mut handle, Method::PATCH, &format!("/api/v1/nodes/{n}"), StatusCode::OK, node(n)).await;
-        assert_eq!(body, label_patch(None));
+        expected.push((Method::PATCH, format!("/api/v1/nodes/{n}"), StatusCode::OK, node(n)));
+    }
+    let bodies = expect_unordered(&mut handle, expected).await;
+    for n in ["node-1", "node-2"] {
+        assert_eq!(bodies[&format!("/api/v1/nodes/{n}")], label_patch(None));
     }
     running.stop(Some(handle)).await;
 }
@@ -815,23 +932,39 @@ async fn an_earlier_nodes_report_or_a_disconnected_agents_opens_no_gate() {
     running.stop(Some(handle)).await;
 }
 
+/// The fallback pods' watch, played by the test.
+struct Pods {
+    writer: Writer<Pod>,
+    tx: tokio::sync::watch::Sender<u64>,
+    view: View<Pod>,
+}
+
+impl Pods {
+    /// The watch shows `pod` (on its node).
+    fn show(&mut self, pod: Pod) {
+        let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap();
+        self.writer.apply_watcher_event(&watcher::Event::Apply(pod));
+        self.tx.send_modify(|v| *v += 1);
+        let _ = self.view.touched.send(Touch::One(node));
+    }
+}
+
 /// Played DaemonSet and pod watches (listed): the DaemonSet shows `ds`, no pod yet.
-fn played_workloads(
-    ds: &Value,
-) -> (Workloads, Writer<k8s_openapi::api::core::v1::Pod>, tokio::sync::watch::Sender<u64>) {
-    let (ds_store, mut ds_writer) = reflector::store();
+fn played_workloads(ds: &Value) -> (Workloads, Pods) {
+    let (daemonset, mut ds_writer, ds_tx) = View::played();
+    ds_writer.apply_watcher_event(&watcher::Event::InitDone);
     ds_writer.apply_watcher_event(&watcher::Event::Apply(serde_json::from_value(ds.clone()).unwrap()));
-    let (pod_store, pod_writer) = reflector::store();
-    // The DaemonSet does not change in these tests: its sender may go.
-    let (_, ds_changed) = tokio::sync::watch::channel(1);
-    let (pod_tx, pod_changed) = tokio::sync::watch::channel(1);
+    ds_tx.send_modify(|v| *v += 1);
+    let (pods, mut writer, tx) = View::played();
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    tx.send_modify(|v| *v += 1);
     let workloads = Workloads {
         namespace: "k8s-image-puller".into(),
         name: "kubernetes-image-puller".into(),
-        daemonset: View { store: ds_store, changed: ds_changed },
-        pods: View { store: pod_store, changed: pod_changed },
+        daemonset,
+        pods: pods.clone(),
     };
-    (workloads, pod_writer, pod_tx)
+    (workloads, Pods { writer, tx, view: pods })
 }
 
 /// Without an agent report a gated node opens when the fallback DaemonSet's pod on it is Ready
@@ -847,15 +980,21 @@ async fn without_an_agent_the_gate_opens_on_a_ready_fallback_pod_or_at_the_timeo
     nodes.show_node(tainted_node("old", Duration::from_secs(7200), json!([gate])));
     nodes.show_node(tainted_node("fresh", Duration::from_secs(10), json!([gate])));
     let current = serde_json::to_value(daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
-    let (workloads, mut pods, pods_changed) = played_workloads(&current);
+    let (workloads, mut pods) = played_workloads(&current);
     let running = Running::start_with(fb, &hub, &nodes, Some(workloads), gate_settings(Duration::from_secs(3600)));
-    expect(&mut handle, Method::GET, DS_PATH, StatusCode::OK, current).await;
-    let (_, _, body) = expect(&mut handle, Method::PATCH, "/api/v1/nodes/old", StatusCode::OK, node("old")).await;
-    assert_eq!(body, removal(0, &gate));
+    let bodies = expect_unordered(
+        &mut handle,
+        vec![
+            (Method::GET, DS_PATH.to_string(), StatusCode::OK, current),
+            (Method::PATCH, "/api/v1/nodes/old".to_string(), StatusCode::OK, node("old")),
+        ],
+    )
+    .await;
+    assert_eq!(bodies["/api/v1/nodes/old"], removal(0, &gate));
     assert_quiet(&mut handle, "the fresh node opened without evidence").await;
 
     // A pod of an older list (nginx missing) does not count; the current one does.
-    let pod = |name: &str, images: &[&str]| -> k8s_openapi::api::core::v1::Pod {
+    let pod = |name: &str, images: &[&str]| -> Pod {
         serde_json::from_value(json!({
             "metadata": {"name": name, "namespace": "k8s-image-puller"},
             "spec": {"nodeName": "fresh", "containers": images.iter().map(|i| json!({"name": "c", "image": i})).collect::<Vec<_>>()},
@@ -863,11 +1002,9 @@ async fn without_an_agent_the_gate_opens_on_a_ready_fallback_pod_or_at_the_timeo
         }))
         .unwrap()
     };
-    pods.apply_watcher_event(&watcher::Event::Apply(pod("old-list", &["busybox"])));
-    pods_changed.send_modify(|v| *v += 1);
+    pods.show(pod("old-list", &["busybox"]));
     assert_quiet(&mut handle, "a pod of an older list opened the gate").await;
-    pods.apply_watcher_event(&watcher::Event::Apply(pod("current", &["busybox", "nginx"])));
-    pods_changed.send_modify(|v| *v += 1);
+    pods.show(pod("current", &["busybox", "nginx"]));
     let (_, _, body) = expect(&mut handle, Method::PATCH, "/api/v1/nodes/fresh", StatusCode::OK, node("fresh")).await;
     assert_eq!(body, removal(0, &gate));
 

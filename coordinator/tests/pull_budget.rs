@@ -12,8 +12,8 @@ use std::time::Duration;
 use kip_agent::follow::{coordinator_channel, BearerToken};
 use kip_agent::lease::{LeaseClient, LeaseHandle};
 use kip_coordinator::auth::AgentAuth;
-use kip_coordinator::state::State;
 use kip_coordinator::metrics::Metrics;
+use kip_coordinator::state::State;
 use tokio_util::sync::CancellationToken;
 
 fn lease_client(url: &str, node: &str, timeout: Duration, stop: &CancellationToken) -> LeaseHandle {

@@ -131,7 +131,14 @@ pub async fn run(
     // What the DaemonSet controller last achieved: the release waits for the DaemonSet to go.
     let (ds_synced, ds_synced_rx) = watch::channel(None::<(u64, bool)>);
     let stop = shutdown.child_token();
-    let ds = daemonset::run(cluster.clone(), state.clone(), workloads.clone(), settings.heartbeat.clone(), ds_synced, stop.clone());
+    let ds = daemonset::run(
+        cluster.clone(),
+        state.clone(),
+        workloads.clone(),
+        settings.heartbeat.clone(),
+        ds_synced,
+        stop.clone(),
+    );
     let node_controller = nodes::run(
         cluster.clone(),
         state.clone(),
@@ -168,7 +175,8 @@ pub async fn start(
             let config = state.current();
             let (workloads, workload_task) =
                 Workloads::watch(client.clone(), &config.config.namespace, &config.config.daemonset_name);
-            let run = run(cluster.clone(), state.clone(), nodes.clone(), Some(workloads), settings.clone(), shutdown.clone());
+            let run =
+                run(cluster.clone(), state.clone(), nodes.clone(), Some(workloads), settings.clone(), shutdown.clone());
             // The watches of the old DaemonSet end with its run.
             let moved = tokio::select! {
                 moved = run => moved,

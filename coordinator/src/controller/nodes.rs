@@ -56,7 +56,8 @@ pub fn desired_label(
     grace: Duration,
 ) -> LabelDecision {
     // How long until `grace` has passed since `since` (`None`: it has).
-    let left = |since: SystemTime| grace.checked_sub(now.duration_since(since).unwrap_or_default()).filter(|l| !l.is_zero());
+    let left =
+        |since: SystemTime| grace.checked_sub(now.duration_since(since).unwrap_or_default()).filter(|l| !l.is_zero());
     let decision = |want, recheck| LabelDecision { want, recheck };
     // A disconnected agent's runtime counts for the grace after it went away.
     let connection_left = if live.connected { None } else { left(live.since) };
@@ -548,4 +549,3 @@ mod tests {
         assert_eq!(desired_labels(&[], &[joined], started, after_its_grace, grace), want(&[("new", NONE)]));
     }
 }
-

@@ -177,5 +177,4 @@ impl State {
     pub fn resolution(&self) -> BTreeMap<String, Resolved> {
         self.resolution.read().map(|r| r.clone()).unwrap_or_default()
     }
-
 }

@@ -22,8 +22,8 @@ use tokio::sync::{broadcast, watch};
 
 pub use list::Published;
 pub use nodes::{Liveness, NodeEntry};
-pub use release::{release_progress, ClusterCleanup, ReleaseProgress};
 use release::ReleaseTracking;
+pub use release::{release_progress, ClusterCleanup, ReleaseProgress};
 
 use crate::config::KipConfig;
 use crate::gate::GateStatus;
@@ -101,7 +101,6 @@ impl State {
         hub
     }
 
-
     pub fn gate_status(&self) -> Option<GateStatus> {
         self.gate.read().ok()?.clone()
     }
@@ -150,5 +149,4 @@ impl State {
         self.leases.expire(&self.metrics);
         self.metrics.render()
     }
-
 }

@@ -11,7 +11,6 @@ use kip::v1;
 use super::{image_labels, Published, State};
 use crate::metrics::ImageLabels;
 
-
 #[derive(Clone, Debug)]
 pub struct NodeEntry {
     pub report: v1::NodeReport,
@@ -85,7 +84,8 @@ impl State {
         let mut first = false;
         if let Ok(mut c) = self.connections.write() {
             first = !c.contains_key(node);
-            let conn = c.entry(node.to_string()).or_insert(super::Connection { open_streams: 0, since: SystemTime::now() });
+            let conn =
+                c.entry(node.to_string()).or_insert(super::Connection { open_streams: 0, since: SystemTime::now() });
             let was_connected = conn.open_streams > 0;
             conn.open_streams = if open { conn.open_streams + 1 } else { conn.open_streams.saturating_sub(1) };
             if was_connected != (conn.open_streams > 0) {
@@ -252,5 +252,4 @@ impl State {
         m.nodes_reporting.set(nodes.len() as i64);
         m.nodes_runtime_unavailable.set(nodes.values().filter(|n| !runtime_available(&n.report)).count() as i64);
     }
-
 }

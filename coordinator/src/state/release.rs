@@ -9,7 +9,6 @@ use kip::v1;
 use super::{NodeEntry, State};
 use crate::config::KipConfig;
 
-
 /// What became of the cluster's side of a release (node labels, the fallback DaemonSet).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClusterCleanup {

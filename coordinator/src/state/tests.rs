@@ -18,8 +18,7 @@ fn config(images: &str) -> KipConfig {
 use crate::fixtures::report;
 
 fn with_release(images: &str, release: &str) -> KipConfig {
-    let raw =
-        [("IMAGES", images), ("KIP_RELEASE", release)].into_iter().map(|(k, v)| (k.to_string(), v.to_string()));
+    let raw = [("IMAGES", images), ("KIP_RELEASE", release)].into_iter().map(|(k, v)| (k.to_string(), v.to_string()));
     crate::config::validate(&raw.collect()).unwrap()
 }
 
@@ -31,8 +30,7 @@ fn digests_go_out_with_their_images_and_only_a_change_is_a_new_generation() {
     let metrics = Arc::new(Metrics::new());
     let hub = State::new(config("a=busybox;b=quay.io/x/b:1"), metrics.clone());
     let busybox = "docker.io/library/busybox:latest".to_string();
-    let answers =
-        |a: Resolved, b: Resolved| BTreeMap::from([(busybox.clone(), a), ("quay.io/x/b:1".to_string(), b)]);
+    let answers = |a: Resolved, b: Resolved| BTreeMap::from([(busybox.clone(), a), ("quay.io/x/b:1".to_string(), b)]);
     hub.set_resolution(answers(Resolved::Digest(D1.into()), Resolved::Unresolved("registry down".into())));
     let update = hub.current().to_update();
     assert_eq!(update.generation, 2);
@@ -56,10 +54,7 @@ fn per_image_counts_follow_each_report_and_a_new_list_recounts() {
     let hub = State::new(config("a=busybox;b=nginx"), Arc::new(Metrics::new()));
     let gauge = |name: &str, image: &str| {
         let l = ImageLabels { name: name.into(), image: image.into() };
-        (
-            hub.metrics.image_nodes_cached.get_or_create(&l).get(),
-            hub.metrics.image_nodes_pinned.get_or_create(&l).get(),
-        )
+        (hub.metrics.image_nodes_cached.get_or_create(&l).get(), hub.metrics.image_nodes_pinned.get_or_create(&l).get())
     };
     hub.record_report(report("n1", &[("a", "busybox", true, true), ("b", "nginx", true, false)]));
     hub.record_report(report("n2", &[("a", "busybox", true, false), ("x", "unlisted", true, true)]));
