@@ -122,6 +122,11 @@ impl Coordinator for CoordinatorService {
             self.hub.leases.release(&node, metrics);
             return Ok(Response::new(v1::LeaseReply { granted: false, ..Default::default() }));
         }
+        if !self.hub.is_leading() {
+            // Not marked as the coordinator's own answer: the agent treats a standby as it treats
+            // an unreachable coordinator (the Service sends agents to the leader).
+            return Err(Status::unavailable("this coordinator is a standby; the leader grants pull leases"));
+        }
         let hub = &self.hub;
         let slots = || hub.pull_slots();
         let reply = tokio::select! {

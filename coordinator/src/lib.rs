@@ -12,6 +12,7 @@ pub mod events;
 mod fixtures;
 pub mod gate;
 pub mod grpc;
+pub mod leader;
 pub mod lease;
 pub mod metrics;
 pub mod release;

@@ -16,7 +16,7 @@ use kip::http;
 use kip::process::{init_logging, wait_for_signal, LogFormat, Supervised};
 use kip_coordinator::auth::{AgentAuth, AuthMode, ServiceAccount, TokenVerifier};
 use kip_coordinator::reload::{ConfigMapWatch, ConfigReloader};
-use kip_coordinator::{config, controller, grpc::CoordinatorService, metrics::Metrics, release, state::State};
+use kip_coordinator::{config, controller, grpc::CoordinatorService, leader, metrics::Metrics, release, state::State};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
@@ -112,6 +112,25 @@ struct Cli {
     #[arg(long, env = "KIP_PLAIN_HTTP_REGISTRIES", value_name = "HOST:PORT,...", value_delimiter = ',')]
     plain_http_registries: Vec<String>,
 
+    /// Leader election: the coordination.k8s.io Lease (in the coordinator's namespace) the
+    /// replicas take turns on; only its holder grants pull leases and writes to the cluster, the
+    /// others serve the list read-only. Empty: no election (outside Kubernetes, the demo)
+    #[arg(long, env = "KIP_LEADER_LEASE", value_name = "NAME", default_value = "")]
+    leader_lease: String,
+
+    /// This replica's identity in the election (downward API metadata.name)
+    #[arg(long, env = "POD_NAME", value_name = "NAME")]
+    pod_name: Option<String>,
+
+    /// With more than one replica: the Service (without a selector) whose EndpointSlice the
+    /// leader points at itself, so agents reach the leader only. Empty: the Service selects
+    #[arg(long, env = "KIP_LEADER_SERVICE", value_name = "NAME", default_value = "")]
+    leader_service: String,
+
+    /// This pod's address (downward API status.podIP), for --leader-service
+    #[arg(long, env = "POD_IP", value_name = "IP")]
+    pod_ip: Option<std::net::IpAddr>,
+
     /// Validate the configuration, print a summary and exit (0 when valid)
     #[arg(long)]
     check_config: bool,
@@ -177,6 +196,28 @@ async fn wait_release(status_url: &str, timeout: Duration, strict: bool) -> Exit
     }
 }
 
+/// The leader election as the command line asks for it (`None`: none).
+fn election(cli: &Cli) -> anyhow::Result<Option<leader::Election>> {
+    if cli.leader_lease.is_empty() {
+        return Ok(None);
+    }
+    let (Some(namespace), Some(identity)) = (cli.pod_namespace.clone(), cli.pod_name.clone()) else {
+        anyhow::bail!(
+            "--leader-lease (KIP_LEADER_LEASE) needs --pod-namespace (POD_NAMESPACE) and --pod-name (POD_NAME)"
+        );
+    };
+    let endpoints = match (cli.leader_service.as_str(), cli.pod_ip) {
+        ("", _) => None,
+        (service, Some(pod_ip)) => Some(leader::Endpoints {
+            service: service.to_string(),
+            pod_ip,
+            ports: vec![("grpc".into(), cli.grpc_listen.port()), ("metrics".into(), cli.listen.port())],
+        }),
+        (_, None) => anyhow::bail!("--leader-service (KIP_LEADER_SERVICE) needs --pod-ip (POD_IP)"),
+    };
+    Ok(Some(leader::Election { lease: cli.leader_lease.clone(), namespace, identity, endpoints }))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let env: HashMap<String, String> = std::env::vars().collect();
     let raw = config::read_sources(cli.config_dir.as_deref(), &env)?;
@@ -216,6 +257,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let auth = Arc::new(auth);
     let metrics = Arc::new(Metrics::new());
     let hub = State::with_release_timeout(config, metrics.clone(), cli.release_timeout);
+    let election = election(&cli)?;
+    if election.is_some() {
+        // A follower until the Lease is taken: no pull lease is granted before.
+        hub.set_leading(false);
+    }
     let shutdown = CancellationToken::new();
 
     let grpc_listener = tokio::net::TcpListener::bind(cli.grpc_listen)
@@ -306,12 +352,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         None => std::future::pending().await,
                     }
                 };
-                tokio::join!(
-                    watch,
-                    controller::start(client.clone(), hub.clone(), deployment, settings, shutdown.clone())
-                );
+                let controllers = async {
+                    // Only the leader writes to the cluster (without an election, this one).
+                    hub.until_leading().await;
+                    controller::start(client.clone(), hub.clone(), deployment, settings, shutdown.clone()).await
+                };
+                tokio::join!(watch, controllers);
             };
             controller::until_shutdown(&shutdown, work).await;
+        });
+    }
+
+    if let Some(election) = election {
+        let (hub, shutdown) = (hub.clone(), shutdown.clone());
+        tasks.spawn_fallible("the leader election", async move {
+            let config =
+                kip_coordinator::retry_forever("reading the Kubernetes client configuration (leader election)", || {
+                    kube::Config::infer()
+                })
+                .await;
+            let client = leader::client(config)?;
+            leader::run(client, election, hub, shutdown).await?;
+            anyhow::Ok(())
         });
     }
 

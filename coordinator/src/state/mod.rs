@@ -70,6 +70,8 @@ pub struct State {
     pub(crate) resolution: RwLock<BTreeMap<String, Resolved>>,
     /// The cluster's pull budget (`PullLease`).
     pub leases: LeaseDesk,
+    /// This coordinator leads (see `leader`): it grants pull leases and writes to the cluster.
+    leading: watch::Sender<bool>,
 }
 
 impl State {
@@ -95,6 +97,7 @@ impl State {
             gate: RwLock::new(None),
             resolution: RwLock::new(BTreeMap::new()),
             leases: LeaseDesk::new(LEASE_TTL, LEASE_WAIT),
+            leading: watch::channel(true).0,
         });
         hub.refresh_image_metrics(&first);
         hub.track_release(&first.config);
@@ -110,6 +113,21 @@ impl State {
         if let Ok(mut g) = self.gate.write() {
             change(g.get_or_insert_with(GateStatus::default));
         }
+    }
+
+    /// Whether this coordinator leads (always, without an election).
+    pub fn is_leading(&self) -> bool {
+        *self.leading.borrow()
+    }
+
+    pub fn set_leading(&self, leading: bool) {
+        self.leading.send_if_modified(|l| std::mem::replace(l, leading) != leading);
+    }
+
+    /// Waits until this coordinator leads.
+    pub async fn until_leading(&self) {
+        let mut rx = self.leading.subscribe();
+        let _ = rx.wait_for(|l| *l).await;
     }
 
     /// Bumped whenever a node's agent connects, disconnects or reports.

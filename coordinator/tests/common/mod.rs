@@ -3,6 +3,8 @@
 
 #![allow(dead_code, clippy::unwrap_used)] // each test file uses part of it; a failed unwrap fails the test
 
+pub mod fake_api;
+
 use std::sync::Arc;
 
 use kip_coordinator::auth::AgentAuth;
