@@ -244,6 +244,42 @@ print(gate)
 PY
 }
 
+# check_leader RENDERED.yaml: the coordinator takes part in the leader election; with more than
+# one replica the Service has no selector and the leader may publish its EndpointSlice, with one
+# the Service selects the coordinator pod.
+check_leader() {
+  "$PY" - "$1" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+kind = lambda k: [d for d in docs if d["kind"] == k]
+(dep,) = [d for d in kind("Deployment") if d["metadata"]["labels"].get("app.kubernetes.io/component") == "coordinator"]
+(svc,) = [s for s in kind("Service") if s["metadata"]["labels"].get("app.kubernetes.io/component") == "coordinator"]
+(c,) = dep["spec"]["template"]["spec"]["containers"]
+env = {e["name"]: e for e in c["env"]}
+name = dep["metadata"]["name"]
+assert env["KIP_LEADER_LEASE"]["value"] == name, env["KIP_LEADER_LEASE"]
+rules = [r for role in kind("Role") if role["metadata"]["name"] == name for r in role["rules"]]
+def allowed(group, resource, verb, object_name=None):
+    return any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"]
+               and (object_name is None or "resourceNames" not in r or object_name in r["resourceNames"]) for r in rules)
+assert allowed("coordination.k8s.io", "leases", "create") and allowed("coordination.k8s.io", "leases", "patch", name), rules
+replicas = dep["spec"]["replicas"]
+slice_name = svc["metadata"]["name"] + "-leader"
+if replicas > 1:
+    assert "selector" not in svc["spec"], "the Service sends agents to the leader only"
+    assert env["KIP_LEADER_SERVICE"]["value"] == svc["metadata"]["name"], env
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP", env
+    assert allowed("discovery.k8s.io", "endpointslices", "patch", slice_name), rules
+    ports = {p["name"] for p in c["ports"]}
+    assert {p["name"] for p in svc["spec"]["ports"]} <= ports, "the leader's EndpointSlice names the Service's ports"
+else:
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in svc["spec"]["selector"].items()), "the Service selects the coordinator"
+    assert "KIP_LEADER_SERVICE" not in env and not allowed("discovery.k8s.io", "endpointslices", "patch"), "no EndpointSlice with one replica"
+print(f"leader election ok: {replicas} replica(s)", file=sys.stderr)
+PY
+}
+
 echo "==> helm chart" >&2
 "$HELM" lint --strict deploy/helm >&2
 for values in "" deploy/helm/ci/*.yaml; do
@@ -257,6 +293,7 @@ for values in "" deploy/helm/ci/*.yaml; do
   check_configmap "$out"
   check_monitors "$out"
   check_uninstall "$out"
+  check_leader "$out"
   gate=$(check_access "$out")
   "$PY" tests/admission-policy.py "$out" >&2
   KIP_GATE_TAINT="$gate" "$COORD" --check-config --config-dir "$WORK/cm-$(basename "$out" .yaml)" >/dev/null
