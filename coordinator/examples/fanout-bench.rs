@@ -12,54 +12,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kip::v1::{self, coordinator_client::CoordinatorClient};
 use tokio::sync::Semaphore;
-use tonic::transport::Endpoint;
 
-/// The coordinator's resident memory (kB) and CPU time (ms) from /proc.
-fn usage(pid: &str) -> Result<(u64, u64), String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| format!("/proc/{pid}: {e}"))?;
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .ok_or("no VmRSS")?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
-    // Fields after the command name (which may hold spaces, in parentheses): utime is the 14th.
-    let rest = stat.rsplit_once(')').ok_or("bad stat")?.1;
-    // From the state letter on: utime and stime are the 12th and 13th fields.
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).ok_or("short stat");
-    let ticks = tick(11)? + tick(12)?;
-    // Linux reports in USER_HZ, 100 on every architecture kip runs on.
-    Ok((rss, ticks * 10))
-}
+mod common;
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-struct Agent {
-    index: usize,
-    client: CoordinatorClient<tonic::transport::Channel>,
-    stream: tonic::Streaming<v1::ImageListUpdate>,
-}
-
-async fn connect(url: &str, index: usize) -> Result<Agent, String> {
-    let channel = Endpoint::from_shared(url.to_string())
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(30))
-        .connect()
-        .await
-        .map_err(|e| format!("agent {index}: {e}"))?;
-    let mut client = CoordinatorClient::new(channel);
-    let request = v1::WatchRequest { node_name: format!("bench-{index}"), agent_version: "bench".into() };
-    let mut stream = client.watch(request).await.map_err(|e| format!("agent {index}: {e}"))?.into_inner();
-    // The current list comes at once.
-    stream.message().await.map_err(|e| e.to_string())?.ok_or("stream ended")?;
-    Ok(Agent { index, client, stream })
-}
+use common::{connect, percentile, usage};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -93,7 +50,7 @@ async fn run() -> Result<serde_json::Value, String> {
         let (url, gate) = (url.clone(), gate.clone());
         connecting.spawn(async move {
             let _permit = gate.acquire_owned().await.map_err(|e| e.to_string())?;
-            connect(&url, index).await
+            connect(&url, format!("bench-{index}")).await
         });
     }
     let mut connected = Vec::with_capacity(agents);
@@ -114,24 +71,7 @@ async fn run() -> Result<serde_json::Value, String> {
             let update = agent.stream.message().await.map_err(|e| e.to_string())?.ok_or("stream ended")?;
             let _ = arrived_tx.send(Instant::now());
             go.wait_for(|go| *go).await.map_err(|e| e.to_string())?;
-            let report = v1::NodeReport {
-                node_name: format!("bench-{}", agent.index),
-                runtime: Some(v1::RuntimeState { available: true, name: "bench".into(), ..Default::default() }),
-                generation: update.generation,
-                images: update
-                    .images
-                    .iter()
-                    .map(|i| v1::ImageState {
-                        name: i.name.clone(),
-                        image: i.image.clone(),
-                        cached: true,
-                        pinned: true,
-                        ..Default::default()
-                    })
-                    .collect(),
-                agent_version: "bench".into(),
-                ..Default::default()
-            };
+            let report = agent.report(&update);
             agent.client.report(report).await.map_err(|e| e.to_string())?;
             Ok::<_, String>(())
         });

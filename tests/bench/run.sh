@@ -7,8 +7,10 @@
 # agent's footprint by list length; the node's cost against KIP's layout (requests with the chart
 # defaults, measured memory of sleep processes and of real containers); the time to cache images
 # against pulling them all at once through the CRI from one process; the coordinator's fan-out to
-# 1,000 and 5,000 agent streams; the registry's requests per refresh interval with and without
-# tag resolution. The README's *Benchmarks* section has the last full run's table.
+# 1,000 and 5,000 agent streams; its cluster side at 1,000 and 5,000 nodes (API requests by verb,
+# CPU per report, report-to-label latency, memory; against an in-process fake API server); the
+# registry's requests per refresh interval with and without tag resolution. The README's
+# *Benchmarks* section has the last full run's table.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . tests/e2e/lib.sh
@@ -294,6 +296,33 @@ for n in "${FAN[@]:1}"; do
   row "fan-out: coordinator resident with $n agents" "$(fan "$n" rss_after_kb)" "$(fan "$n" rss_before_kb)" kB "no agent"
   row "fan-out: memory per connection, $n agents" "$(fan "$n" per_connection_kb)" "$(fan "${FAN[1]}" per_connection_kb)" kB "${FAN[1]} agents"
   row "fan-out: coordinator CPU for one report from each of $n agents" "$(fan "$n" report_cpu_ms)" "$(fan "${FAN[1]}" report_cpu_ms)" ms "${FAN[1]} agents"
+done
+
+log "coordinator's cluster side: N nodes on an API server that counts requests, N light agents"
+# ../shared/rig/k8s (a real control plane) is not on these machines: the benchmark runs the
+# in-process fake API server of coordinator/tests/common/fake_api.rs and says so in its output.
+cargo build --quiet --release -p kip-coordinator --example controller-bench
+CONTROLLER=target/release/examples/controller-bench
+if [ -n "$SMOKE" ]; then CTL=(250 1000); STEADY=15; else CTL=(1000 5000); STEADY=60; fi
+declare -A CTL_JSON
+for n in "${CTL[@]}"; do
+  CTL_JSON[$n]=$(KIP_BENCH_LOG="$KIP_WORK/controller-coordinator-$n.log" "$CONTROLLER" "$COORD" "$n" "$STEADY") \
+    || fail "controller benchmark with $n nodes (log: $(tail -3 "$KIP_WORK/controller-coordinator-$n.log"))"
+  echo "$n nodes: ${CTL_JSON[$n]}" >&2
+done
+ctl() { python3 -c 'import json, sys; v = json.loads(sys.argv[1])[sys.argv[2]]; print(round(v, 3) if isinstance(v, float) else v)' "${CTL_JSON[$1]}" "$2"; }
+small=${CTL[0]}
+for n in "${CTL[@]}"; do
+  # Correctness, not timing: a round writes what changes and a steady window writes nothing.
+  [ "$(ctl "$n" round_writes)" = "$(ctl "$n" round_label_changes)" ] \
+    || fail "$n nodes: $(ctl "$n" round_writes) API writes for $(ctl "$n" round_label_changes) label changes"
+  [ "$(ctl "$n" steady_writes)" = 0 ] || fail "$n nodes: $(ctl "$n" steady_writes) API writes in a steady window"
+  row "controller: API writes in a round of reports, $n nodes" "$(ctl "$n" round_writes)" "$(ctl "$n" round_label_changes)" writes "nodes whose label changes"
+  row "controller: API writes in a steady ${STEADY} s, $n nodes (not counting Lease renewals)" "$(ctl "$n" steady_writes)" "$(ctl "$n" steady_reports)" writes "unchanged reports received"
+  row "controller: coordinator CPU per report, $n nodes" "$(ctl "$n" cpu_per_report_ms)" "$(ctl "$small" cpu_per_report_ms)" ms "$small nodes"
+  row "controller: report to node label, $n nodes, p99" "$(ctl "$n" report_to_label_p99_ms)" "$(ctl "$small" report_to_label_p99_ms)" ms "$small nodes"
+  row "controller: coordinator resident, $n nodes and agents" "$(ctl "$n" rss_end_kb)" "$(ctl "$n" rss_idle_kb)" kB "before the agents connect"
+  log "controller, $n nodes: API requests in the round $(ctl "$n" round_requests); in the steady window $(ctl "$n" steady_requests), $(ctl "$n" steady_lease_renewals) of them Lease renewals ($(ctl "$n" api_server))"
 done
 
 log "registry requests per refresh interval: tests/e2e/registry.sh counts them in the registry's request log"

@@ -1,0 +1,238 @@
+//! `controller-bench COORDINATOR NODES STEADY_SECONDS`: the coordinator's cluster side at scale.
+//! Serves an in-process fake Kubernetes API (`tests/common/fake_api.rs`: NODES Node objects,
+//! every request counted by verb, label patches shown to the watch as a real API server does),
+//! starts the COORDINATOR binary against it (leader election on, auto mode), connects NODES light
+//! agent streams, then:
+//! - a round: every agent reports once (runtime there, images cached): each node's label goes
+//!   from none to `cri`; measured: the coordinator's CPU per report, the time from each report to
+//!   its node's label PATCH (p50/p99/max), and the API requests of the round by verb;
+//! - a steady window of STEADY_SECONDS: every agent sends its unchanged report twice; measured:
+//!   the API writes (the goal is none; the leader Lease's renewals are counted apart).
+//!
+//! Prints one JSON object.
+
+#![forbid(unsafe_code)]
+
+mod common;
+#[path = "../tests/common/fake_api.rs"]
+mod fake_api;
+
+use std::collections::BTreeMap;
+use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{connect, cpu_ms, peak_rss, percentile, usage};
+use fake_api::FakeApi;
+use tokio::sync::Semaphore;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(json) => {
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("controller-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Kills the coordinator when the benchmark ends, however it ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+/// Waits for `check`, failing with `what` after `limit`.
+async fn wait_for(what: &str, limit: Duration, check: impl Fn() -> bool) -> Result<(), String> {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        if Instant::now() > deadline {
+            return Err(format!("{what}: not within {limit:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+const LEASES: &[&str] = &["leases"];
+
+async fn run() -> Result<serde_json::Value, String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [coordinator, nodes, steady] = args.as_slice() else {
+        return Err("usage: controller-bench COORDINATOR NODES STEADY_SECONDS".into());
+    };
+    let nodes: usize = nodes.parse().map_err(|_| "NODES: a number")?;
+    let steady = Duration::from_secs(steady.parse().map_err(|_| "STEADY_SECONDS: a number")?);
+
+    let api = FakeApi::new();
+    api.add_nodes(nodes, SystemTime::now() - Duration::from_secs(3600));
+    let door = api.door().await;
+    let work = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let kubeconfig = work.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, FakeApi::kubeconfig(&door)).map_err(|e| e.to_string())?;
+    let config = work.path().join("config");
+    std::fs::create_dir(&config).map_err(|e| e.to_string())?;
+    std::fs::write(config.join("IMAGES"), "a=registry.local/bench/a:1;b=registry.local/bench/b:1")
+        .map_err(|e| e.to_string())?;
+    let (grpc, http) = (free_port()?, free_port()?);
+    let log = std::fs::File::create(std::env::var("KIP_BENCH_LOG").unwrap_or_else(|_| "/dev/null".into()))
+        .map_err(|e| e.to_string())?;
+    // KIP_BENCH_ELECTION=0: a coordinator without the leader election (an older build).
+    let election = std::env::var("KIP_BENCH_ELECTION").map_or(true, |v| v != "0");
+    let mut command = std::process::Command::new(coordinator);
+    if election {
+        command.env("KIP_LEADER_LEASE", "kip-coordinator");
+    }
+    let child = command
+        .args(["--config-dir", &config.display().to_string()])
+        .args(["--grpc-listen", &format!("127.0.0.1:{grpc}"), "--listen", &format!("127.0.0.1:{http}")])
+        .args(["--agent-auth", "none", "--resolve-tags", "false", "--gate-taint", ""])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("POD_NAMESPACE", "kip")
+        .env("POD_NAME", "bench-coordinator")
+        .env("KIP_LOG_FORMAT", "json")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("{coordinator}: {e}"))?;
+    let child = Child(child);
+    let pid = child.0.id().to_string();
+
+    // The coordinator leads, watches the nodes and has applied its DaemonSet.
+    let counted = |verb: &str, resource: &str| {
+        api.counts().iter().filter(|(c, _)| c.verb == verb && c.resource == resource).map(|(_, n)| *n).sum::<u64>()
+    };
+    let leads =
+        || api.lease("kip", "kip-coordinator").is_some_and(|l| l["spec"]["holderIdentity"] == "bench-coordinator");
+    if election {
+        wait_for("the coordinator takes the leader Lease", Duration::from_secs(60), leads).await?;
+    }
+    wait_for("the coordinator watches the nodes", Duration::from_secs(60), || counted("watch", "nodes") > 0).await?;
+    wait_for("the coordinator applies its DaemonSet", Duration::from_secs(60), || counted("patch", "daemonsets") > 0)
+        .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (rss_idle, _) = usage(&pid)?;
+
+    // Every node's agent connects (in waves: the listen backlog is not the thing measured).
+    let url = format!("http://127.0.0.1:{grpc}");
+    let gate = Arc::new(Semaphore::new(256));
+    let mut connecting = tokio::task::JoinSet::new();
+    for i in 0..nodes {
+        let (url, gate) = (url.clone(), gate.clone());
+        connecting.spawn(async move {
+            let _permit = gate.acquire_owned().await.map_err(|e| e.to_string())?;
+            connect(&url, format!("node-{i}")).await
+        });
+    }
+    let mut agents = Vec::with_capacity(nodes);
+    while let Some(agent) = connecting.join_next().await {
+        agents.push(agent.map_err(|e| e.to_string())??);
+    }
+    // Connections alone change no label (the agents have not reported yet).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before_round = api.counts();
+    let writes_before = api.writes(LEASES);
+
+    // The round: every agent reports once, all together.
+    let cpu_before = cpu_ms(&pid)?;
+    let mut sent_at: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut reporting = tokio::task::JoinSet::new();
+    for agent in agents {
+        let report = agent.report(&agent.list);
+        let mut client = agent.client.clone();
+        sent_at.insert(agent.node.clone(), Instant::now());
+        reporting.spawn(async move {
+            client.report(report).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(agent)
+        });
+    }
+    let mut agents = Vec::with_capacity(nodes);
+    while let Some(r) = reporting.join_next().await {
+        agents.push(r.map_err(|e| e.to_string())??);
+    }
+    let labelled = || api.label_writes().iter().filter(|w| w.value.as_deref() == Some("cri")).count() >= nodes;
+    wait_for("every node labelled cri", Duration::from_secs(120), labelled).await?;
+    // What the round still causes (the watch showing the labels) settles.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cpu_after = cpu_ms(&pid)?;
+    let round_writes = api.writes(LEASES) - writes_before;
+    let mut latencies: Vec<f64> = api
+        .label_writes()
+        .iter()
+        .filter_map(|w| Some(w.at.checked_duration_since(*sent_at.get(&w.node)?)?.as_secs_f64() * 1000.0))
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let round_requests = difference(&before_round, &api.counts());
+
+    // The steady window: unchanged reports, twice from every agent.
+    let before_steady = api.counts();
+    let steady_writes_before = api.writes(LEASES);
+    let started = Instant::now();
+    let mut reports = 0;
+    for _ in 0..2 {
+        tokio::time::sleep(steady / 3).await;
+        let mut reporting = tokio::task::JoinSet::new();
+        for agent in &agents {
+            let (report, mut client) = (agent.report(&agent.list), agent.client.clone());
+            reporting.spawn(async move { client.report(report).await.map(|_| ()).map_err(|e| e.to_string()) });
+        }
+        while let Some(r) = reporting.join_next().await {
+            r.map_err(|e| e.to_string())??;
+            reports += 1;
+        }
+    }
+    tokio::time::sleep(steady.saturating_sub(started.elapsed())).await;
+    let steady_writes = api.writes(LEASES) - steady_writes_before;
+    let steady_requests = difference(&before_steady, &api.counts());
+    let lease_writes = steady_requests.get("patch leases").copied().unwrap_or(0);
+    let (rss_end, _) = usage(&pid)?;
+
+    Ok(serde_json::json!({
+        "api_server": "in-process fake (tests/common/fake_api.rs)",
+        "nodes": nodes,
+        "round_reports": nodes,
+        "round_label_changes": nodes,
+        "round_writes": round_writes,
+        "round_requests": round_requests,
+        "cpu_per_report_ms": (cpu_after - cpu_before) / nodes as f64,
+        "report_to_label_p50_ms": percentile(&latencies, 0.5),
+        "report_to_label_p99_ms": percentile(&latencies, 0.99),
+        "report_to_label_max_ms": latencies.last().copied().unwrap_or(0.0),
+        "steady_seconds": steady.as_secs(),
+        "steady_reports": reports,
+        "steady_writes": steady_writes,
+        "steady_lease_renewals": lease_writes,
+        "steady_requests": steady_requests,
+        "rss_idle_kb": rss_idle,
+        "rss_end_kb": rss_end,
+        "rss_peak_kb": peak_rss(&pid)?,
+    }))
+}
+
+/// Requests made between two counts, as "verb resource" → count.
+fn difference(
+    before: &BTreeMap<fake_api::Counted, u64>,
+    after: &BTreeMap<fake_api::Counted, u64>,
+) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .filter_map(|(c, n)| {
+            let d = n - before.get(c).copied().unwrap_or(0);
+            (d > 0).then(|| (format!("{} {}", c.verb, c.resource), d))
+        })
+        .collect()
+}
