@@ -89,7 +89,7 @@ pub struct KipConfig {
     /// `KIP_REFRESH_INTERVAL`, else `CACHING_INTERVAL_HOURS`.
     pub refresh_interval: Duration,
     /// `KIP_MAX_NODES_PULLING`: how many nodes pull for kip at once.
-    pub max_nodes_pulling: crate::lease::Budget,
+    pub max_nodes_pulling: crate::budget::Budget,
     pub memory_request: Quantity,
     pub memory_limit: Quantity,
     pub cpu_request: Quantity,
@@ -311,8 +311,8 @@ pub fn validate(raw: &RawConfig) -> Result<KipConfig, ConfigError> {
     let check_interval = duration("KIP_CHECK_INTERVAL", kip::duration::CHECK_INTERVAL);
     let pull_timeout = duration("KIP_PULL_TIMEOUT", kip::duration::PULL_TIMEOUT);
     let refresh_interval = duration("KIP_REFRESH_INTERVAL", kip::duration::REFRESH_INTERVAL);
-    let max_nodes_pulling = get("KIP_MAX_NODES_PULLING", crate::lease::DEFAULT_BUDGET)
-        .parse::<crate::lease::Budget>()
+    let max_nodes_pulling = get("KIP_MAX_NODES_PULLING", crate::budget::DEFAULT_BUDGET)
+        .parse::<crate::budget::Budget>()
         .map_err(|r| err("KIP_MAX_NODES_PULLING", r))
         .ok();
 
@@ -328,7 +328,7 @@ pub fn validate(raw: &RawConfig) -> Result<KipConfig, ConfigError> {
         caching_interval_hours: caching_interval_hours.unwrap_or(1),
         refresh_interval: refresh_interval
             .unwrap_or_else(|| Duration::from_secs(u64::from(caching_interval_hours.unwrap_or(1)) * 3600)),
-        max_nodes_pulling: max_nodes_pulling.unwrap_or(crate::lease::Budget::Percent(10)),
+        max_nodes_pulling: max_nodes_pulling.unwrap_or(crate::budget::Budget::Percent(10)),
         memory_request: some(memory_request),
         memory_limit: some(memory_limit),
         cpu_request: some(cpu_request),
@@ -603,13 +603,13 @@ mod tests {
             Duration::from_secs(6 * 3600),
             "CACHING_INTERVAL_HOURS without KIP_REFRESH_INTERVAL"
         );
-        assert_eq!(c.max_nodes_pulling, crate::lease::Budget::Percent(10));
+        assert_eq!(c.max_nodes_pulling, crate::budget::Budget::Percent(10));
         let c =
             validate(&raw(&[("IMAGES", "a=busybox"), ("KIP_REFRESH_INTERVAL", "30m"), ("KIP_MAX_NODES_PULLING", "3")]))
                 .unwrap();
         assert_eq!(
             (c.refresh_interval, c.max_nodes_pulling),
-            (Duration::from_secs(1800), crate::lease::Budget::Nodes(3))
+            (Duration::from_secs(1800), crate::budget::Budget::Nodes(3))
         );
         assert_eq!(
             errors(&[("KIP_REFRESH_INTERVAL", "500ms"), ("KIP_MAX_NODES_PULLING", "0")]),

@@ -6,16 +6,16 @@
 pub mod auth;
 pub mod config;
 pub mod controller;
-pub mod daemonset;
+pub mod manifest;
 pub mod events;
 #[cfg(test)]
 mod fixtures;
 pub mod gate;
 pub mod grpc;
 pub mod leader;
-pub mod lease;
+pub mod budget;
 pub mod metrics;
-pub mod release;
+pub mod wait_release;
 pub mod reload;
 pub mod resolve;
 pub mod state;

@@ -16,7 +16,7 @@ use kip::http;
 use kip::process::{init_logging, wait_for_signal, LogFormat, Supervised};
 use kip_coordinator::auth::{AgentAuth, AuthMode, ServiceAccount, TokenVerifier};
 use kip_coordinator::reload::{ConfigMapWatch, ConfigReloader};
-use kip_coordinator::{config, controller, grpc::CoordinatorService, leader, metrics::Metrics, release, state::State};
+use kip_coordinator::{config, controller, grpc::CoordinatorService, leader, metrics::Metrics, state::State, wait_release};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
@@ -177,7 +177,7 @@ async fn main() -> ExitCode {
 }
 
 async fn wait_release(status_url: &str, timeout: Duration, strict: bool) -> ExitCode {
-    let o = release::wait(status_url, timeout, Duration::from_secs(1)).await;
+    let o = wait_release::wait(status_url, timeout, Duration::from_secs(1)).await;
     println!("released nodes ({}): {}", o.released.len(), o.released.join(", "));
     if !o.cluster.is_empty() {
         println!("cluster: {}", o.cluster);

@@ -14,7 +14,7 @@ use kube::runtime::{watcher, WatchStreamExt as _};
 use kube::{Api, Client, Resource};
 use tokio::sync::{broadcast, watch};
 
-use crate::daemonset::AGENT_LABEL;
+use crate::manifest::AGENT_LABEL;
 
 /// What changed in a view: the objects of one node, or possibly any (a relist).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -17,7 +17,7 @@ use kip_coordinator::config::{validate, KipConfig, RawConfig};
 use kip_coordinator::controller::daemonset::{DaemonSetController, DsOutcome};
 use kip_coordinator::controller::labels::Labels;
 use kip_coordinator::controller::{self, Cluster, Settings};
-use kip_coordinator::daemonset::{self, Options};
+use kip_coordinator::manifest::{self, Options};
 use kip_coordinator::metrics::Metrics;
 use kip_coordinator::state::{ClusterCleanup, State};
 use kip_coordinator::watches::{NodeFacts, NodeView, Touch};
@@ -276,7 +276,7 @@ async fn created_after_404_with_server_side_apply_then_nothing_when_unchanged() 
     let (fb, mut handle) = mocked();
     let mut ds = daemonset_controller(&fb);
     let cfg = config(&[]);
-    let desired = daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap();
+    let desired = manifest::fallback_daemonset(&cfg, &Options::default()).unwrap();
     let desired_json = serde_json::to_value(&desired).unwrap();
     let api = tokio::spawn(async move {
         expect(&mut handle, Method::GET, DS_PATH, StatusCode::NOT_FOUND, not_found()).await;
@@ -301,10 +301,10 @@ async fn an_existing_daemonset_with_the_same_hash_is_left_alone_and_a_changed_sp
     let (fb, mut handle) = mocked();
     let mut ds = daemonset_controller(&fb);
     let cfg = config(&[]);
-    let current = serde_json::to_value(daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
+    let current = serde_json::to_value(manifest::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
     let changed_cfg = config(&[("IMAGES", "a=busybox;b=nginx;c=redis")]);
     let changed =
-        serde_json::to_value(daemonset::fallback_daemonset(&changed_cfg, &Options::default()).unwrap()).unwrap();
+        serde_json::to_value(manifest::fallback_daemonset(&changed_cfg, &Options::default()).unwrap()).unwrap();
     let api = tokio::spawn({
         let (current, changed) = (current.clone(), changed.clone());
         async move {
@@ -327,7 +327,7 @@ async fn a_daemonset_the_watch_shows_deleted_or_edited_is_applied_again_at_once(
     let (fb, mut handle) = mocked();
     let mut ds = daemonset_controller(&fb);
     let cfg = config(&[]);
-    let desired = serde_json::to_value(daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
+    let desired = serde_json::to_value(manifest::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
     let api = tokio::spawn(async move {
         expect(&mut handle, Method::GET, DS_PATH, StatusCode::NOT_FOUND, not_found()).await;
         expect(&mut handle, Method::PATCH, DS_PATH, StatusCode::CREATED, desired.clone()).await;
@@ -346,7 +346,7 @@ async fn a_daemonset_the_watch_shows_deleted_or_edited_is_applied_again_at_once(
     // Until the watch has shown the created DaemonSet, its absence there is only lag.
     ds.observe(&cfg, None).await;
     assert_eq!(ds.sync(&cfg).await.unwrap(), DsOutcome::Unchanged);
-    let created = daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap();
+    let created = manifest::fallback_daemonset(&cfg, &Options::default()).unwrap();
     ds.observe(&cfg, Some(&created)).await;
     ds.observe(&cfg, None).await;
     assert_eq!(ds.sync(&cfg).await.unwrap(), DsOutcome::Created);
@@ -365,7 +365,7 @@ async fn a_daemonset_the_watch_shows_deleted_or_edited_is_applied_again_at_once(
 
 /// kip's own DaemonSet is read, then deleted.
 async fn expect_kips_daemonset_deleted(handle: &mut ApiHandle) {
-    let ours = serde_json::to_value(daemonset::fallback_daemonset(&config(&[]), &Options::default()).unwrap()).unwrap();
+    let ours = serde_json::to_value(manifest::fallback_daemonset(&config(&[]), &Options::default()).unwrap()).unwrap();
     expect(handle, Method::GET, DS_PATH, StatusCode::OK, ours).await;
     let success = json!({"kind": "Status", "apiVersion": "v1", "status": "Success"});
     expect(handle, Method::DELETE, DS_PATH, StatusCode::OK, success).await;
@@ -519,7 +519,7 @@ async fn a_storm_of_reports_after_a_refused_label_waits_for_the_backoff() {
     let cfg = config(&[]);
     let hub = State::new(cfg.clone(), Arc::new(Metrics::new()));
     let nodes = Nodes::listed(&[("node-1", Some("cri"))]);
-    let current = serde_json::to_value(daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
+    let current = serde_json::to_value(manifest::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
     let running = Running::start(fb, &hub, &nodes);
     expect(&mut handle, Method::GET, DS_PATH, StatusCode::OK, current).await;
     hub.node_stream("node-1", true);
@@ -554,7 +554,7 @@ async fn a_restarted_coordinator_touches_no_label_during_the_grace_but_acts_on_e
     let cfg = config(&[]);
     let hub = State::new(cfg.clone(), Arc::new(Metrics::new()));
     let nodes = Nodes::listed(&[("node-1", Some("cri")), ("node-2", Some("cri"))]);
-    let current = serde_json::to_value(daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
+    let current = serde_json::to_value(manifest::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
     let running = Running::start(fb, &hub, &nodes);
 
     expect(&mut handle, Method::GET, DS_PATH, StatusCode::OK, current).await;
@@ -726,7 +726,7 @@ async fn leaving_auto_mode_takes_back_labels_set_before() {
     let cfg = config(&[("KIP_MODE", "daemonset")]);
     let hub = State::new(cfg.clone(), Arc::new(Metrics::new()));
     let nodes = Nodes::listed(&[("node-1", Some("cri")), ("node-2", Some("none")), ("node-3", None)]);
-    let current = serde_json::to_value(daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
+    let current = serde_json::to_value(manifest::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
     let running = Running::start(fb, &hub, &nodes);
     // The DaemonSet and the nodes are separate controllers: their requests come in any order.
     let mut expected = vec![(Method::GET, DS_PATH.to_string(), StatusCode::OK, current)];
@@ -979,7 +979,7 @@ async fn without_an_agent_the_gate_opens_on_a_ready_fallback_pod_or_at_the_timeo
     let mut nodes = Nodes::listed(&[]);
     nodes.show_node(tainted_node("old", Duration::from_secs(7200), json!([gate])));
     nodes.show_node(tainted_node("fresh", Duration::from_secs(10), json!([gate])));
-    let current = serde_json::to_value(daemonset::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
+    let current = serde_json::to_value(manifest::fallback_daemonset(&cfg, &Options::default()).unwrap()).unwrap();
     let (workloads, mut pods) = played_workloads(&current);
     let running = Running::start_with(fb, &hub, &nodes, Some(workloads), gate_settings(Duration::from_secs(3600)));
     let bodies = expect_unordered(

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Cluster, FIELD_MANAGER};
 use crate::config::KipConfig;
-use crate::daemonset::{self, MANAGED_BY};
+use crate::manifest::{self, MANAGED_BY};
 use crate::state::State;
 use crate::watches::Workloads;
 
@@ -52,7 +52,7 @@ impl DaemonSetController {
     pub async fn sync(&mut self, config: &KipConfig) -> Result<DsOutcome, kube::Error> {
         let api = Api::<DaemonSet>::namespaced(self.cluster.client.clone(), &config.namespace);
         let name = &config.daemonset_name;
-        let Some(desired) = daemonset::fallback_daemonset(config, &self.cluster.options_for(&config.namespace)) else {
+        let Some(desired) = manifest::fallback_daemonset(config, &self.cluster.options_for(&config.namespace)) else {
             if self.known == Known::Absent {
                 return Ok(DsOutcome::Unchanged);
             }
@@ -69,13 +69,13 @@ impl DaemonSetController {
             }
             return Ok(DsOutcome::Unchanged);
         };
-        let hash = daemonset::hash_of(&desired).unwrap_or_default().to_string();
+        let hash = manifest::hash_of(&desired).unwrap_or_default().to_string();
         if self.known == Known::Applied(hash.clone()) {
             return Ok(DsOutcome::Unchanged);
         }
         let existing = api.get_opt(name).await?;
         self.applied_shown = false;
-        if existing.as_ref().and_then(daemonset::hash_of) == Some(hash.as_str()) {
+        if existing.as_ref().and_then(manifest::hash_of) == Some(hash.as_str()) {
             self.known = Known::Applied(hash);
             return Ok(DsOutcome::Unchanged);
         }
@@ -91,7 +91,7 @@ impl DaemonSetController {
     pub async fn observe(&mut self, config: &KipConfig, shown: Option<&DaemonSet>) {
         let Known::Applied(hash) = &self.known else { return };
         match shown {
-            Some(ds) if daemonset::hash_of(ds) == Some(hash.as_str()) => self.applied_shown = true,
+            Some(ds) if manifest::hash_of(ds) == Some(hash.as_str()) => self.applied_shown = true,
             // The watch still shows what was there before kip's apply.
             _ if !self.applied_shown => {}
             None => {

@@ -10,7 +10,7 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use tokio::time::Instant;
 
-use crate::daemonset::AGENT_LABEL;
+use crate::manifest::AGENT_LABEL;
 use crate::watches::NodeFacts;
 
 /// How long a patched value is trusted over what the watch shows: after that the watch is the

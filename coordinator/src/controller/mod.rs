@@ -27,7 +27,7 @@ use kube::{Api, Client, Resource as _};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::daemonset::Options;
+use crate::manifest::Options;
 use crate::events::Events;
 use crate::gate::GateTaint;
 use crate::state::State;

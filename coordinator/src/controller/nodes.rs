@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::labels::Labels;
 use super::{sooner, Cluster, Settings};
 use crate::config::Mode;
-use crate::daemonset::{AGENT_LABEL_VALUE, NO_AGENT_LABEL_VALUE};
+use crate::manifest::{AGENT_LABEL_VALUE, NO_AGENT_LABEL_VALUE};
 use crate::gate::{self, GateTaint, Opened, Verdict};
 use crate::state::{Liveness, State};
 use crate::watches::{NodeFacts, NodeView, Touch, Workloads};

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::labels::Labels;
 use super::Cluster;
-use crate::daemonset::AGENT_LABEL_VALUE;
+use crate::manifest::AGENT_LABEL_VALUE;
 use crate::state::{ClusterCleanup, State};
 use crate::watches::NodeView;
 

@@ -27,7 +27,7 @@ pub use release::{release_progress, ClusterCleanup, ReleaseProgress};
 
 use crate::config::KipConfig;
 use crate::gate::GateStatus;
-use crate::lease::LeaseDesk;
+use crate::budget::LeaseDesk;
 use crate::metrics::{ImageLabels, Metrics};
 use crate::resolve::Resolved;
 
