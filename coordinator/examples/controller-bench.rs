@@ -6,8 +6,10 @@
 //! - a round: every agent reports once (runtime there, images cached): each node's label goes
 //!   from none to `cri`; measured: the coordinator's CPU per report, the time from each report to
 //!   its node's label PATCH (p50/p99/max), and the API requests of the round by verb;
-//! - a steady window of STEADY_SECONDS: every agent sends its unchanged report twice; measured:
-//!   the API writes (the goal is none; the leader Lease's renewals are counted apart).
+//! - a steady window of STEADY_SECONDS: every agent sends its unchanged report twice, the reports
+//!   spread evenly over the window (one at a time, as agents on their own intervals do); measured:
+//!   the API writes (the goal is none; the leader Lease's renewals are counted apart) and the
+//!   coordinator's CPU per report.
 //!
 //! Prints one JSON object.
 
@@ -178,24 +180,28 @@ async fn run() -> Result<serde_json::Value, String> {
     latencies.sort_by(f64::total_cmp);
     let round_requests = difference(&before_round, &api.counts());
 
-    // The steady window: unchanged reports, twice from every agent.
+    // The steady window: unchanged reports, twice from every agent, spread evenly over it (as
+    // agents report on their own intervals: one at a time, never coalesced into one pass).
     let before_steady = api.counts();
     let steady_writes_before = api.writes(LEASES);
-    let started = Instant::now();
-    let mut reports = 0;
-    for _ in 0..2 {
-        tokio::time::sleep(steady / 3).await;
-        let mut reporting = tokio::task::JoinSet::new();
-        for agent in &agents {
-            let (report, mut client) = (agent.report(&agent.list), agent.client.clone());
-            reporting.spawn(async move { client.report(report).await.map(|_| ()).map_err(|e| e.to_string()) });
-        }
-        while let Some(r) = reporting.join_next().await {
-            r.map_err(|e| e.to_string())??;
-            reports += 1;
-        }
+    let steady_cpu_before = cpu_ms(&pid)?;
+    let started = tokio::time::Instant::now();
+    let total = 2 * agents.len();
+    let gap = steady.mul_f64(0.9) / total as u32;
+    let mut reporting = tokio::task::JoinSet::new();
+    for k in 0..total {
+        tokio::time::sleep_until(started + gap * k as u32).await;
+        let agent = &agents[k % agents.len()];
+        let (report, mut client) = (agent.report(&agent.list), agent.client.clone());
+        reporting.spawn(async move { client.report(report).await.map(|_| ()).map_err(|e| e.to_string()) });
     }
-    tokio::time::sleep(steady.saturating_sub(started.elapsed())).await;
+    let mut reports = 0;
+    while let Some(r) = reporting.join_next().await {
+        r.map_err(|e| e.to_string())??;
+        reports += 1;
+    }
+    tokio::time::sleep_until(started + steady).await;
+    let steady_cpu = cpu_ms(&pid)? - steady_cpu_before;
     let steady_writes = api.writes(LEASES) - steady_writes_before;
     let steady_requests = difference(&before_steady, &api.counts());
     let lease_writes = steady_requests.get("patch leases").copied().unwrap_or(0);
@@ -214,6 +220,7 @@ async fn run() -> Result<serde_json::Value, String> {
         "report_to_label_max_ms": latencies.last().copied().unwrap_or(0.0),
         "steady_seconds": steady.as_secs(),
         "steady_reports": reports,
+        "steady_cpu_per_report_ms": steady_cpu / reports as f64,
         "steady_writes": steady_writes,
         "steady_lease_renewals": lease_writes,
         "steady_requests": steady_requests,

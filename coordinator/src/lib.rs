@@ -4,22 +4,22 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod budget;
 pub mod config;
 pub mod controller;
-pub mod manifest;
 pub mod events;
 #[cfg(test)]
 mod fixtures;
 pub mod gate;
 pub mod grpc;
 pub mod leader;
-pub mod budget;
+pub mod manifest;
 pub mod metrics;
-pub mod wait_release;
 pub mod reload;
 pub mod resolve;
 pub mod state;
 pub mod status;
+pub mod wait_release;
 pub mod watches;
 
 /// A Kubernetes API client (in-cluster or kubeconfig), retried until one can be built.

@@ -16,7 +16,9 @@ use kip::http;
 use kip::process::{init_logging, wait_for_signal, LogFormat, Supervised};
 use kip_coordinator::auth::{AgentAuth, AuthMode, ServiceAccount, TokenVerifier};
 use kip_coordinator::reload::{ConfigMapWatch, ConfigReloader};
-use kip_coordinator::{config, controller, grpc::CoordinatorService, leader, metrics::Metrics, state::State, wait_release};
+use kip_coordinator::{
+    config, controller, grpc::CoordinatorService, leader, metrics::Metrics, state::State, wait_release,
+};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]

@@ -27,9 +27,9 @@ use kube::{Api, Client, Resource as _};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::manifest::Options;
 use crate::events::Events;
 use crate::gate::GateTaint;
+use crate::manifest::Options;
 use crate::state::State;
 use crate::watches::{watch_nodes, NodeView, Workloads};
 

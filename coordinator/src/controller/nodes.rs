@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 use super::labels::Labels;
 use super::{sooner, Cluster, Settings};
 use crate::config::Mode;
-use crate::manifest::{AGENT_LABEL_VALUE, NO_AGENT_LABEL_VALUE};
 use crate::gate::{self, GateTaint, Opened, Verdict};
+use crate::manifest::{AGENT_LABEL_VALUE, NO_AGENT_LABEL_VALUE};
 use crate::state::{Liveness, State};
 use crate::watches::{NodeFacts, NodeView, Touch, Workloads};
 

@@ -25,9 +25,9 @@ pub use nodes::{Liveness, NodeEntry};
 use release::ReleaseTracking;
 pub use release::{release_progress, ClusterCleanup, ReleaseProgress};
 
+use crate::budget::LeaseDesk;
 use crate::config::KipConfig;
 use crate::gate::GateStatus;
-use crate::budget::LeaseDesk;
 use crate::metrics::{ImageLabels, Metrics};
 use crate::resolve::Resolved;
 
