@@ -21,12 +21,10 @@ mod fake_api;
 
 use std::collections::BTreeMap;
 use std::process::{ExitCode, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{connect, cpu_ms, peak_rss, percentile, usage};
+use common::{connect_all, cpu_ms, peak_rss, percentile, usage};
 use fake_api::FakeApi;
-use tokio::sync::Semaphore;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -129,21 +127,9 @@ async fn run() -> Result<serde_json::Value, String> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (rss_idle, _) = usage(&pid)?;
 
-    // Every node's agent connects (in waves: the listen backlog is not the thing measured).
+    // Every node's agent connects.
     let url = format!("http://127.0.0.1:{grpc}");
-    let gate = Arc::new(Semaphore::new(256));
-    let mut connecting = tokio::task::JoinSet::new();
-    for i in 0..nodes {
-        let (url, gate) = (url.clone(), gate.clone());
-        connecting.spawn(async move {
-            let _permit = gate.acquire_owned().await.map_err(|e| e.to_string())?;
-            connect(&url, format!("node-{i}")).await
-        });
-    }
-    let mut agents = Vec::with_capacity(nodes);
-    while let Some(agent) = connecting.join_next().await {
-        agents.push(agent.map_err(|e| e.to_string())??);
-    }
+    let agents = connect_all(&url, (0..nodes).map(|i| format!("node-{i}"))).await?;
     // Connections alone change no label (the agents have not reported yet).
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before_round = api.counts();

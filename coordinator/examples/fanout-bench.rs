@@ -9,14 +9,11 @@
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use tokio::sync::Semaphore;
 
 mod common;
 
-use common::{connect, percentile, usage};
+use common::{connect_all, percentile, usage};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -43,20 +40,7 @@ async fn run() -> Result<serde_json::Value, String> {
     }
     let (rss_before, _) = usage(pid)?;
     let started = Instant::now();
-    // Connections in waves, so the listen backlog is not the thing measured.
-    let gate = Arc::new(Semaphore::new(256));
-    let mut connecting = tokio::task::JoinSet::new();
-    for index in 0..agents {
-        let (url, gate) = (url.clone(), gate.clone());
-        connecting.spawn(async move {
-            let _permit = gate.acquire_owned().await.map_err(|e| e.to_string())?;
-            connect(&url, format!("bench-{index}")).await
-        });
-    }
-    let mut connected = Vec::with_capacity(agents);
-    while let Some(agent) = connecting.join_next().await {
-        connected.push(agent.map_err(|e| e.to_string())??);
-    }
+    let connected = connect_all(url, (0..agents).map(|i| format!("bench-{i}"))).await?;
     let connect_ms = started.elapsed().as_secs_f64() * 1000.0;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (rss_after, _) = usage(pid)?;

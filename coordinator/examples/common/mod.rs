@@ -82,6 +82,25 @@ pub async fn connect(url: &str, node: String) -> Result<Agent, String> {
     Ok(Agent { node, client, stream, list })
 }
 
+/// A light agent for each node of `nodes`, connected in waves of 256 (so the listen backlog is
+/// not the thing measured).
+pub async fn connect_all(url: &str, nodes: impl Iterator<Item = String>) -> Result<Vec<Agent>, String> {
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+    let mut connecting = tokio::task::JoinSet::new();
+    for node in nodes {
+        let (url, gate) = (url.to_string(), gate.clone());
+        connecting.spawn(async move {
+            let _permit = gate.acquire_owned().await.map_err(|e| e.to_string())?;
+            connect(&url, node).await
+        });
+    }
+    let mut agents = Vec::new();
+    while let Some(agent) = connecting.join_next().await {
+        agents.push(agent.map_err(|e| e.to_string())??);
+    }
+    Ok(agents)
+}
+
 impl Agent {
     /// What a real agent reports once every image of `list` is cached and pinned.
     pub fn report(&self, list: &v1::ImageListUpdate) -> v1::NodeReport {

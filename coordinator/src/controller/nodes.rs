@@ -116,8 +116,6 @@ pub struct NodeContext {
     /// Nodes whose gate this process removed, until the watch shows it gone (or a while has
     /// passed: someone may have put it back): no second patch meanwhile.
     gates_opened: Mutex<HashMap<String, Instant>>,
-    /// Reconciles run (a benchmark and the tests count them).
-    pub reconciles: std::sync::atomic::AtomicU64,
 }
 
 /// How long a removed gate may still show before it is decided again (it was put back, or the
@@ -167,9 +165,9 @@ impl NodeContext {
     }
 }
 
-/// One node: its gate, then its label. Returns when to look again by time alone.
+/// One node: its gate, then its label (both tried, the first failure returned). Returns when to
+/// look again by time alone.
 async fn reconcile(node: Arc<Node>, ctx: Arc<NodeContext>) -> Result<Action, NodeError> {
-    ctx.reconciles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let Some(facts) = NodeFacts::of(&node) else { return Ok(Action::await_change()) };
     if let Some(left) = ctx.backing_off(&facts.name) {
         return Ok(Action::requeue(left));
@@ -177,14 +175,13 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<NodeContext>) -> Result<Action, Nod
     let published = ctx.state.current();
     let config = &published.config;
     let releasing = config.release != kip::v1::Release::None;
-    let mut recheck = None;
+    let failure = |what, source| NodeError { node: facts.name.clone(), what, source };
+    let (mut recheck, mut failed) = (None, None);
     if let Some(gate) = &ctx.settings.gate {
-        let due = open_gate(&ctx, &facts, gate).await.map_err(|e| NodeError {
-            node: facts.name.clone(),
-            what: "removing the gate taint",
-            source: e,
-        })?;
-        recheck = sooner(recheck, due);
+        match open_gate(&ctx, &facts, gate).await {
+            Ok(due) => recheck = sooner(recheck, due),
+            Err(e) => failed = Some(failure("removing the gate taint", e)),
+        }
     }
     // During a release the labels are the release controller's; outside auto mode the ones found
     // (set by this process or an earlier one, before the mode changed) are taken back.
@@ -195,13 +192,14 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<NodeContext>) -> Result<Action, Nod
         } else {
             LabelDecision { want: None, recheck: None }
         };
-        ctx.labels.set(&facts, decision.want).await.map_err(|e| NodeError {
-            node: facts.name.clone(),
-            what: "updating node label kip.eclipse.dev/agent",
-            source: e,
-        })?;
+        if let Err(e) = ctx.labels.set(&facts, decision.want).await {
+            failed.get_or_insert(failure("updating node label kip.eclipse.dev/agent", e));
+        }
         // A little after the grace runs out, so the decision has changed by then.
         recheck = sooner(recheck, decision.recheck.map(|d| d + Duration::from_millis(10)));
+    }
+    if let Some(e) = failed {
+        return Err(e);
     }
     ctx.succeeded(&facts.name);
     Ok(recheck.map_or_else(Action::await_change, Action::requeue))
@@ -375,7 +373,6 @@ pub async fn run(
         workloads,
         failing: Mutex::new(HashMap::new()),
         gates_opened: Mutex::new(HashMap::new()),
-        reconciles: Default::default(),
     });
     let stop = shutdown.clone();
     // The node watch is the store's writer elsewhere (`watches`): this controller reads it and
@@ -493,6 +490,30 @@ mod tests {
             desired_labels(&l, &nodes, long_ago, now, grace),
             want(&[("no-socket", NONE), ("slow-for-long", NONE), ("slow-just-now", CRI)])
         );
+    }
+
+    /// A decision that time alone will change says when: the node is looked at again then, and
+    /// not before (no pass over the cluster on a timer).
+    #[test]
+    fn a_decision_says_when_the_grace_runs_out() {
+        let now = SystemTime::now();
+        let grace = Duration::from_secs(300);
+        let long_ago = now - grace * 10;
+        let n = node("n", CRI, long_ago);
+        // Connected with a runtime: nothing to wait for.
+        let steady = desired_label(&live("n", true, true, 10_000, now), &n, long_ago, now, grace);
+        assert_eq!((steady.want, steady.recheck), (CRI, None));
+        // Gone 60 s ago: cri for the 240 s left of the grace.
+        let gone = desired_label(&live("n", true, false, 60, now), &n, long_ago, now, grace);
+        assert_eq!((gone.want, gone.recheck), (CRI, Some(Duration::from_secs(240))));
+        // Not heard from since this process started 100 s ago: keeps cri for 200 s more.
+        let unheard = Liveness { reported: false, ..live("n", false, false, 0, now) };
+        let started = now - Duration::from_secs(100);
+        let d = desired_label(&unheard, &n, started, now, grace);
+        assert_eq!((d.want, d.recheck), (CRI, Some(Duration::from_secs(200))));
+        // Evidence of no runtime: decided for good.
+        let none = desired_label(&live("n", false, true, 0, now), &n, long_ago, now, grace);
+        assert_eq!((none.want, none.recheck), (NONE, None));
     }
 
     #[test]
