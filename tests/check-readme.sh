@@ -33,3 +33,19 @@ probe=$(mktemp); trap 'rm -f "$probe"' EXIT
 echo 'Run `tests/e2e/sleep.sh` and `coordinator/tests/*.nope`.' > "$probe"
 if check "$probe" >/dev/null 2>&1; then echo "check-readme: a missing path went unnoticed" >&2; exit 1; fi
 check README.md
+# The coordinator's layout table names every file and directory of coordinator/src, and nothing
+# that is not there: the table is how a newcomer finds where a job lives.
+python3 - <<'PY'
+import os, re, sys
+text = open("README.md").read()
+start = text.index("Inside `coordinator/src`")
+table = text[start:text.index("\n\n", text.index("| path |", start))]
+named = set()
+for cell in (line.split("|")[1] for line in table.splitlines() if line.startswith("| `")):
+    named.update(re.findall(r"`([^`]+)`", cell))
+present = {e + "/" if os.path.isdir(f"coordinator/src/{e}") else e for e in os.listdir("coordinator/src")}
+if named != present:
+    sys.exit(f"check-readme: the coordinator's layout table and coordinator/src differ: "
+             f"not in the table {sorted(present - named)}, not in the tree {sorted(named - present)}")
+print(f"check-readme: the coordinator's layout table names all {len(present)} entries of coordinator/src")
+PY
