@@ -357,7 +357,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let controllers = async {
                     // Only the leader writes to the cluster (without an election, this one).
                     hub.until_leading().await;
-                    controller::start(client.clone(), hub.clone(), deployment, settings, shutdown.clone()).await
+                    Box::pin(controller::start(client.clone(), hub.clone(), deployment, settings, shutdown.clone()))
+                        .await
                 };
                 tokio::join!(watch, controllers);
             };

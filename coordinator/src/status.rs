@@ -23,6 +23,8 @@ pub struct Snapshot {
     pub release: Option<ReleaseView>,
     pub gate: Option<GateStatus>,
     pub pull_leases: serde_json::Value,
+    /// This coordinator leads (grants pull leases, writes to the cluster).
+    pub leading: bool,
 }
 
 /// A release in progress, as `/status` shows it.
@@ -73,6 +75,7 @@ pub fn render(s: &Snapshot) -> serde_json::Value {
         status["gate"] = gate.to_json();
     }
     status["pull_leases"] = s.pull_leases.clone();
+    status["leading"] = s.leading.into();
     status
 }
 

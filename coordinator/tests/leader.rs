@@ -135,3 +135,111 @@ async fn a_follower_refuses_pull_leases() {
     assert!(client.pull_lease(request).await.unwrap().into_inner().granted);
     served.shutdown.cancel();
 }
+
+/// A `kip-coordinator` process against one door of the fake API, in the leader election.
+struct Process {
+    identity: String,
+    child: std::process::Child,
+    door: common::fake_api::Door,
+    grpc: String,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Process {
+    async fn start(api: &Arc<FakeApi>, identity: &str) -> Self {
+        let door = api.door().await;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("kubeconfig"), FakeApi::kubeconfig(&door)).unwrap();
+        let config = dir.path().join("config");
+        std::fs::create_dir(&config).unwrap();
+        std::fs::write(config.join("IMAGES"), "a=busybox").unwrap();
+        let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (grpc, http) = (port(), port());
+        let log = dir.path().join("log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_kip-coordinator"))
+            .args(["--config-dir", config.to_str().unwrap(), "--agent-auth", "none", "--resolve-tags", "false"])
+            .args(["--grpc-listen", &format!("127.0.0.1:{grpc}"), "--listen", &format!("127.0.0.1:{http}")])
+            .args(["--gate-taint", ""])
+            .env("KUBECONFIG", dir.path().join("kubeconfig"))
+            .env("POD_NAMESPACE", "kip")
+            .env("POD_NAME", identity)
+            .env("KIP_LEADER_LEASE", "kip-coordinator")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Self { identity: identity.into(), child, door, grpc: format!("http://127.0.0.1:{grpc}"), log, _dir: dir }
+    }
+
+    /// Asks this coordinator for a pull lease: granted, or the refusal's code.
+    async fn pull_lease(&self) -> Result<bool, tonic::Code> {
+        let channel = tonic::transport::Endpoint::from_shared(self.grpc.clone()).unwrap().connect().await;
+        let Ok(channel) = channel else { return Err(tonic::Code::Unavailable) };
+        let mut client = kip::v1::coordinator_client::CoordinatorClient::new(channel);
+        let request = kip::v1::LeaseRequest { node_name: "node-0".into(), ..Default::default() };
+        client.pull_lease(request).await.map(|r| r.into_inner().granted).map_err(|s| s.code())
+    }
+
+    /// Writes this coordinator made to the cluster, its Lease apart.
+    fn cluster_writes(&self) -> u64 {
+        self.door
+            .counts()
+            .iter()
+            .filter(|(c, _)| matches!(c.verb, "create" | "patch" | "delete") && c.resource != "leases")
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The real binary, twice: only the Lease's holder grants pull leases and runs the controllers
+/// (the other refuses, reads nothing of the DaemonSet, writes nothing); a leader cut off from the
+/// API ends its process (status 1, naming the leader election) and the other takes over: it
+/// grants, and its controllers start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_process_grants_and_writes_and_a_cut_off_one_exits() {
+    let api = FakeApi::new();
+    api.add_nodes(2, std::time::SystemTime::now() - Duration::from_secs(3600));
+    let a = Process::start(&api, "coordinator-a").await;
+    let b = Process::start(&api, "coordinator-b").await;
+    until("one holds the Lease", Duration::from_secs(30), || holder(&api).is_some()).await;
+    let (mut leader, follower) = if holder(&api).as_deref() == Some("coordinator-a") { (a, b) } else { (b, a) };
+    let log = || std::fs::read_to_string(&leader.log).unwrap_or_default();
+    let applied = || leader.door.count("patch", "daemonsets") > 0;
+    until("the leader applies the DaemonSet", Duration::from_secs(30), applied).await;
+    assert!(leader.child.try_wait().unwrap().is_none(), "the leader ended: {}", log());
+    assert_eq!(leader.pull_lease().await, Ok(true));
+    assert_eq!(follower.pull_lease().await, Err(tonic::Code::Unavailable));
+    assert_eq!(follower.cluster_writes(), 0, "the follower wrote to the cluster: {:?}", follower.door.counts());
+    assert_eq!(follower.door.count("get", "daemonsets"), 0, "the follower's controllers run");
+
+    leader.door.set_broken(true);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = leader.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "the cut-off leader still runs");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(1));
+    assert!(log().contains("the leader election failed"), "{}", log());
+    until("the follower takes the Lease", Duration::from_secs(40), || {
+        holder(&api).is_some_and(|h| h != leader.identity)
+    })
+    .await;
+    // The DaemonSet is as the old leader applied it: read, not written again.
+    until("the new leader's controllers start", Duration::from_secs(30), || {
+        follower.door.count("get", "daemonsets") > 0
+    })
+    .await;
+    assert_eq!(follower.pull_lease().await, Ok(true));
+}

@@ -131,15 +131,17 @@ pub async fn run(
     // What the DaemonSet controller last achieved: the release waits for the DaemonSet to go.
     let (ds_synced, ds_synced_rx) = watch::channel(None::<(u64, bool)>);
     let stop = shutdown.child_token();
-    let ds = daemonset::run(
+    // Each controller's future on the heap: nested in the task's, they would be one large value on
+    // a worker thread's stack (a debug build overflowed it).
+    let ds = Box::pin(daemonset::run(
         cluster.clone(),
         state.clone(),
         workloads.clone(),
         settings.heartbeat.clone(),
         ds_synced,
         stop.clone(),
-    );
-    let node_controller = nodes::run(
+    ));
+    let node_controller = Box::pin(nodes::run(
         cluster.clone(),
         state.clone(),
         labels.clone(),
@@ -147,8 +149,8 @@ pub async fn run(
         workloads,
         settings.clone(),
         stop.clone(),
-    );
-    let release = release::run(cluster, state, labels, nodes, ds_synced_rx, stop.clone());
+    ));
+    let release = Box::pin(release::run(cluster, state, labels, nodes, ds_synced_rx, stop.clone()));
     let moved = async {
         let moved = ds.await;
         // The others end with the DaemonSet's: a move restarts all three on new watches.
@@ -175,8 +177,14 @@ pub async fn start(
             let config = state.current();
             let (workloads, workload_task) =
                 Workloads::watch(client.clone(), &config.config.namespace, &config.config.daemonset_name);
-            let run =
-                run(cluster.clone(), state.clone(), nodes.clone(), Some(workloads), settings.clone(), shutdown.clone());
+            let run = Box::pin(run(
+                cluster.clone(),
+                state.clone(),
+                nodes.clone(),
+                Some(workloads),
+                settings.clone(),
+                shutdown.clone(),
+            ));
             // The watches of the old DaemonSet end with its run.
             let moved = tokio::select! {
                 moved = run => moved,

@@ -377,18 +377,20 @@ pub async fn run(
     let stop = shutdown.clone();
     // The node watch is the store's writer elsewhere (`watches`): this controller reads it and
     // is started by the triggers above only.
-    let controller = Controller::for_stream(futures_util::stream::pending::<Result<Node, _>>(), nodes.store.clone())
-        .with_config(Config::default().concurrency(concurrency))
-        .reconcile_on(UnboundedReceiverStream::new(one_rx))
-        .reconcile_all_on(UnboundedReceiverStream::new(all_rx))
-        .graceful_shutdown_on(async move { stop.cancelled().await })
-        .run(reconcile, error_policy, ctx)
-        .for_each(|outcome| async move {
-            if let Err(e) = outcome {
-                // A failed reconcile was logged by the error policy; a node gone meanwhile is no news.
-                tracing::debug!(error = %e, "node reconcile");
-            }
-        });
+    let controller = Box::pin(
+        Controller::for_stream(futures_util::stream::pending::<Result<Node, _>>(), nodes.store.clone())
+            .with_config(Config::default().concurrency(concurrency))
+            .reconcile_on(UnboundedReceiverStream::new(one_rx))
+            .reconcile_all_on(UnboundedReceiverStream::new(all_rx))
+            .graceful_shutdown_on(async move { stop.cancelled().await })
+            .run(reconcile, error_policy, ctx)
+            .for_each(|outcome| async move {
+                if let Err(e) = outcome {
+                    // A failed reconcile was logged by the error policy; a node gone meanwhile is no news.
+                    tracing::debug!(error = %e, "node reconcile");
+                }
+            }),
+    );
     tokio::join!(router, controller);
 }
 

@@ -157,6 +157,7 @@ impl State {
             release: self.release_view(now),
             gate: self.gate_status(),
             pull_leases: self.leases.to_json(self.pull_slots()),
+            leading: self.is_leading(),
             published,
             now,
         })

@@ -67,16 +67,29 @@ pub struct FakeApi {
     label_writes: Mutex<Vec<LabelWrite>>,
 }
 
-/// One address of the fake API; while broken, its requests hang.
+type Counts = Mutex<BTreeMap<Counted, u64>>;
+
+/// One address of the fake API; while broken, its requests hang. Counts its own requests too.
 #[derive(Clone)]
 pub struct Door {
     pub url: String,
     broken: Arc<AtomicBool>,
+    counts: Arc<Counts>,
 }
 
 impl Door {
     pub fn set_broken(&self, broken: bool) {
         self.broken.store(broken, Ordering::SeqCst);
+    }
+
+    /// Requests through this door so far, by verb and resource.
+    pub fn counts(&self) -> BTreeMap<Counted, u64> {
+        self.counts.lock().unwrap().clone()
+    }
+
+    /// How many `verb` requests on `resource` came through this door.
+    pub fn count(&self, verb: &str, resource: &str) -> u64 {
+        self.counts().iter().filter(|(c, _)| c.verb == verb && c.resource == resource).map(|(_, n)| n).sum()
     }
 }
 
@@ -213,9 +226,11 @@ impl FakeApi {
         self.get_object(&format!("/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices"), name)
     }
 
-    fn count(&self, verb: &'static str, collection: &str) {
+    fn count(&self, door: &Counts, verb: &'static str, collection: &str) {
         let resource = collection.rsplit('/').next().unwrap_or_default().to_string();
-        *self.counts.lock().unwrap().entry(Counted { verb, resource }).or_default() += 1;
+        let counted = Counted { verb, resource };
+        *door.lock().unwrap().entry(counted.clone()).or_default() += 1;
+        *self.counts.lock().unwrap().entry(counted).or_default() += 1;
     }
 
     /// A new address served until the process ends.
@@ -223,19 +238,20 @@ impl FakeApi {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let broken = Arc::new(AtomicBool::new(false));
-        let (api, flag) = (self.clone(), broken.clone());
+        let counts = Arc::new(Counts::default());
+        let (api, flag, door_counts) = (self.clone(), broken.clone(), counts.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
-                let (api, flag) = (api.clone(), flag.clone());
+                let (api, flag, door_counts) = (api.clone(), flag.clone(), door_counts.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
-                        let (api, flag) = (api.clone(), flag.clone());
+                        let (api, flag, door_counts) = (api.clone(), flag.clone(), door_counts.clone());
                         async move {
                             if flag.load(Ordering::SeqCst) {
                                 std::future::pending::<()>().await;
                             }
-                            Ok::<_, Infallible>(api.handle(req).await)
+                            Ok::<_, Infallible>(api.handle(req, &door_counts).await)
                         }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -244,7 +260,7 @@ impl FakeApi {
                 });
             }
         });
-        Door { url, broken }
+        Door { url, broken, counts }
     }
 
     /// A kubeconfig that points at `door`, without credentials.
@@ -255,7 +271,7 @@ impl FakeApi {
         )
     }
 
-    async fn handle(self: Arc<Self>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    async fn handle(self: Arc<Self>, req: Request<hyper::body::Incoming>, door: &Counts) -> Response<Body> {
         let method = req.method().clone();
         let path = req.uri().path().trim_end_matches('/').to_string();
         let query: BTreeMap<String, String> = req
@@ -271,7 +287,7 @@ impl FakeApi {
         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         if path == "/apis" || path == "/api" {
-            self.count("get", "discovery");
+            self.count(door, "get", "discovery");
             return respond(StatusCode::OK, &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": []}));
         }
         // A collection (…/nodes) or one object (…/nodes/NAME).
@@ -287,12 +303,12 @@ impl FakeApi {
         };
         match (method, name) {
             (Method::GET, None) if query.get("watch").is_some_and(|w| w == "true" || w == "1") => {
-                self.count("watch", &collection);
+                self.count(door, "watch", &collection);
                 let since: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
                 self.watch(collection, since)
             }
             (Method::GET, None) => {
-                self.count("list", &collection);
+                self.count(door, "list", &collection);
                 let o = self.objects.lock().unwrap();
                 let field = query.get("fieldSelector").map(|f| f.replace("%3D", "=")).unwrap_or_default();
                 let only = field.strip_prefix("metadata.name=").map(str::to_string);
@@ -313,14 +329,14 @@ impl FakeApi {
                 )
             }
             (Method::GET, Some(name)) => {
-                self.count("get", &collection);
+                self.count(door, "get", &collection);
                 match self.get_object(&collection, &name) {
                     Some(o) => respond(StatusCode::OK, &o),
                     None => status(StatusCode::NOT_FOUND, "NotFound", &format!("{name} not found")),
                 }
             }
             (Method::POST, _) => {
-                self.count("create", &collection);
+                self.count(door, "create", &collection);
                 let name = body["metadata"]["name"].as_str().map(str::to_string).unwrap_or_else(|| {
                     let prefix = body["metadata"]["generateName"].as_str().unwrap_or("obj-").to_string();
                     format!("{prefix}{}", self.objects.lock().unwrap().rv + 1)
@@ -336,11 +352,11 @@ impl FakeApi {
                 respond(StatusCode::CREATED, &stored)
             }
             (Method::PATCH, Some(name)) => {
-                self.count("patch", &collection);
+                self.count(door, "patch", &collection);
                 self.patch(&collection, &name, &content_type, &manager, &body)
             }
             (Method::DELETE, Some(name)) => {
-                self.count("delete", &collection);
+                self.count(door, "delete", &collection);
                 let mut objects = self.objects.lock().unwrap();
                 let removed = objects.items.get_mut(&collection).and_then(|c| c.remove(&name));
                 match removed {
