@@ -12,6 +12,7 @@ pub mod events;
 mod fixtures;
 pub mod gate;
 pub mod grpc;
+pub mod imageset;
 pub mod leader;
 pub mod manifest;
 pub mod metrics;

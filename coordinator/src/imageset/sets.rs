@@ -1,0 +1,283 @@
+//! Which image sets the coordinator uses, and each node's list. Pure: the watch of ImageSets and
+//! the node watch give the inputs; the gRPC stream of each agent sends what [`node_list`] says.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kip::images::ImageList;
+
+use super::select::Selector;
+use super::ImageSet;
+
+/// A set the coordinator uses: its images checked with the IMAGES rules, its selector parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcceptedSet {
+    pub namespace: String,
+    pub name: String,
+    pub images: ImageList,
+    pub selector: Selector,
+}
+
+/// Where sets may come from and how many images they may list together.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Namespaces whose sets are used (`None`: every namespace).
+    pub namespaces: Option<BTreeSet<String>>,
+    /// Images all sets may list together, cluster-wide (each node pulls its sets' images).
+    pub max_images: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { namespaces: None, max_images: 200 }
+    }
+}
+
+/// Why a set is not used (what its status says).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The spec breaks a rule the schema could not express; names the field.
+    Invalid(String),
+    /// Its namespace is not in the allow-list.
+    NamespaceNotAllowed,
+    /// It would take the sets over the cluster-wide cap.
+    OverCap { images: usize, before: usize, cap: usize },
+}
+
+impl Refusal {
+    /// The `Degraded` condition's reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Invalid(_) => "InvalidSpec",
+            Refusal::NamespaceNotAllowed => "NamespaceNotAllowed",
+            Refusal::OverCap { .. } => "ImageCapExceeded",
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Invalid(why) => write!(f, "{why}"),
+            Refusal::NamespaceNotAllowed => {
+                write!(f, "image sets are not used in this namespace (the chart's imageSets.namespaces)")
+            }
+            Refusal::OverCap { images, before, cap } => write!(
+                f,
+                "its {images} images would take the cluster's image sets over their cap of {cap} (earlier sets list {before}; the chart's imageSets.maxImages)"
+            ),
+        }
+    }
+}
+
+/// The sets in use, and why each other one is not (by namespace and name).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Accepted {
+    pub sets: Vec<AcceptedSet>,
+    pub refused: BTreeMap<(String, String), Refusal>,
+}
+
+/// Pure: checks each set. The oldest come first for the cap: a new set never pushes out one in
+/// use. A set that fails touches no other.
+pub fn accept(sets: &[ImageSet], limits: &Limits) -> Accepted {
+    let mut ordered: Vec<&ImageSet> = sets.iter().collect();
+    let key = |s: &ImageSet| {
+        (
+            s.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            s.metadata.namespace.clone().unwrap_or_default(),
+            s.metadata.name.clone().unwrap_or_default(),
+        )
+    };
+    ordered.sort_by_key(|s| key(s));
+    let mut accepted = Accepted::default();
+    let mut listed = 0;
+    for set in ordered {
+        let (namespace, name) =
+            (set.metadata.namespace.clone().unwrap_or_default(), set.metadata.name.clone().unwrap_or_default());
+        let refuse = |accepted: &mut Accepted, why| {
+            accepted.refused.insert((namespace.clone(), name.clone()), why);
+        };
+        if limits.namespaces.as_ref().is_some_and(|allowed| !allowed.contains(&namespace)) {
+            refuse(&mut accepted, Refusal::NamespaceNotAllowed);
+            continue;
+        }
+        let images = ImageList::from_pairs(set.spec.images.iter().map(|i| (i.name.as_str(), i.image.as_str())))
+            .map_err(|e| Refusal::Invalid(format!("spec.images: {}", e.to_string().replace("IMAGES entry", "entry"))));
+        let selector = super::select::Selector::parse(set.spec.node_selector.as_ref())
+            .map_err(|e| Refusal::Invalid(e.to_string()));
+        let (images, selector) = match (images, selector) {
+            (Ok(i), Ok(s)) => (i, s),
+            (Err(why), _) | (_, Err(why)) => {
+                refuse(&mut accepted, why);
+                continue;
+            }
+        };
+        if images.is_empty() {
+            refuse(&mut accepted, Refusal::Invalid("spec.images: no image".into()));
+            continue;
+        }
+        if listed + images.len() > limits.max_images {
+            refuse(&mut accepted, Refusal::OverCap { images: images.len(), before: listed, cap: limits.max_images });
+            continue;
+        }
+        listed += images.len();
+        accepted.sets.push(AcceptedSet { namespace, name, images, selector });
+    }
+    accepted
+}
+
+/// Pure: the sets that select a node with `labels`.
+pub fn selecting<'a>(sets: &'a [AcceptedSet], labels: &BTreeMap<String, String>) -> Vec<&'a AcceptedSet> {
+    sets.iter().filter(|s| s.selector.matches(labels)).collect()
+}
+
+/// Pure: a node's list: the default set (the KIP ConfigMap), then every set that selects it, in
+/// order, each image once (by its normalized reference: the same image in two sets is pulled
+/// and pinned once, under the first name it was given). A name a set shares with another image
+/// gets a suffix (`name-2`, …), so the names stay unique on the node.
+pub fn node_list(default: &ImageList, selecting: &[&AcceptedSet]) -> ImageList {
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    let mut references: BTreeSet<&str> = BTreeSet::new();
+    let mut names: BTreeSet<String> = BTreeSet::new();
+    let entries = default.entries().iter().chain(selecting.iter().flat_map(|s| s.images.entries()));
+    for e in entries {
+        if !references.insert(e.reference.as_str()) {
+            continue;
+        }
+        let name = unique_name(&e.name, &names);
+        names.insert(name.clone());
+        pairs.push((name, e.image.clone()));
+    }
+    // Every entry passed the same rules in its own list; the union only renamed some.
+    ImageList::from_pairs(pairs.iter().map(|(n, i)| (n.as_str(), i.as_str()))).unwrap_or_else(|_| default.clone())
+}
+
+/// `name`, or the first `name-N` not in `taken` (shortened to stay a 63-character DNS label).
+fn unique_name(name: &str, taken: &BTreeSet<String>) -> String {
+    if !taken.contains(name) {
+        return name.to_string();
+    }
+    (2..)
+        .map(|n| {
+            let suffix = format!("-{n}");
+            let base = &name[..name.len().min(63 - suffix.len())];
+            format!("{}{suffix}", base.trim_end_matches('-'))
+        })
+        .find(|candidate| !taken.contains(candidate))
+        .unwrap_or_else(|| name.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(
+        namespace: &str,
+        name: &str,
+        created: i64,
+        images: &[(&str, &str)],
+        selector: serde_json::Value,
+    ) -> ImageSet {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "kip.eclipse.dev/v1alpha1",
+            "kind": "ImageSet",
+            "metadata": {"namespace": namespace, "name": name, "creationTimestamp": k8s_openapi::jiff::Timestamp::from_second(created).unwrap().to_string()},
+            "spec": {
+                "images": images.iter().map(|(n, i)| serde_json::json!({"name": n, "image": i})).collect::<Vec<_>>(),
+                "nodeSelector": selector,
+            },
+        }))
+        .unwrap()
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn names(list: &ImageList) -> Vec<String> {
+        list.entries().iter().map(|e| format!("{}={}", e.name, e.image)).collect()
+    }
+
+    #[test]
+    fn a_node_gets_the_default_set_and_each_set_that_selects_it_each_image_once() {
+        let gpu = set(
+            "ml",
+            "training",
+            1,
+            &[("trainer", "quay.io/ml/train:1"), ("base", "busybox")],
+            serde_json::json!({"matchLabels": {"pool": "gpu"}}),
+        );
+        let ci = set(
+            "ci",
+            "builders",
+            2,
+            &[("trainer", "quay.io/ci/maven:3")],
+            serde_json::json!({"matchLabels": {"pool": "ci"}}),
+        );
+        let all = set("platform", "everywhere", 3, &[("tools", "docker.io/library/alpine:3")], serde_json::json!({}));
+        let accepted = accept(&[all, ci, gpu], &Limits::default());
+        assert!(accepted.refused.is_empty(), "{:?}", accepted.refused);
+        assert_eq!(
+            accepted.sets.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+            ["training", "builders", "everywhere"],
+            "oldest first"
+        );
+        let default = ImageList::parse("base=docker.io/library/busybox:latest;").unwrap();
+        let on = |node: &[(&str, &str)]| names(&node_list(&default, &selecting(&accepted.sets, &labels(node))));
+        // busybox twice (default and training, two spellings of one reference): once, as listed first.
+        assert_eq!(
+            on(&[("pool", "gpu")]),
+            ["base=docker.io/library/busybox:latest", "trainer=quay.io/ml/train:1", "tools=docker.io/library/alpine:3"]
+        );
+        assert_eq!(
+            on(&[("pool", "cpu")]),
+            ["base=docker.io/library/busybox:latest", "tools=docker.io/library/alpine:3"]
+        );
+        // Two sets on one node (a label change): both, the second `trainer` renamed.
+        let both = BTreeMap::from([("pool".to_string(), "gpu".to_string())]);
+        let mut sets = selecting(&accepted.sets, &both);
+        sets.extend(selecting(&accepted.sets, &labels(&[("pool", "ci")])).into_iter().filter(|s| s.name == "builders"));
+        assert_eq!(
+            names(&node_list(&default, &sets)),
+            [
+                "base=docker.io/library/busybox:latest",
+                "trainer=quay.io/ml/train:1",
+                "tools=docker.io/library/alpine:3",
+                "trainer-2=quay.io/ci/maven:3"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bad_set_is_refused_alone_with_its_reason() {
+        let good = set("a", "good", 1, &[("x", "busybox")], serde_json::json!({}));
+        let bad_ref = set("a", "bad-ref", 2, &[("x", "Not A Reference!")], serde_json::json!({}));
+        let bad_sel = set(
+            "a",
+            "bad-selector",
+            3,
+            &[("x", "busybox")],
+            serde_json::json!({"matchExpressions": [{"key": "k", "operator": "Near"}]}),
+        );
+        let elsewhere = set("other", "s", 4, &[("x", "busybox")], serde_json::json!({}));
+        let big = set("a", "big", 5, &[("p", "alpine"), ("q", "nginx")], serde_json::json!({}));
+        let limits = Limits { namespaces: Some(BTreeSet::from(["a".to_string()])), max_images: 2 };
+        let accepted = accept(&[big, elsewhere, bad_sel, bad_ref, good], &limits);
+        assert_eq!(accepted.sets.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["good"]);
+        let why = |ns: &str, n: &str| accepted.refused[&(ns.to_string(), n.to_string())].clone();
+        assert!(
+            matches!(why("a", "bad-ref"), Refusal::Invalid(w) if w.starts_with("spec.images: entry 1") && w.contains("not a valid image reference"))
+        );
+        assert!(matches!(why("a", "bad-selector"), Refusal::Invalid(w) if w.contains("spec.nodeSelector")));
+        assert_eq!(why("other", "s"), Refusal::NamespaceNotAllowed);
+        assert_eq!(why("a", "big"), Refusal::OverCap { images: 2, before: 1, cap: 2 });
+        assert!(why("a", "big").to_string().contains("cap of 2"));
+    }
+
+    #[test]
+    fn renamed_entries_stay_dns_labels() {
+        let taken: BTreeSet<String> = ["a".repeat(63), format!("{}-2", "a".repeat(61))].into_iter().collect();
+        let name = unique_name(&"a".repeat(63), &taken);
+        assert_eq!(name, format!("{}-3", "a".repeat(61)));
+        assert!(name.len() <= 63);
+    }
+}
