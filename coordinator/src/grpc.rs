@@ -72,11 +72,22 @@ impl Coordinator for CoordinatorService {
         self.hub.leases.budget_changed();
         let token_ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let guard = ConnectedGuard { hub: self.hub.clone(), node: req.node_name, token_ended: token_ended.clone() };
-        // WatchStream yields the current value first, then each new one (skipping stale ones).
-        let updates = tokio_stream::wrappers::WatchStream::new(self.hub.subscribe()).map(move |published| {
-            let _alive = &guard;
-            Ok(published.to_update())
-        });
+        let updates = if self.hub.image_sets_enabled() {
+            node_updates(self.hub.clone(), guard.node.clone())
+                .map(move |u| {
+                    let _alive = &guard;
+                    Ok(u)
+                })
+                .boxed()
+        } else {
+            // WatchStream yields the current value first, then each new one (skipping stale ones).
+            tokio_stream::wrappers::WatchStream::new(self.hub.subscribe())
+                .map(move |published| {
+                    let _alive = &guard;
+                    Ok(published.to_update())
+                })
+                .boxed()
+        };
         // The stream ends with the coordinator, or shortly before the caller's token expires: the
         // agent reconnects with its rotated token, checked again (a stream never outlives the
         // token that opened it, nor the pod the token is bound to).
@@ -140,4 +151,36 @@ impl Coordinator for CoordinatorService {
             in_use: reply.in_use as u32,
         }))
     }
+}
+
+/// With image sets: `node`'s own list, first as soon as it is known, then at each change of the
+/// published list, of the sets in use or of the node's labels (only when the node's list or
+/// policy changed: another node's set is no news to this one).
+fn node_updates(state: Arc<State>, node: String) -> impl tokio_stream::Stream<Item = v1::ImageListUpdate> + Send {
+    let waits = (state.subscribe(), state.subscribe_sets(), state.subscribe_labels(&node));
+    futures_util::stream::unfold(
+        (state, node, waits, None::<v1::ImageListUpdate>),
+        |(state, node, mut waits, last)| async move {
+            loop {
+                if let Some(update) = state.update_for(&node) {
+                    let same = last.as_ref().is_some_and(|l| {
+                        (&l.images, &l.policy, l.release) == (&update.images, &update.policy, update.release)
+                    });
+                    if !same {
+                        let sent = update.clone();
+                        return Some((sent, (state, node, waits, Some(update))));
+                    }
+                }
+                let (lists, sets, labels) = &mut waits;
+                let changed = tokio::select! {
+                    r = lists.changed() => r.is_ok(),
+                    r = sets.changed() => r.is_ok(),
+                    r = labels.changed() => r.is_ok(),
+                };
+                if !changed {
+                    return None;
+                }
+            }
+        },
+    )
 }

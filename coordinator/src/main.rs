@@ -17,7 +17,7 @@ use kip::process::{init_logging, wait_for_signal, LogFormat, Supervised};
 use kip_coordinator::auth::{AgentAuth, AuthMode, ServiceAccount, TokenVerifier};
 use kip_coordinator::reload::{ConfigMapWatch, ConfigReloader};
 use kip_coordinator::{
-    config, controller, grpc::CoordinatorService, leader, metrics::Metrics, state::State, wait_release,
+    config, controller, grpc::CoordinatorService, imageset, leader, metrics::Metrics, state::State, wait_release,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -132,6 +132,20 @@ struct Cli {
     /// This pod's address (downward API status.podIP), for --leader-service
     #[arg(long, env = "POD_IP", value_name = "IP")]
     pod_ip: Option<std::net::IpAddr>,
+
+    /// Image sets: follow the ImageSet custom resources (kip.eclipse.dev/v1alpha1) and send each
+    /// agent its node's list: the KIP ConfigMap's images and those of every set selecting the node
+    #[arg(long, env = "KIP_IMAGE_SETS", default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    image_sets: bool,
+
+    /// Namespaces whose ImageSets are used (comma-separated; empty: every namespace)
+    #[arg(long, env = "KIP_IMAGE_SET_NAMESPACES", value_name = "NS,...", value_delimiter = ',')]
+    image_set_namespaces: Vec<String>,
+
+    /// How many images all ImageSets may list together; a set that would go over is not used
+    /// (its status says so)
+    #[arg(long, env = "KIP_IMAGE_SET_MAX_IMAGES", value_name = "N", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    image_set_max_images: u32,
 
     /// Validate the configuration, print a summary and exit (0 when valid)
     #[arg(long)]
@@ -259,6 +273,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let auth = Arc::new(auth);
     let metrics = Arc::new(Metrics::new());
     let hub = State::with_release_timeout(config, metrics.clone(), cli.release_timeout);
+    if cli.image_sets {
+        // Lists are per node from the first stream on.
+        hub.use_image_sets();
+    }
+    let set_limits = kip_coordinator::imageset::sets::Limits {
+        namespaces: Some(
+            cli.image_set_namespaces.iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect(),
+        )
+        .filter(|n: &std::collections::BTreeSet<String>| !n.is_empty()),
+        max_images: cli.image_set_max_images as usize,
+    };
     let election = election(&cli)?;
     if election.is_some() {
         // A follower until the Lease is taken: no pull lease is granted before.
@@ -343,7 +368,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             heartbeat,
             ..controller::Settings::new(cli.node_label_grace)
         };
-        let (hub, shutdown) = (hub.clone(), shutdown.clone());
+        let (hub, shutdown, image_sets) = (hub.clone(), shutdown.clone(), cli.image_sets);
         tasks.spawn("the Kubernetes controller", async move {
             let work = async {
                 let client = kip_coordinator::connect_kube().await;
@@ -354,13 +379,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         None => std::future::pending().await,
                     }
                 };
+                // Every replica follows the nodes (and the image sets): followers serve lists too.
+                let (nodes, node_task) = kip_coordinator::watches::watch_nodes(client.clone());
+                hub.attach_nodes(nodes.clone());
+                let image_sets = async {
+                    if !image_sets {
+                        return std::future::pending().await;
+                    }
+                    let (sets, set_task) = kip_coordinator::watches::watch_image_sets(client.clone());
+                    let follow = imageset::controller::follow(hub.clone(), sets.clone(), nodes.clone(), set_limits);
+                    let status = async {
+                        hub.until_leading().await;
+                        imageset::controller::write_status(
+                            client.clone(),
+                            hub.clone(),
+                            sets,
+                            nodes.clone(),
+                            shutdown.clone(),
+                        )
+                        .await
+                    };
+                    tokio::join!(set_task, follow, status);
+                };
                 let controllers = async {
                     // Only the leader writes to the cluster (without an election, this one).
                     hub.until_leading().await;
-                    Box::pin(controller::start(client.clone(), hub.clone(), deployment, settings, shutdown.clone()))
-                        .await
+                    Box::pin(controller::start(
+                        client.clone(),
+                        hub.clone(),
+                        nodes.clone(),
+                        deployment,
+                        settings,
+                        shutdown.clone(),
+                    ))
+                    .await
                 };
-                tokio::join!(watch, controllers);
+                tokio::select! {
+                    _ = node_task => tracing::error!("the node watch ended"),
+                    _ = async { tokio::join!(watch, Box::pin(image_sets), controllers) } => {}
+                }
             };
             controller::until_shutdown(&shutdown, work).await;
         });

@@ -92,13 +92,12 @@ where
             let touch = match event {
                 Ok(watcher::Event::InitDone) => {
                     listed = true;
-                    Touch::All
+                    Some(Touch::All)
                 }
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
-                Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => match node_of(&o) {
-                    Some(node) => Touch::One(node),
-                    None => continue,
-                },
+                // An object of no node (a pod not scheduled yet, an image set) changes the view all
+                // the same: only the feed by node has nothing to say.
+                Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => node_of(&o).map(Touch::One),
                 Err(e) => {
                     tracing::warn!(error = %e, "watching {what} failed; retrying");
                     continue;
@@ -107,7 +106,9 @@ where
             if listed {
                 tx.send_modify(|v| *v += 1);
                 // Nobody listening yet is fine: a controller starts by looking at everything.
-                let _ = feed.send(touch);
+                if let Some(touch) = touch {
+                    let _ = feed.send(touch);
+                }
             }
         }
     };
@@ -163,6 +164,16 @@ fn strip_node(node: &mut Node) {
         *spec = Default::default();
         spec.taints = taints;
     }
+}
+
+/// Every ImageSet in the cluster (the allow-list of namespaces is applied when they are checked,
+/// so a set outside it can be told why it is not used).
+pub fn watch_image_sets(client: Client) -> (View<crate::imageset::ImageSet>, impl std::future::Future<Output = ()>) {
+    fn strip(set: &mut crate::imageset::ImageSet) {
+        set.metadata.managed_fields = None;
+        set.metadata.annotations = None;
+    }
+    follow(Api::all(client), watcher::Config::default(), strip, |_| None, "image sets")
 }
 
 pub fn watch_nodes(client: Client) -> (NodeView, impl std::future::Future<Output = ()>) {

@@ -31,7 +31,7 @@ use crate::events::Events;
 use crate::gate::GateTaint;
 use crate::manifest::Options;
 use crate::state::State;
-use crate::watches::{watch_nodes, NodeView, Workloads};
+use crate::watches::{NodeView, Workloads};
 
 pub const FIELD_MANAGER: &str = "kip";
 
@@ -161,17 +161,17 @@ pub async fn run(
     moved && !shutdown.is_cancelled()
 }
 
-/// Runs the controllers with `client`: finds out what the DaemonSet depends on, watches the
-/// nodes, the DaemonSet and its pods, then keeps everything in line until shutdown.
+/// Runs the controllers with `client` on the node watch `nodes`: finds out what the DaemonSet
+/// depends on, watches the DaemonSet and its pods, then keeps everything in line until shutdown.
 pub async fn start(
     client: Client,
     state: Arc<State>,
+    nodes: NodeView,
     deployment: Option<(String, String)>,
     settings: Settings,
     shutdown: CancellationToken,
 ) {
     let cluster = Arc::new(Cluster::discover(client.clone(), deployment, settings.gate.as_ref()).await);
-    let (nodes, node_task) = watch_nodes(client.clone());
     let controllers = async {
         loop {
             let config = state.current();
@@ -198,10 +198,7 @@ pub async fn start(
             }
         }
     };
-    tokio::select! {
-        _ = node_task => tracing::error!("the node watch ended; the cluster controllers stop"),
-        _ = controllers => {}
-    }
+    controllers.await
 }
 
 /// Runs `work` until it ends or `shutdown` fires, whichever comes first: an API call in flight

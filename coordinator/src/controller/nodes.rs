@@ -236,17 +236,23 @@ async fn open_gate(ctx: &NodeContext, node: &NodeFacts, gate: &GateTaint) -> Res
     let timeout = ctx.settings.gate_timeout;
     let releasing = config.release != kip::v1::Release::None;
     let waited = gate::waited(node.created, SystemTime::now());
+    // The node's own list: with image sets, the default set's and those of every set selecting it.
+    let own = ctx.state.images_for(&node.name);
+    let images = own.clone().unwrap_or_else(|| config.images.clone());
     let fallback_ready = ctx.workloads.as_ref().is_some_and(|w| {
-        let images: Vec<&str> = config.images.entries().iter().map(|e| e.image.as_str()).collect();
+        let images: Vec<&str> = images.entries().iter().map(|e| e.image.as_str()).collect();
         w.fallback_ready(&node.name, &images)
     });
     let entry = ctx.state.node(&node.name);
-    let report = gate::current_report(
-        entry.as_ref().map(|e| (&e.report, e.received_at)),
-        node.created,
-        ctx.state.is_connected(&node.name),
-    );
-    let why = match gate::decide(&config.images, report.clone(), fallback_ready, waited, timeout, releasing) {
+    let report = match own {
+        Some(_) => gate::current_report(
+            entry.as_ref().map(|e| (&e.report, e.received_at)),
+            node.created,
+            ctx.state.is_connected(&node.name),
+        ),
+        None => Err("its image sets are not known yet".to_string()),
+    };
+    let why = match gate::decide(&images, report.clone(), fallback_ready, waited, timeout, releasing) {
         Verdict::Hold(why) => {
             ctx.state.update_gate_status(|s| {
                 s.held.insert(node.name.clone(), why);
@@ -278,7 +284,7 @@ async fn open_gate(ctx: &NodeContext, node: &NodeFacts, gate: &GateTaint) -> Res
     let after = humantime::format_duration(Duration::from_secs(waited.as_secs()));
     let events = &ctx.cluster.events;
     if why == Opened::Timeout {
-        let held = gate::images_ready(&config.images, report).err().unwrap_or_default();
+        let held = gate::images_ready(&images, report).err().unwrap_or_default();
         tracing::warn!(node = %node.name, taint = %gate, after = %after, held = %held, "gate timeout: the node goes into service unverified");
         let note = format!("node {} went into service unverified after {after} ({held})", node.name);
         events.record(EventType::Warning, "GateTimeout", "Ungate", note).await;

@@ -9,6 +9,7 @@
 //! - `progress`: a set's status from the nodes' reports (pure), and its writer (status
 //!   subresource, only when something changed).
 
+pub mod controller;
 pub mod progress;
 pub mod select;
 pub mod sets;

@@ -76,16 +76,22 @@ pub struct Accepted {
     pub refused: BTreeMap<(String, String), Refusal>,
 }
 
-/// Pure: checks each set. The oldest come first for the cap: a new set never pushes out one in
-/// use. A set that fails touches no other.
-pub fn accept(sets: &[ImageSet], limits: &Limits) -> Accepted {
-    let mut ordered: Vec<&ImageSet> = sets.iter().collect();
+/// Pure: checks each set. For the cap, the sets in use (`previous`) come first, then the oldest:
+/// a new set never pushes out one in use (not even one created in the same second). A set that
+/// fails touches no other.
+pub fn accept<'a>(
+    sets: impl IntoIterator<Item = &'a ImageSet>,
+    limits: &Limits,
+    previous: Option<&Accepted>,
+) -> Accepted {
+    let mut ordered: Vec<&ImageSet> = sets.into_iter().collect();
+    let in_use = |namespace: &str, name: &str| {
+        previous.is_some_and(|p| p.sets.iter().any(|s| s.namespace == namespace && s.name == name))
+    };
     let key = |s: &ImageSet| {
-        (
-            s.metadata.creation_timestamp.as_ref().map(|t| t.0),
-            s.metadata.namespace.clone().unwrap_or_default(),
-            s.metadata.name.clone().unwrap_or_default(),
-        )
+        let (namespace, name) =
+            (s.metadata.namespace.clone().unwrap_or_default(), s.metadata.name.clone().unwrap_or_default());
+        (!in_use(&namespace, &name), s.metadata.creation_timestamp.as_ref().map(|t| t.0), namespace, name)
     };
     ordered.sort_by_key(|s| key(s));
     let mut accepted = Accepted::default();
@@ -214,7 +220,7 @@ mod tests {
             serde_json::json!({"matchLabels": {"pool": "ci"}}),
         );
         let all = set("platform", "everywhere", 3, &[("tools", "docker.io/library/alpine:3")], serde_json::json!({}));
-        let accepted = accept(&[all, ci, gpu], &Limits::default());
+        let accepted = accept(&[all, ci, gpu], &Limits::default(), None);
         assert!(accepted.refused.is_empty(), "{:?}", accepted.refused);
         assert_eq!(
             accepted.sets.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
@@ -261,7 +267,7 @@ mod tests {
         let elsewhere = set("other", "s", 4, &[("x", "busybox")], serde_json::json!({}));
         let big = set("a", "big", 5, &[("p", "alpine"), ("q", "nginx")], serde_json::json!({}));
         let limits = Limits { namespaces: Some(BTreeSet::from(["a".to_string()])), max_images: 2 };
-        let accepted = accept(&[big, elsewhere, bad_sel, bad_ref, good], &limits);
+        let accepted = accept(&[big.clone(), elsewhere, bad_sel, bad_ref, good.clone()], &limits, None);
         assert_eq!(accepted.sets.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["good"]);
         let why = |ns: &str, n: &str| accepted.refused[&(ns.to_string(), n.to_string())].clone();
         assert!(
@@ -271,6 +277,12 @@ mod tests {
         assert_eq!(why("other", "s"), Refusal::NamespaceNotAllowed);
         assert_eq!(why("a", "big"), Refusal::OverCap { images: 2, before: 1, cap: 2 });
         assert!(why("a", "big").to_string().contains("cap of 2"));
+        // A set in use keeps its place under the cap against a new one, even created before it.
+        let mut early = set("a", "early", 0, &[("y", "redis"), ("z", "nginx")], serde_json::json!({}));
+        early.metadata.creation_timestamp = good.metadata.creation_timestamp.clone();
+        let again = accept(&[early, good, big], &limits, Some(&accepted));
+        assert_eq!(again.sets.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["good"]);
+        assert!(matches!(again.refused[&("a".to_string(), "early".to_string())], Refusal::OverCap { .. }));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 mod list;
 mod nodes;
 mod release;
+mod sets;
 #[cfg(test)]
 mod tests;
 
@@ -72,6 +73,8 @@ pub struct State {
     pub leases: LeaseDesk,
     /// This coordinator leads (see `leader`): it grants pull leases and writes to the cluster.
     leading: watch::Sender<bool>,
+    /// Image sets: the sets in use, and what selects them (see `sets`).
+    sets: sets::Sets,
 }
 
 impl State {
@@ -98,6 +101,7 @@ impl State {
             resolution: RwLock::new(BTreeMap::new()),
             leases: LeaseDesk::new(LEASE_TTL, LEASE_WAIT),
             leading: watch::channel(true).0,
+            sets: Default::default(),
         });
         hub.refresh_image_metrics(&first);
         hub.track_release(&first.config);

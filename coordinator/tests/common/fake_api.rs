@@ -118,8 +118,27 @@ fn kind_of(collection: &str) -> (&'static str, &'static str) {
         "endpointslices" => ("discovery.k8s.io/v1", "EndpointSlice"),
         "events" => ("events.k8s.io/v1", "Event"),
         "configmaps" => ("v1", "ConfigMap"),
+        "imagesets" => ("kip.eclipse.dev/v1alpha1", "ImageSet"),
         _ => ("v1", "Unknown"),
     }
+}
+
+/// Whether a request for `requested` covers objects stored under `stored`: the same collection,
+/// or a cluster-wide one (`/apis/G/V/R`) over a namespaced one (`/apis/G/V/namespaces/NS/R`).
+fn covers(requested: &str, stored: &str) -> bool {
+    if requested == stored {
+        return true;
+    }
+    let (Some((prefix, resource)), Some((namespaced, stored_resource))) =
+        (requested.rsplit_once('/'), stored.rsplit_once('/'))
+    else {
+        return false;
+    };
+    resource == stored_resource
+        && namespaced
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_prefix("/namespaces/"))
+            .is_some_and(|ns| !ns.contains('/'))
 }
 
 /// RFC 3339 in UTC at whole seconds.
@@ -150,6 +169,46 @@ impl FakeApi {
             let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "uid": format!("uid-{i}"), "creationTimestamp": timestamp(created), "labels": {"kubernetes.io/hostname": name}}});
             self.put(NODES, &name, node);
         }
+    }
+
+    /// Creates or replaces `object` (with its name) under `collection`, as an admin would.
+    pub fn apply(&self, collection: &str, object: Value) -> Value {
+        let name = object["metadata"]["name"].as_str().unwrap().to_string();
+        let mut object = object;
+        let existing = self.get_object(collection, &name);
+        let generation = existing.as_ref().and_then(|o| o["metadata"]["generation"].as_i64()).unwrap_or(0) + 1;
+        object["metadata"]["generation"] = json!(generation);
+        if object["metadata"].get("creationTimestamp").is_none() {
+            object["metadata"]["creationTimestamp"] = json!(timestamp(std::time::SystemTime::now()));
+        }
+        if let Some(status) = existing.as_ref().map(|o| o["status"].clone()).filter(|s| !s.is_null()) {
+            object["status"] = status;
+        }
+        self.put(collection, &name, object)
+    }
+
+    /// Deletes `name` from `collection`; the watches see it go.
+    pub fn remove(&self, collection: &str, name: &str) {
+        let mut objects = self.objects.lock().unwrap();
+        if let Some(o) = objects.items.get_mut(collection).and_then(|c| c.remove(name)) {
+            objects.rv += 1;
+            let rv = objects.rv;
+            let change =
+                Change { collection: collection.to_string(), rv, event: json!({"type": "DELETED", "object": o}) };
+            Self::announce(&mut objects, &self.changes, change);
+        }
+    }
+
+    /// Sets a node's labels (an admin relabelling it); the watches see it.
+    pub fn label_node(&self, name: &str, labels: Value) {
+        let mut node = self.node(name).unwrap();
+        node["metadata"]["labels"] = labels;
+        self.put(NODES, name, node);
+    }
+
+    /// An object as stored.
+    pub fn object(&self, collection: &str, name: &str) -> Option<Value> {
+        self.get_object(collection, name)
     }
 
     /// Stores `object` under `collection`/`name` with a new resourceVersion; the watches see it.
@@ -292,8 +351,23 @@ impl FakeApi {
         }
         // A collection (…/nodes) or one object (…/nodes/NAME).
         let segments: Vec<&str> = path.split('/').collect();
-        let collection_names =
-            ["nodes", "pods", "daemonsets", "leases", "endpointslices", "events", "configmaps", "deployments"];
+        let collection_names = [
+            "nodes",
+            "pods",
+            "daemonsets",
+            "leases",
+            "endpointslices",
+            "events",
+            "configmaps",
+            "deployments",
+            "imagesets",
+        ];
+        // A status subresource (…/NAME/status) is patched as the object: a merge into `status`.
+        let segments: Vec<&str> = match segments.split_last() {
+            Some((&"status", rest)) => rest.to_vec(),
+            _ => segments,
+        };
+        let path = segments.join("/");
         let (collection, name) = match segments.last() {
             Some(last) if collection_names.contains(last) => (path.clone(), None),
             Some(last) if segments.len() >= 2 && collection_names.contains(&segments[segments.len() - 2]) => {
@@ -314,14 +388,12 @@ impl FakeApi {
                 let only = field.strip_prefix("metadata.name=").map(str::to_string);
                 let items: Vec<Value> = o
                     .items
-                    .get(&collection)
-                    .map(|c| {
-                        c.iter()
-                            .filter(|(n, _)| only.as_ref().is_none_or(|o| o == *n))
-                            .map(|(_, v)| v.clone())
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                    .iter()
+                    .filter(|(stored, _)| covers(&collection, stored))
+                    .flat_map(|(_, c)| c.iter())
+                    .filter(|(n, _)| only.as_ref().is_none_or(|o| o == *n))
+                    .map(|(_, v)| v.clone())
+                    .collect();
                 let (api_version, kind) = kind_of(&collection);
                 respond(
                     StatusCode::OK,
@@ -438,7 +510,7 @@ impl FakeApi {
         let (mut changes, missed) = {
             let o = self.objects.lock().unwrap();
             let missed: Vec<Change> =
-                o.history.iter().filter(|c| c.rv > since && c.collection == collection).cloned().collect();
+                o.history.iter().filter(|c| c.rv > since && covers(&collection, &c.collection)).cloned().collect();
             (self.changes.subscribe(), missed)
         };
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1024);
@@ -459,7 +531,7 @@ impl FakeApi {
                     }
                     Err(_) => return,
                 };
-                if change.collection != collection || change.rv <= since {
+                if !covers(&collection, &change.collection) || change.rv <= since {
                     continue;
                 }
                 if tx.send(Ok(Frame::data(Bytes::from(format!("{}\n", change.event))))).await.is_err() {

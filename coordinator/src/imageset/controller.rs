@@ -1,0 +1,137 @@
+//! What runs for image sets: every replica follows the sets and the node labels into the shared
+//! state (each agent's stream sends its node's list from it); the leader writes each set's
+//! status, at most every [`progress::EVERY`] and only where it changed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client, ResourceExt as _};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+
+use super::progress::{self, NodeSays};
+use super::sets::{accept, Limits};
+use super::ImageSet;
+use crate::gate;
+use crate::state::State;
+use crate::watches::{NodeFacts, NodeView, Touch, View};
+
+/// Every replica: the sets in use (checked against `limits`) and the node labels, into `state`.
+pub async fn follow(state: Arc<State>, sets: View<ImageSet>, nodes: NodeView, limits: Limits) {
+    let mut set_changes = sets.changed.clone();
+    let mut node_feed = nodes.touched.subscribe();
+    let check = |state: &State| {
+        if sets.listed() {
+            let previous = state.accepted_sets();
+            state.set_accepted(accept(sets.store.state().iter().map(|s| s.as_ref()), &limits, previous.as_deref()));
+        }
+    };
+    check(&state);
+    state.labels_touched(&Touch::All);
+    loop {
+        tokio::select! {
+            r = set_changes.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                check(&state);
+            }
+            t = node_feed.recv() => match t {
+                Ok(touch) => state.labels_touched(&touch),
+                // Fell behind: every node's labels are looked at.
+                Err(RecvError::Lagged(_)) => state.labels_touched(&Touch::All),
+                Err(RecvError::Closed) => return,
+            },
+        }
+    }
+}
+
+/// The time of now at whole seconds, as the API server keeps condition times: a status decided
+/// again must compare equal to the one it wrote.
+fn now() -> Time {
+    let t = k8s_openapi::jiff::Timestamp::now();
+    Time(k8s_openapi::jiff::Timestamp::from_second(t.as_second()).unwrap_or(t))
+}
+
+/// Pure but for reading the state: each set's status as of now.
+fn statuses(state: &State, sets: &View<ImageSet>, nodes: &NodeView) -> Vec<(Arc<ImageSet>, super::ImageSetStatus)> {
+    let Some(accepted) = state.accepted_sets() else { return Vec::new() };
+    let now = now();
+    let all_nodes = nodes.store.state();
+    let mut out = Vec::new();
+    for set in sets.store.state() {
+        let key = (set.namespace().unwrap_or_default(), set.name_any());
+        let previous = set.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+        let generation = set.metadata.generation;
+        let status = if let Some(refusal) = accepted.refused.get(&key) {
+            progress::of_refused(refusal, set.spec.images.len(), generation, previous, &now)
+        } else if let Some(used) = accepted.sets.iter().find(|s| (s.namespace.clone(), s.name.clone()) == key) {
+            let entries: Vec<(String, Option<SystemTime>)> = all_nodes
+                .iter()
+                .filter(|n| used.selector.matches(&n.metadata.labels.clone().unwrap_or_default()))
+                .filter_map(|n| NodeFacts::of(n).map(|f| (f.name, f.created)))
+                .collect();
+            let reports: BTreeMap<&str, _> =
+                entries.iter().map(|(name, _)| (name.as_str(), state.node(name))).collect();
+            let says: Vec<NodeSays<'_>> = entries
+                .iter()
+                .map(|(name, created)| {
+                    let entry = reports.get(name.as_str()).and_then(|e| e.as_ref());
+                    let report = gate::current_report(
+                        entry.map(|e| (&e.report, e.received_at)),
+                        *created,
+                        state.is_connected(name),
+                    );
+                    (name.as_str(), report)
+                })
+                .collect();
+            progress::of_accepted(used, &says, generation, previous, &now)
+        } else {
+            continue;
+        };
+        out.push((set, status));
+    }
+    out
+}
+
+/// The leader: writes each set's status where it changed, after every change of the reports, the
+/// sets or the nodes, at most every [`progress::EVERY`].
+pub async fn write_status(
+    client: Client,
+    state: Arc<State>,
+    sets: View<ImageSet>,
+    nodes: NodeView,
+    shutdown: CancellationToken,
+) {
+    let (mut reports, mut set_changes, mut node_changes, mut accepted) =
+        (state.subscribe_nodes(), sets.changed.clone(), nodes.changed.clone(), state.subscribe_sets());
+    loop {
+        for (set, status) in statuses(&state, &sets, &nodes) {
+            if !progress::differs(set.status.as_ref(), &status) {
+                continue;
+            }
+            let api = Api::<ImageSet>::namespaced(client.clone(), &set.namespace().unwrap_or_default());
+            let patch = serde_json::json!({"status": status});
+            match api.patch_status(&set.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+                Ok(_) => tracing::debug!(set = %set.name_any(), ready = %status.ready, "image set status written"),
+                // Deleted meanwhile, or refused: logged; the next change tries again.
+                Err(e) => tracing::warn!(set = %set.name_any(), error = %e, "writing the image set's status failed"),
+            }
+        }
+        // A storm of reports is one pass per interval.
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(progress::EVERY) => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = reports.changed() => {}
+            _ = set_changes.changed() => {}
+            _ = node_changes.changed() => {}
+            _ = accepted.changed() => {}
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! Image sets in the shared state: the sets in use (`imageset::sets::accept`), the node labels
+//! they select by, and each node's list as its agent's stream sends it. Every replica keeps this
+//! (followers serve lists too); the leader writes the sets' status.
+//!
+//! Nothing is sent before it is known: while the sets or the node's labels are not listed yet, a
+//! node's stream waits (its agent keeps working with the list it has), because a list without a
+//! set's images would make the agent let go of that set's pins.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use kip::images::ImageList;
+use kip::v1;
+use tokio::sync::watch;
+
+use super::State;
+use crate::imageset::sets::{node_list, selecting, Accepted};
+use crate::watches::{NodeView, Touch};
+
+/// The image sets part of the state.
+pub struct Sets {
+    /// Image sets are used (`--image-sets`): lists are per node.
+    enabled: std::sync::atomic::AtomicBool,
+    /// The sets in use (`None` until the ImageSet watch has listed them).
+    accepted: watch::Sender<Option<Arc<Accepted>>>,
+    /// The node watch, once the API is reached.
+    nodes: OnceLock<NodeView>,
+    /// Each node's labels as last seen, and a channel its stream waits on.
+    labels: Mutex<HashMap<String, (BTreeMap<String, String>, watch::Sender<u64>)>>,
+    /// Bumped on every change of any node's list (the generation agents are sent).
+    generation: AtomicU64,
+}
+
+impl Default for Sets {
+    fn default() -> Self {
+        Self {
+            enabled: Default::default(),
+            accepted: watch::channel(None).0,
+            nodes: OnceLock::new(),
+            labels: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(1),
+        }
+    }
+}
+
+impl State {
+    /// Lists are per node from now on (before the gRPC server starts).
+    pub fn use_image_sets(&self) {
+        self.sets.enabled.store(true, Ordering::SeqCst);
+    }
+
+    pub fn image_sets_enabled(&self) -> bool {
+        self.sets.enabled.load(Ordering::SeqCst)
+    }
+
+    /// The sets in use changed (the ImageSet watch, checked by `accept`).
+    pub fn set_accepted(&self, accepted: Accepted) {
+        let changed = self.sets.accepted.send_if_modified(|current| {
+            if current.as_deref() == Some(&accepted) {
+                return false;
+            }
+            *current = Some(Arc::new(accepted));
+            true
+        });
+        if changed {
+            self.sets.generation.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    pub fn accepted_sets(&self) -> Option<Arc<Accepted>> {
+        self.sets.accepted.borrow().clone()
+    }
+
+    pub fn subscribe_sets(&self) -> watch::Receiver<Option<Arc<Accepted>>> {
+        self.sets.accepted.subscribe()
+    }
+
+    /// The node watch every replica follows (node labels select sets).
+    pub fn attach_nodes(&self, nodes: NodeView) {
+        let _ = self.sets.nodes.set(nodes);
+    }
+
+    /// A node's labels as the watch shows them (`None`: not listed yet, or no such node).
+    fn node_labels(&self, node: &str) -> Option<BTreeMap<String, String>> {
+        let view = self.sets.nodes.get()?;
+        if !view.listed() {
+            return None;
+        }
+        let object = view.store.get(&kube::runtime::reflector::ObjectRef::new(node))?;
+        Some(object.metadata.labels.clone().unwrap_or_default())
+    }
+
+    /// Waits on this to see `node`'s labels change.
+    pub fn subscribe_labels(&self, node: &str) -> watch::Receiver<u64> {
+        let Ok(mut labels) = self.sets.labels.lock() else { return watch::channel(0).1 };
+        let entry = labels
+            .entry(node.to_string())
+            .or_insert_with(|| (self.node_labels(node).unwrap_or_default(), watch::channel(0).0));
+        entry.1.subscribe()
+    }
+
+    /// The node watch showed `touch`: the streams of nodes whose labels changed look again.
+    pub fn labels_touched(&self, touch: &Touch) {
+        let Ok(mut labels) = self.sets.labels.lock() else { return };
+        let mut changed = false;
+        let mut look = |node: &str, (known, tx): &mut (BTreeMap<String, String>, watch::Sender<u64>)| {
+            let now = self.node_labels(node).unwrap_or_default();
+            if now != *known {
+                *known = now;
+                tx.send_modify(|v| *v += 1);
+                changed = true;
+            }
+        };
+        match touch {
+            Touch::One(node) => {
+                if let Some(entry) = labels.get_mut(node) {
+                    look(node, entry);
+                }
+            }
+            Touch::All => {
+                for (node, entry) in labels.iter_mut() {
+                    look(node, entry);
+                }
+            }
+        }
+        if changed {
+            self.sets.generation.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// The list `node` should have (`None`: not known yet; wait). Without image sets: the
+    /// published list, as every node gets it.
+    pub fn images_for(&self, node: &str) -> Option<ImageList> {
+        let published = self.current();
+        if !self.image_sets_enabled() || published.config.release != v1::Release::None {
+            return Some(published.config.images.clone());
+        }
+        let accepted = self.accepted_sets()?;
+        let labels = self.node_labels(node)?;
+        Some(node_list(&published.config.images, &selecting(&accepted.sets, &labels)))
+    }
+
+    /// What `node`'s agent is sent (`None`: not known yet).
+    pub fn update_for(&self, node: &str) -> Option<v1::ImageListUpdate> {
+        let published = self.current();
+        let mut update = published.to_update();
+        if !self.image_sets_enabled() || published.config.release != v1::Release::None {
+            return Some(update);
+        }
+        let list = self.images_for(node)?;
+        update.generation = published.generation + self.sets.generation.load(Ordering::SeqCst);
+        update.images = list
+            .entries()
+            .iter()
+            .map(|e| v1::Image {
+                name: e.name.clone(),
+                image: e.image.clone(),
+                digest: published.digests.get(&e.reference).cloned().unwrap_or_default(),
+            })
+            .collect();
+        Some(update)
+    }
+}

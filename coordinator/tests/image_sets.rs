@@ -1,0 +1,216 @@
+//! Image sets end to end on the fake API server (`common::fake_api`) and the real gRPC server:
+//! each agent's stream carries its node's list (the default set and the sets that select the
+//! node), a relabelled node gains a set, a deleted set is let go of, nothing is sent before the
+//! sets are known, and each set's status is written through the status subresource — `Ready`
+//! once every selected node reports every image — and not written again when nothing changed.
+
+#![allow(clippy::unwrap_used)] // a test: an unwrap that fails is a failed test
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::config_with;
+use common::fake_api::{until, FakeApi};
+use kip::v1::{self, coordinator_client::CoordinatorClient};
+use kip_coordinator::auth::AgentAuth;
+use kip_coordinator::imageset::{controller, sets::Limits};
+use kip_coordinator::{metrics::Metrics, state::State, watches};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+const SETS: &str = "/apis/kip.eclipse.dev/v1alpha1/namespaces/ml/imagesets";
+
+fn training(selector: serde_json::Value) -> serde_json::Value {
+    json!({"apiVersion": "kip.eclipse.dev/v1alpha1", "kind": "ImageSet",
+        "metadata": {"name": "training", "namespace": "ml"},
+        "spec": {"images": [{"name": "trainer", "image": "quay.io/ml/train:1"}, {"name": "base", "image": "busybox"}], "nodeSelector": selector}})
+}
+
+/// An agent's stream: the lists as they come.
+struct Agent {
+    client: CoordinatorClient<tonic::transport::Channel>,
+    stream: tonic::Streaming<v1::ImageListUpdate>,
+    node: String,
+}
+
+impl Agent {
+    async fn connect(url: &str, node: &str) -> Self {
+        let channel = tonic::transport::Endpoint::from_shared(url.to_string()).unwrap().connect().await.unwrap();
+        let mut client = CoordinatorClient::new(channel);
+        let request = v1::WatchRequest { node_name: node.into(), agent_version: "test".into() };
+        let stream = client.watch(request).await.unwrap().into_inner();
+        Self { client, stream, node: node.into() }
+    }
+
+    /// The next list, as `name=image` pairs (bounded: a lost update fails instead of hanging).
+    async fn next(&mut self) -> (u64, Vec<String>) {
+        let update = tokio::time::timeout(Duration::from_secs(20), self.stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("a list for {} in time", self.node));
+        let update = update.unwrap().unwrap();
+        (update.generation, update.images.iter().map(|i| format!("{}={}", i.name, i.image)).collect())
+    }
+
+    /// Reports every image of `images` cached and pinned.
+    async fn report_cached(&mut self, images: &[String]) {
+        let report = v1::NodeReport {
+            node_name: self.node.clone(),
+            runtime: Some(v1::RuntimeState { available: true, name: "containerd".into(), ..Default::default() }),
+            images: images
+                .iter()
+                .map(|p| {
+                    let (name, image) = p.split_once('=').unwrap();
+                    v1::ImageState {
+                        name: name.into(),
+                        image: image.into(),
+                        cached: true,
+                        pinned: true,
+                        ..Default::default()
+                    }
+                })
+                .collect(),
+            ..Default::default()
+        };
+        self.client.report(report).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_node_gets_its_sets_and_each_set_its_status() {
+    let api = FakeApi::new();
+    api.add_nodes(2, std::time::SystemTime::now() - Duration::from_secs(3600));
+    api.label_node("node-0", json!({"pool": "gpu"}));
+    api.label_node("node-1", json!({"pool": "cpu"}));
+    api.apply(SETS, training(json!({"matchLabels": {"pool": "gpu"}})));
+    let door = api.door().await;
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(&FakeApi::kubeconfig(&door)).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap();
+    let client = kube::Client::try_from(config).unwrap();
+
+    let state = State::new(config_with("base-image=docker.io/library/busybox:latest"), Arc::new(Metrics::new()));
+    state.use_image_sets();
+    let served = common::serve(state.clone(), AgentAuth::None).await;
+    let (nodes, node_task) = watches::watch_nodes(client.clone());
+    state.attach_nodes(nodes.clone());
+    tokio::spawn(node_task);
+
+    // Before the sets are known, a stream sends nothing (its agent keeps the list it has).
+    let mut gpu = Agent::connect(&served.url, "node-0").await;
+    let early = tokio::time::timeout(Duration::from_millis(500), gpu.stream.message()).await;
+    assert!(early.is_err(), "a list went out before the sets were known: {early:?}");
+
+    let shutdown = CancellationToken::new();
+    let (sets, set_task) = watches::watch_image_sets(client.clone());
+    tokio::spawn(set_task);
+    tokio::spawn(controller::follow(state.clone(), sets.clone(), nodes.clone(), Limits::default()));
+    tokio::spawn(controller::write_status(
+        client.clone(),
+        state.clone(),
+        sets.clone(),
+        nodes.clone(),
+        shutdown.clone(),
+    ));
+
+    // node-0 (gpu): the default set, then the training set's images (busybox once).
+    let (g1, list) = gpu.next().await;
+    assert_eq!(list, ["base-image=docker.io/library/busybox:latest", "trainer=quay.io/ml/train:1"]);
+    let mut cpu = Agent::connect(&served.url, "node-1").await;
+    assert_eq!(cpu.next().await.1, ["base-image=docker.io/library/busybox:latest"]);
+
+    // Status: one of one selected node, not ready until it reports.
+    let status = |field: &str| api.object(SETS, "training").map(|o| o["status"][field].clone()).unwrap_or_default();
+    until("the status is written", Duration::from_secs(20), || status("ready") == json!("0/1")).await;
+    gpu.report_cached(&list).await;
+    until("Ready", Duration::from_secs(20), || status("ready") == json!("1/1")).await;
+    let conditions = status("conditions");
+    let ready = conditions.as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap();
+    assert_eq!((ready["status"].clone(), ready["reason"].clone()), (json!("True"), json!("AllNodesReady")));
+    assert_eq!(status("observedGeneration"), json!(1));
+
+    // No change, no write: a storm of identical reports writes nothing more.
+    let writes = || door.count("patch", "imagesets");
+    let before = writes();
+    for _ in 0..5 {
+        gpu.report_cached(&list).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(writes(), before, "the status was written again without a change");
+
+    // node-1 joins the gpu pool: its stream gets the set's images; the set now waits for it.
+    api.label_node("node-1", json!({"pool": "gpu"}));
+    let (c2, list) = cpu.next().await;
+    assert_eq!(list, ["base-image=docker.io/library/busybox:latest", "trainer=quay.io/ml/train:1"]);
+    until("the set counts node-1", Duration::from_secs(20), || status("ready") == json!("1/2")).await;
+    cpu.report_cached(&list).await;
+    until("both ready", Duration::from_secs(20), || status("ready") == json!("2/2")).await;
+
+    // The set is deleted: both nodes are back to the default set (their agents let go of it).
+    api.remove(SETS, "training");
+    let (g2, list) = gpu.next().await;
+    assert_eq!(list, ["base-image=docker.io/library/busybox:latest"]);
+    assert_eq!(cpu.next().await.1, ["base-image=docker.io/library/busybox:latest"]);
+    assert!(g2 > g1 && c2 > g1, "generations only grow: {g1} {c2} {g2}");
+    shutdown.cancel();
+    served.shutdown.cancel();
+}
+
+/// A set outside the allowed namespaces, or over the cap, is not used, and its status says why;
+/// the others are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_set_says_why_and_touches_no_node() {
+    let api = FakeApi::new();
+    api.add_nodes(1, std::time::SystemTime::now() - Duration::from_secs(3600));
+    api.apply(SETS, training(json!({})));
+    let other = "/apis/kip.eclipse.dev/v1alpha1/namespaces/team-b/imagesets";
+    let mut elsewhere = training(json!({}));
+    elsewhere["metadata"]["namespace"] = json!("team-b");
+    elsewhere["spec"]["images"] = json!([{"name": "tool", "image": "quay.io/b/tool:1"}]);
+    api.apply(other, elsewhere);
+    let door = api.door().await;
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(&FakeApi::kubeconfig(&door)).unwrap();
+    let client =
+        kube::Client::try_from(kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap())
+            .unwrap();
+    let state = State::new(config_with("a=alpine"), Arc::new(Metrics::new()));
+    state.use_image_sets();
+    let served = common::serve(state.clone(), AgentAuth::None).await;
+    let (nodes, node_task) = watches::watch_nodes(client.clone());
+    state.attach_nodes(nodes.clone());
+    tokio::spawn(node_task);
+    let (sets, set_task) = watches::watch_image_sets(client.clone());
+    tokio::spawn(set_task);
+    let limits = Limits { namespaces: Some(["ml".to_string()].into()), max_images: 2 };
+    tokio::spawn(controller::follow(state.clone(), sets.clone(), nodes.clone(), limits));
+    let shutdown = CancellationToken::new();
+    tokio::spawn(controller::write_status(client, state.clone(), sets, nodes, shutdown.clone()));
+
+    let mut agent = Agent::connect(&served.url, "node-0").await;
+    assert_eq!(agent.next().await.1, ["a=alpine", "trainer=quay.io/ml/train:1", "base=busybox"]);
+    let degraded = |ns_path: &str| {
+        api.object(ns_path, "training")
+            .and_then(|o| o["status"]["conditions"].as_array().cloned())
+            .and_then(|c| c.into_iter().find(|c| c["type"] == "Degraded"))
+            .unwrap_or_default()
+    };
+    until("team-b's set is told why", Duration::from_secs(20), || degraded(other)["reason"] == "NamespaceNotAllowed")
+        .await;
+    assert_eq!(degraded(other)["status"], "True");
+    // Over the cap: the next set is refused, the list stays.
+    let mut third = training(json!({}));
+    third["metadata"]["name"] = json!("third");
+    third["spec"]["images"] = json!([{"name": "extra", "image": "quay.io/ml/extra:1"}]);
+    api.apply(SETS, third);
+    let over = || {
+        api.object(SETS, "third")
+            .and_then(|o| o["status"]["conditions"].as_array().cloned())
+            .and_then(|c| c.into_iter().find(|c| c["type"] == "Degraded"))
+            .is_some_and(|c| c["reason"] == "ImageCapExceeded")
+    };
+    until("the set over the cap is told so", Duration::from_secs(20), over).await;
+    let quiet = tokio::time::timeout(Duration::from_millis(500), agent.stream.message()).await;
+    assert!(quiet.is_err(), "a refused set changed a node's list: {quiet:?}");
+    shutdown.cancel();
+    served.shutdown.cancel();
+}
