@@ -18,6 +18,9 @@ use super::State;
 use crate::imageset::sets::{node_list, selecting, Accepted};
 use crate::watches::{NodeView, Touch};
 
+/// A node's labels as last seen, and the channel its stream waits on.
+type Labels = (BTreeMap<String, String>, watch::Sender<u64>);
+
 /// The image sets part of the state.
 pub struct Sets {
     /// Image sets are used (`--image-sets`): lists are per node.
@@ -27,7 +30,7 @@ pub struct Sets {
     /// The node watch, once the API is reached.
     nodes: OnceLock<NodeView>,
     /// Each node's labels as last seen, and a channel its stream waits on.
-    labels: Mutex<HashMap<String, (BTreeMap<String, String>, watch::Sender<u64>)>>,
+    labels: Mutex<HashMap<String, Labels>>,
     /// Bumped on every change of any node's list (the generation agents are sent).
     generation: AtomicU64,
 }
@@ -104,7 +107,7 @@ impl State {
     pub fn labels_touched(&self, touch: &Touch) {
         let Ok(mut labels) = self.sets.labels.lock() else { return };
         let mut changed = false;
-        let mut look = |node: &str, (known, tx): &mut (BTreeMap<String, String>, watch::Sender<u64>)| {
+        let mut look = |node: &str, (known, tx): &mut Labels| {
             let now = self.node_labels(node).unwrap_or_default();
             if now != *known {
                 *known = now;
