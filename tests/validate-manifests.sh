@@ -155,8 +155,20 @@ assert len(named) == 1 and named[0]["resourceNames"] == [main["data"]["DAEMONSET
 assert all(r["verbs"] == ["create"] for r in ds_rules if not r.get("resourceNames")), ds_rules
 agent_ds = [d["metadata"]["name"] for d in docs if d["kind"] == "DaemonSet"]
 assert main["data"]["DAEMONSET_NAME"] not in agent_ds, "the coordinator may not touch the agent DaemonSet"
-(cr,) = [d for d in docs if d["kind"] == "ClusterRole"]
+(cr,) = [d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-nodes")]
 assert cr["rules"][0] == {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]}, cr["rules"]
+# Image sets: the coordinator reads them and writes their status only; who may create one is
+# `admin` (aggregated), never `edit`; `view` may read them.
+aggregated = {l: r for r in docs if r["kind"] == "ClusterRole"
+              for l, v in r["metadata"]["labels"].items() if l.startswith("rbac.authorization.k8s.io/aggregate-to-") and v == "true"}
+sets_rules = [r for r in cr["rules"] if "kip.eclipse.dev" in r["apiGroups"]]
+if sets_rules:
+    assert {tuple(r["resources"]): sorted(r["verbs"]) for r in sets_rules} == {("imagesets",): ["get", "list", "watch"], ("imagesets/status",): ["patch", "update"]}, sets_rules
+    assert set(aggregated) == {"rbac.authorization.k8s.io/aggregate-to-admin", "rbac.authorization.k8s.io/aggregate-to-view"}, aggregated
+    assert "create" in aggregated["rbac.authorization.k8s.io/aggregate-to-admin"]["rules"][0]["verbs"]
+    assert all(v in ("get", "list", "watch") for r in aggregated["rbac.authorization.k8s.io/aggregate-to-view"]["rules"] for v in r["verbs"])
+else:
+    assert not aggregated, "image sets off: no role for them"
 assert not any("helm.sh/hook" in ann(d) for d in docs if d["kind"] in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding", "Service", "Deployment"))
 # The Job reads /status from the coordinator's Service on its metrics port.
 (svc,) = [d for d in docs if d["kind"] == "Service"]
@@ -194,7 +206,7 @@ ns = dep["metadata"]["namespace"]
 pod = agent["spec"]["template"]["spec"]
 (c,) = pod["containers"]
 aenv = {e["name"]: e.get("value") for e in c["env"]}
-(cr,) = kind("ClusterRole")
+(cr,) = [r for r in kind("ClusterRole") if not any(l.startswith("rbac.authorization.k8s.io/aggregate-to-") for l in r["metadata"].get("labels", {}))]
 (role,) = kind("Role")
 reviews = [r for r in cr["rules"] if "tokenreviews" in r["resources"]]
 assert [r for r in role["rules"] if "pods" in r["resources"]] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
@@ -328,6 +340,41 @@ for bad in gate.taint=kip.eclipse.dev/images-pending coordinator.agentAuth=maybe
   fi
 done
 
+echo "==> the ImageSet CRD (deploy/helm/crds/imagesets.yaml)" >&2
+validate deploy/helm/crds/imagesets.yaml
+# The README's ImageSets against the CRD's schema (OpenAPI v3 through jsonschema; the CEL rules
+# are evaluated by the coordinator's unit tests with kube's CEL), and malformed ones refused.
+"$PY" - deploy/helm/crds/imagesets.yaml README.md <<'PY'
+import copy, re, sys, yaml, jsonschema
+crd = yaml.safe_load(open(sys.argv[1]))
+(version,) = crd["spec"]["versions"]
+assert version["subresources"] == {"status": {}}, "status through its subresource"
+assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Images", "Ready", "Age"]
+def plain(s):
+  # OpenAPI's `nullable` as JSON Schema's null type; Kubernetes' extensions dropped.
+  if isinstance(s, dict):
+      s = {k: plain(v) for k, v in s.items() if not k.startswith("x-kubernetes")}
+      if s.pop("nullable", False) and "type" in s:
+          s["type"] = [s["type"], "null"]
+      return s
+  return [plain(v) for v in s] if isinstance(s, list) else s
+schema = plain(version["schema"]["openAPIV3Schema"])
+text = open(sys.argv[2]).read()
+examples = [d for block in re.findall(r"```yaml\n(.*?)```", text, re.S) for d in yaml.safe_load_all(block)
+          if d and d.get("kind") == "ImageSet"]
+assert examples, "the README shows an ImageSet"
+for e in examples:
+  jsonschema.validate(e, schema)
+bad = copy.deepcopy(examples[0]); bad["spec"]["images"] = []
+bad_name = copy.deepcopy(examples[0]); bad_name["spec"]["images"][0]["name"] = "Not_A_Label"
+for b in (bad, bad_name):
+  try:
+      jsonschema.validate(b, schema)
+  except jsonschema.ValidationError:
+      continue
+  sys.exit(f"the CRD's schema accepts {b['spec']['images']}")
+print(f"ImageSet CRD ok: {len(examples)} README example(s) valid, malformed ones refused", file=sys.stderr)
+PY
 if [ -d deploy/openshift ]; then
   echo "==> OpenShift templates" >&2
   for t in deploy/openshift/*.yaml; do

@@ -386,6 +386,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     if !image_sets {
                         return std::future::pending().await;
                     }
+                    if !imageset::controller::served(&client).await {
+                        tracing::warn!("the ImageSet CRD is not installed: image sets are off, every node gets the KIP ConfigMap's list (install the CRD and restart the coordinator to use them)");
+                        hub.set_accepted(imageset::sets::Accepted::default());
+                        // The streams still wait for the node labels (none selects a set).
+                        return std::future::pending().await;
+                    }
                     let (sets, set_task) = kip_coordinator::watches::watch_image_sets(client.clone());
                     let follow = imageset::controller::follow(hub.clone(), sets.clone(), nodes.clone(), set_limits);
                     let status = async {

@@ -19,6 +19,20 @@ use crate::gate;
 use crate::state::State;
 use crate::watches::{NodeFacts, NodeView, Touch, View};
 
+/// Whether the cluster serves ImageSets (the CRD is installed). Asked until the API answers: only
+/// a definite "not found" is a no (then nodes get the KIP ConfigMap's list, as without sets).
+pub async fn served(client: &Client) -> bool {
+    let api_version = format!("{}/{}", super::GROUP, super::VERSION);
+    crate::retry_forever("asking the API whether it serves ImageSets", || async {
+        match client.list_api_group_resources(&api_version).await {
+            Ok(list) => Ok(list.resources.iter().any(|r| r.name == "imagesets")),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+}
+
 /// Every replica: the sets in use (checked against `limits`) and the node labels, into `state`.
 pub async fn follow(state: Arc<State>, sets: View<ImageSet>, nodes: NodeView, limits: Limits) {
     let mut set_changes = sets.changed.clone();

@@ -19,6 +19,9 @@ use kube::CustomResource;
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
+pub const GROUP: &str = "kip.eclipse.dev";
+pub const VERSION: &str = "v1alpha1";
+
 /// The images a set keeps cached and pinned, on the nodes it selects.
 #[derive(CustomResource, KubeSchema, Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[x_kube(cel)]
@@ -135,6 +138,15 @@ mod tests {
         let twice = spec(serde_json::json!([{"name": "a", "image": "busybox"}, {"name": "a", "image": "alpine"}]));
         let e = ImageSetSpec::validate_cel(&twice, None).unwrap_err();
         assert!(format!("{e:?}").contains("every image name is used once"), "{e:?}");
+        for image in [
+            "nvcr.io/nvidia/pytorch:24.10-py3",
+            "quay.io/jupyter/pytorch-notebook:cuda12-2024-10-21",
+            "registry.local:5000/a/b",
+            "busybox",
+        ] {
+            let ok = serde_json::json!({"name": "a", "image": image});
+            assert!(SetImage::validate_cel(&ok, None).is_ok(), "{image}");
+        }
         let image = serde_json::json!({"name": "a", "image": "Not A Reference!"});
         let e = SetImage::validate_cel(&image, None).unwrap_err();
         assert!(format!("{e:?}").contains("not an image reference"), "{e:?}");
