@@ -164,6 +164,8 @@ aggregated = {l: r for r in docs if r["kind"] == "ClusterRole"
 sets_rules = [r for r in cr["rules"] if "kip.eclipse.dev" in r["apiGroups"]]
 if sets_rules:
     assert {tuple(r["resources"]): sorted(r["verbs"]) for r in sets_rules} == {("imagesets",): ["get", "list", "watch"], ("imagesets/status",): ["patch", "update"]}, sets_rules
+    # The KIP operator's resources, where followed, are read only.
+    assert all(sorted(r["verbs"]) == ["get", "list", "watch"] for r in cr["rules"] if "che.eclipse.org" in r["apiGroups"]), cr["rules"]
     assert set(aggregated) == {"rbac.authorization.k8s.io/aggregate-to-admin", "rbac.authorization.k8s.io/aggregate-to-view"}, aggregated
     assert "create" in aggregated["rbac.authorization.k8s.io/aggregate-to-admin"]["rules"][0]["verbs"]
     assert all(v in ("get", "list", "watch") for r in aggregated["rbac.authorization.k8s.io/aggregate-to-view"]["rules"] for v in r["verbs"])

@@ -138,6 +138,11 @@ struct Cli {
     #[arg(long, env = "KIP_IMAGE_SETS", default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
     image_sets: bool,
 
+    /// With --image-sets: read the KIP operator's KubernetesImagePuller resources (che.eclipse.org,
+    /// what Eclipse Che's imagePuller.enable creates) as sets; kip never writes them
+    #[arg(long, env = "KIP_KUBERNETES_IMAGE_PULLER", default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    kubernetes_image_puller: bool,
+
     /// Namespaces whose ImageSets are used (comma-separated; empty: every namespace)
     #[arg(long, env = "KIP_IMAGE_SET_NAMESPACES", value_name = "NS,...", value_delimiter = ',')]
     image_set_namespaces: Vec<String>,
@@ -368,7 +373,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             heartbeat,
             ..controller::Settings::new(cli.node_label_grace)
         };
-        let (hub, shutdown, image_sets) = (hub.clone(), shutdown.clone(), cli.image_sets);
+        let (hub, shutdown, image_sets, pullers) =
+            (hub.clone(), shutdown.clone(), cli.image_sets, cli.kubernetes_image_puller);
         tasks.spawn("the Kubernetes controller", async move {
             let work = async {
                 let client = kip_coordinator::connect_kube().await;
@@ -386,26 +392,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     if !image_sets {
                         return std::future::pending().await;
                     }
-                    if !imageset::controller::served(&client).await {
-                        tracing::warn!("the ImageSet CRD is not installed: image sets are off, every node gets the KIP ConfigMap's list (install the CRD and restart the coordinator to use them)");
-                        hub.set_accepted(imageset::sets::Accepted::default());
-                        // The streams still wait for the node labels (none selects a set).
-                        return std::future::pending().await;
+                    use imageset::controller::served;
+                    let own = served(&client, imageset::GROUP, imageset::VERSION, "imagesets").await;
+                    let operator = pullers
+                        && served(&client, imageset::puller::GROUP, imageset::puller::VERSION, "kubernetesimagepullers").await;
+                    if !own {
+                        tracing::warn!("the ImageSet CRD is not installed: no ImageSet is used (install the CRD and restart the coordinator to use them)");
                     }
-                    let (sets, set_task) = kip_coordinator::watches::watch_image_sets(client.clone());
-                    let follow = imageset::controller::follow(hub.clone(), sets.clone(), nodes.clone(), set_limits);
-                    let status = async {
-                        hub.until_leading().await;
-                        imageset::controller::write_status(
-                            client.clone(),
-                            hub.clone(),
-                            sets,
-                            nodes.clone(),
-                            shutdown.clone(),
-                        )
-                        .await
+                    if pullers && !operator {
+                        tracing::warn!("the KIP operator's KubernetesImagePuller CRD is not installed: none is read");
+                    }
+                    let (sets, set_task) = if own {
+                        let (view, task) = kip_coordinator::watches::watch_image_sets(client.clone());
+                        (Some(view), Box::pin(task) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>)
+                    } else {
+                        (None, Box::pin(std::future::pending()) as _)
                     };
-                    tokio::join!(set_task, follow, status);
+                    let (puller_view, puller_task) = if operator {
+                        let (view, task) = kip_coordinator::watches::watch_pullers(client.clone());
+                        (Some(view), Box::pin(task) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>)
+                    } else {
+                        (None, Box::pin(std::future::pending()) as _)
+                    };
+                    let follow =
+                        imageset::controller::follow(hub.clone(), sets.clone(), puller_view, nodes.clone(), set_limits);
+                    let status = async {
+                        let Some(sets) = sets else { return std::future::pending().await };
+                        hub.until_leading().await;
+                        imageset::controller::write_status(client.clone(), hub.clone(), sets, nodes.clone(), shutdown.clone())
+                            .await
+                    };
+                    tokio::join!(set_task, puller_task, follow, status);
                 };
                 let controllers = async {
                     // Only the leader writes to the cluster (without an election, this one).

@@ -176,6 +176,17 @@ pub fn watch_image_sets(client: Client) -> (View<crate::imageset::ImageSet>, imp
     follow(Api::all(client), watcher::Config::default(), strip, |_| None, "image sets")
 }
 
+/// Every KubernetesImagePuller of the KIP operator (read only).
+pub fn watch_pullers(
+    client: Client,
+) -> (View<crate::imageset::puller::KubernetesImagePuller>, impl std::future::Future<Output = ()>) {
+    fn strip(p: &mut crate::imageset::puller::KubernetesImagePuller) {
+        p.metadata.managed_fields = None;
+        p.metadata.annotations = None;
+    }
+    follow(Api::all(client), watcher::Config::default(), strip, |_| None, "KubernetesImagePullers")
+}
+
 pub fn watch_nodes(client: Client) -> (NodeView, impl std::future::Future<Output = ()>) {
     follow(Api::<Node>::all(client), watcher::Config::default(), strip_node, |n| n.metadata.name.clone(), "nodes")
 }

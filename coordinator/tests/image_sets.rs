@@ -104,7 +104,7 @@ async fn each_node_gets_its_sets_and_each_set_its_status() {
     let shutdown = CancellationToken::new();
     let (sets, set_task) = watches::watch_image_sets(client.clone());
     tokio::spawn(set_task);
-    tokio::spawn(controller::follow(state.clone(), sets.clone(), nodes.clone(), Limits::default()));
+    tokio::spawn(controller::follow(state.clone(), Some(sets.clone()), None, nodes.clone(), Limits::default()));
     tokio::spawn(controller::write_status(
         client.clone(),
         state.clone(),
@@ -182,7 +182,7 @@ async fn a_refused_set_says_why_and_touches_no_node() {
     let (sets, set_task) = watches::watch_image_sets(client.clone());
     tokio::spawn(set_task);
     let limits = Limits { namespaces: Some(["ml".to_string()].into()), max_images: 2 };
-    tokio::spawn(controller::follow(state.clone(), sets.clone(), nodes.clone(), limits));
+    tokio::spawn(controller::follow(state.clone(), Some(sets.clone()), None, nodes.clone(), limits));
     let shutdown = CancellationToken::new();
     tokio::spawn(controller::write_status(client, state.clone(), sets, nodes, shutdown.clone()));
 
@@ -212,5 +212,40 @@ async fn a_refused_set_says_why_and_touches_no_node() {
     let quiet = tokio::time::timeout(Duration::from_millis(500), agent.stream.message()).await;
     assert!(quiet.is_err(), "a refused set changed a node's list: {quiet:?}");
     shutdown.cancel();
+    served.shutdown.cancel();
+}
+
+/// With image sets the KIP ConfigMap is the default set for the nodes its NODE_SELECTOR picks, as
+/// KIP's DaemonSet ran only there: another node gets only its sets' images.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_config_map_is_the_default_set_for_its_node_selector() {
+    let api = FakeApi::new();
+    api.add_nodes(2, std::time::SystemTime::now() - Duration::from_secs(3600));
+    api.label_node("node-0", json!({"pool": "gpu"}));
+    api.label_node("node-1", json!({"pool": "cpu"}));
+    let mut everywhere = training(json!({}));
+    everywhere["spec"]["images"] = json!([{"name": "tools", "image": "quay.io/ml/tools:1"}]);
+    api.apply(SETS, everywhere);
+    let door = api.door().await;
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(&FakeApi::kubeconfig(&door)).unwrap();
+    let client =
+        kube::Client::try_from(kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap())
+            .unwrap();
+    let raw = [("IMAGES", "a=alpine"), ("NODE_SELECTOR", "{\"pool\": \"gpu\"}")];
+    let config =
+        kip_coordinator::config::validate(&raw.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()).unwrap();
+    let state = State::new(config, Arc::new(Metrics::new()));
+    state.use_image_sets();
+    let served = common::serve(state.clone(), AgentAuth::None).await;
+    let (nodes, node_task) = watches::watch_nodes(client.clone());
+    state.attach_nodes(nodes.clone());
+    tokio::spawn(node_task);
+    let (sets, set_task) = watches::watch_image_sets(client);
+    tokio::spawn(set_task);
+    tokio::spawn(controller::follow(state.clone(), Some(sets), None, nodes, Limits::default()));
+    let mut gpu = Agent::connect(&served.url, "node-0").await;
+    let mut cpu = Agent::connect(&served.url, "node-1").await;
+    assert_eq!(gpu.next().await.1, ["a=alpine", "tools=quay.io/ml/tools:1"]);
+    assert_eq!(cpu.next().await.1, ["tools=quay.io/ml/tools:1"]);
     served.shutdown.cancel();
 }

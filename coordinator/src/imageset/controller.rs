@@ -13,19 +13,20 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use super::progress::{self, NodeSays};
+use super::puller::KubernetesImagePuller;
 use super::sets::{accept, Limits};
 use super::ImageSet;
 use crate::gate;
 use crate::state::State;
 use crate::watches::{NodeFacts, NodeView, Touch, View};
 
-/// Whether the cluster serves ImageSets (the CRD is installed). Asked until the API answers: only
-/// a definite "not found" is a no (then nodes get the KIP ConfigMap's list, as without sets).
-pub async fn served(client: &Client) -> bool {
-    let api_version = format!("{}/{}", super::GROUP, super::VERSION);
-    crate::retry_forever("asking the API whether it serves ImageSets", || async {
+/// Whether the cluster serves `plural` in `group/version` (the CRD is installed). Asked until the
+/// API answers: only a definite "not found" is a no.
+pub async fn served(client: &Client, group: &str, version: &str, plural: &str) -> bool {
+    let api_version = format!("{group}/{version}");
+    crate::retry_forever("asking the API which custom resources it serves", || async {
         match client.list_api_group_resources(&api_version).await {
-            Ok(list) => Ok(list.resources.iter().any(|r| r.name == "imagesets")),
+            Ok(list) => Ok(list.resources.iter().any(|r| r.name == plural)),
             Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
             Err(e) => Err(e),
         }
@@ -33,22 +34,60 @@ pub async fn served(client: &Client) -> bool {
     .await
 }
 
-/// Every replica: the sets in use (checked against `limits`) and the node labels, into `state`.
-pub async fn follow(state: Arc<State>, sets: View<ImageSet>, nodes: NodeView, limits: Limits) {
-    let mut set_changes = sets.changed.clone();
+/// Every replica: the sets in use — the ImageSets and, where followed, the KIP operator's
+/// KubernetesImagePullers — checked against `limits`, and the node labels, into `state`.
+pub async fn follow(
+    state: Arc<State>,
+    sets: Option<View<ImageSet>>,
+    pullers: Option<View<KubernetesImagePuller>>,
+    nodes: NodeView,
+    limits: Limits,
+) {
+    let mut set_changes = sets.as_ref().map(|v| v.changed.clone());
+    let mut puller_changes = pullers.as_ref().map(|v| v.changed.clone());
     let mut node_feed = nodes.touched.subscribe();
-    let check = |state: &State| {
-        if sets.listed() {
-            let previous = state.accepted_sets();
-            state.set_accepted(accept(sets.store.state().iter().map(|s| s.as_ref()), &limits, previous.as_deref()));
+    let mut refused_pullers = BTreeMap::new();
+    let mut check = |state: &State| {
+        if !sets.as_ref().is_none_or(View::listed) || !pullers.as_ref().is_none_or(View::listed) {
+            return;
         }
+        let from_pullers: Vec<ImageSet> =
+            pullers.iter().flat_map(|v| v.store.state()).map(|p| super::puller::as_set(&p)).collect();
+        let own = sets.iter().flat_map(|v| v.store.state());
+        let own: Vec<Arc<ImageSet>> = own.collect();
+        let all = own.iter().map(|s| s.as_ref()).chain(from_pullers.iter());
+        let previous = state.accepted_sets();
+        let accepted = accept(all, &limits, previous.as_deref());
+        // kip writes nothing to the operator's resources: a refused one is said in the log.
+        let now_refused: BTreeMap<_, _> = accepted
+            .refused
+            .iter()
+            .filter(|((_, name), _)| {
+                name.starts_with("kubernetesimagepuller-")
+                    && from_pullers.iter().any(|p| p.metadata.name.as_deref() == Some(name.as_str()))
+            })
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect();
+        for ((namespace, name), why) in &now_refused {
+            if refused_pullers.get(&(namespace.clone(), name.clone())) != Some(why) {
+                tracing::warn!(namespace = %namespace, set = %name, why = %why, "a KubernetesImagePuller is not used");
+            }
+        }
+        refused_pullers = now_refused;
+        state.set_accepted(accepted);
     };
     check(&state);
     state.labels_touched(&Touch::All);
     loop {
         tokio::select! {
-            r = set_changes.changed() => {
-                if r.is_err() {
+            r = changed(&mut set_changes) => {
+                if !r {
+                    return;
+                }
+                check(&state);
+            }
+            r = changed(&mut puller_changes) => {
+                if !r {
                     return;
                 }
                 check(&state);
@@ -60,6 +99,14 @@ pub async fn follow(state: Arc<State>, sets: View<ImageSet>, nodes: NodeView, li
                 Err(RecvError::Closed) => return,
             },
         }
+    }
+}
+
+/// Waits for a change of an optional view (forever without one); false when it is gone.
+async fn changed(rx: &mut Option<tokio::sync::watch::Receiver<u64>>) -> bool {
+    match rx {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 

@@ -6,11 +6,13 @@
 //! - `select`: label selectors, matched against a node's labels (pure);
 //! - `sets`: the sets the coordinator accepts (validated, allowed namespace, under the cap) and
 //!   each node's list: the default set (the KIP ConfigMap) and every set that selects it (pure);
-//! - `progress`: a set's status from the nodes' reports (pure), and its writer (status
-//!   subresource, only when something changed).
+//! - `progress`: a set's status from the nodes' reports (pure);
+//! - `puller`: the KIP operator's `KubernetesImagePuller` read as a set (Eclipse Che);
+//! - `controller`: following the sets (every replica) and writing their status (the leader).
 
 pub mod controller;
 pub mod progress;
+pub mod puller;
 pub mod select;
 pub mod sets;
 

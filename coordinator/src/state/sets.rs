@@ -141,7 +141,12 @@ impl State {
         }
         let accepted = self.accepted_sets()?;
         let labels = self.node_labels(node)?;
-        Some(node_list(&published.config.images, &selecting(&accepted.sets, &labels)))
+        // The KIP ConfigMap is the default set, for the nodes its NODE_SELECTOR picks (as KIP's
+        // DaemonSet runs only there).
+        let selected = published.config.node_selector.iter().all(|(k, v)| labels.get(k) == Some(v));
+        let none = ImageList::default();
+        let default = if selected { &published.config.images } else { &none };
+        Some(node_list(default, &selecting(&accepted.sets, &labels)))
     }
 
     /// What `node`'s agent is sent (`None`: not known yet).
