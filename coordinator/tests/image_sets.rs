@@ -77,6 +77,53 @@ impl Agent {
     }
 }
 
+/// A coordinator with image sets on the fake API: its state, its gRPC server, and, once
+/// [`Coordinator::follow`] is called, the sets followed and (with `status`) their status written.
+struct Coordinator {
+    client: kube::Client,
+    state: Arc<State>,
+    served: common::Served,
+    nodes: watches::NodeView,
+    shutdown: CancellationToken,
+}
+
+impl Coordinator {
+    async fn start(api: &Arc<FakeApi>, config: kip_coordinator::config::KipConfig) -> (Self, common::fake_api::Door) {
+        let door = api.door().await;
+        let kubeconfig = kube::config::Kubeconfig::from_yaml(&FakeApi::kubeconfig(&door)).unwrap();
+        let api_config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap();
+        let client = kube::Client::try_from(api_config).unwrap();
+        let state = State::new(config, Arc::new(Metrics::new()));
+        state.use_image_sets();
+        let served = common::serve(state.clone(), AgentAuth::None).await;
+        let (nodes, node_task) = watches::watch_nodes(client.clone());
+        state.attach_nodes(nodes.clone());
+        tokio::spawn(node_task);
+        (Self { client, state, served, nodes, shutdown: CancellationToken::new() }, door)
+    }
+
+    /// Follows the ImageSets under `limits`, and writes their status.
+    fn follow(&self, limits: Limits) {
+        let (sets, set_task) = watches::watch_image_sets(self.client.clone());
+        tokio::spawn(set_task);
+        tokio::spawn(controller::follow(self.state.clone(), Some(sets.clone()), None, self.nodes.clone(), limits));
+        let (client, state, nodes, stop) =
+            (self.client.clone(), self.state.clone(), self.nodes.clone(), self.shutdown.clone());
+        tokio::spawn(controller::write_status(client, state, sets, nodes, stop));
+    }
+
+    async fn connect(&self, node: &str) -> Agent {
+        Agent::connect(&self.served.url, node).await
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.served.shutdown.cancel();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_node_gets_its_sets_and_each_set_its_status() {
     let api = FakeApi::new();
@@ -84,39 +131,18 @@ async fn each_node_gets_its_sets_and_each_set_its_status() {
     api.label_node("node-0", json!({"pool": "gpu"}));
     api.label_node("node-1", json!({"pool": "cpu"}));
     api.apply(SETS, training(json!({"matchLabels": {"pool": "gpu"}})));
-    let door = api.door().await;
-    let kubeconfig = kube::config::Kubeconfig::from_yaml(&FakeApi::kubeconfig(&door)).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap();
-    let client = kube::Client::try_from(config).unwrap();
-
-    let state = State::new(config_with("base-image=docker.io/library/busybox:latest"), Arc::new(Metrics::new()));
-    state.use_image_sets();
-    let served = common::serve(state.clone(), AgentAuth::None).await;
-    let (nodes, node_task) = watches::watch_nodes(client.clone());
-    state.attach_nodes(nodes.clone());
-    tokio::spawn(node_task);
+    let (kip, door) = Coordinator::start(&api, config_with("base-image=docker.io/library/busybox:latest")).await;
 
     // Before the sets are known, a stream sends nothing (its agent keeps the list it has).
-    let mut gpu = Agent::connect(&served.url, "node-0").await;
+    let mut gpu = kip.connect("node-0").await;
     let early = tokio::time::timeout(Duration::from_millis(500), gpu.stream.message()).await;
     assert!(early.is_err(), "a list went out before the sets were known: {early:?}");
-
-    let shutdown = CancellationToken::new();
-    let (sets, set_task) = watches::watch_image_sets(client.clone());
-    tokio::spawn(set_task);
-    tokio::spawn(controller::follow(state.clone(), Some(sets.clone()), None, nodes.clone(), Limits::default()));
-    tokio::spawn(controller::write_status(
-        client.clone(),
-        state.clone(),
-        sets.clone(),
-        nodes.clone(),
-        shutdown.clone(),
-    ));
+    kip.follow(Limits::default());
 
     // node-0 (gpu): the default set, then the training set's images (busybox once).
     let (g1, list) = gpu.next().await;
     assert_eq!(list, ["base-image=docker.io/library/busybox:latest", "trainer=quay.io/ml/train:1"]);
-    let mut cpu = Agent::connect(&served.url, "node-1").await;
+    let mut cpu = kip.connect("node-1").await;
     assert_eq!(cpu.next().await.1, ["base-image=docker.io/library/busybox:latest"]);
 
     // Status: one of one selected node, not ready until it reports.
@@ -152,8 +178,6 @@ async fn each_node_gets_its_sets_and_each_set_its_status() {
     assert_eq!(list, ["base-image=docker.io/library/busybox:latest"]);
     assert_eq!(cpu.next().await.1, ["base-image=docker.io/library/busybox:latest"]);
     assert!(g2 > g1 && c2 > g1, "generations only grow: {g1} {c2} {g2}");
-    shutdown.cancel();
-    served.shutdown.cancel();
 }
 
 /// A set outside the allowed namespaces, or over the cap, is not used, and its status says why;
@@ -168,25 +192,9 @@ async fn a_refused_set_says_why_and_touches_no_node() {
     elsewhere["metadata"]["namespace"] = json!("team-b");
     elsewhere["spec"]["images"] = json!([{"name": "tool", "image": "quay.io/b/tool:1"}]);
     api.apply(other, elsewhere);
-    let door = api.door().await;
-    let kubeconfig = kube::config::Kubeconfig::from_yaml(&FakeApi::kubeconfig(&door)).unwrap();
-    let client =
-        kube::Client::try_from(kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap())
-            .unwrap();
-    let state = State::new(config_with("a=alpine"), Arc::new(Metrics::new()));
-    state.use_image_sets();
-    let served = common::serve(state.clone(), AgentAuth::None).await;
-    let (nodes, node_task) = watches::watch_nodes(client.clone());
-    state.attach_nodes(nodes.clone());
-    tokio::spawn(node_task);
-    let (sets, set_task) = watches::watch_image_sets(client.clone());
-    tokio::spawn(set_task);
-    let limits = Limits { namespaces: Some(["ml".to_string()].into()), max_images: 2 };
-    tokio::spawn(controller::follow(state.clone(), Some(sets.clone()), None, nodes.clone(), limits));
-    let shutdown = CancellationToken::new();
-    tokio::spawn(controller::write_status(client, state.clone(), sets, nodes, shutdown.clone()));
-
-    let mut agent = Agent::connect(&served.url, "node-0").await;
+    let (kip, _door) = Coordinator::start(&api, config_with("a=alpine")).await;
+    kip.follow(Limits { namespaces: Some(["ml".to_string()].into()), max_images: 2 });
+    let mut agent = kip.connect("node-0").await;
     assert_eq!(agent.next().await.1, ["a=alpine", "trainer=quay.io/ml/train:1", "base=busybox"]);
     let degraded = |ns_path: &str| {
         api.object(ns_path, "training")
@@ -211,8 +219,6 @@ async fn a_refused_set_says_why_and_touches_no_node() {
     until("the set over the cap is told so", Duration::from_secs(20), over).await;
     let quiet = tokio::time::timeout(Duration::from_millis(500), agent.stream.message()).await;
     assert!(quiet.is_err(), "a refused set changed a node's list: {quiet:?}");
-    shutdown.cancel();
-    served.shutdown.cancel();
 }
 
 /// With image sets the KIP ConfigMap is the default set for the nodes its NODE_SELECTOR picks, as
@@ -226,26 +232,13 @@ async fn the_config_map_is_the_default_set_for_its_node_selector() {
     let mut everywhere = training(json!({}));
     everywhere["spec"]["images"] = json!([{"name": "tools", "image": "quay.io/ml/tools:1"}]);
     api.apply(SETS, everywhere);
-    let door = api.door().await;
-    let kubeconfig = kube::config::Kubeconfig::from_yaml(&FakeApi::kubeconfig(&door)).unwrap();
-    let client =
-        kube::Client::try_from(kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap())
-            .unwrap();
     let raw = [("IMAGES", "a=alpine"), ("NODE_SELECTOR", "{\"pool\": \"gpu\"}")];
     let config =
         kip_coordinator::config::validate(&raw.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()).unwrap();
-    let state = State::new(config, Arc::new(Metrics::new()));
-    state.use_image_sets();
-    let served = common::serve(state.clone(), AgentAuth::None).await;
-    let (nodes, node_task) = watches::watch_nodes(client.clone());
-    state.attach_nodes(nodes.clone());
-    tokio::spawn(node_task);
-    let (sets, set_task) = watches::watch_image_sets(client);
-    tokio::spawn(set_task);
-    tokio::spawn(controller::follow(state.clone(), Some(sets), None, nodes, Limits::default()));
-    let mut gpu = Agent::connect(&served.url, "node-0").await;
-    let mut cpu = Agent::connect(&served.url, "node-1").await;
+    let (kip, _door) = Coordinator::start(&api, config).await;
+    kip.follow(Limits::default());
+    let mut gpu = kip.connect("node-0").await;
+    let mut cpu = kip.connect("node-1").await;
     assert_eq!(gpu.next().await.1, ["a=alpine", "tools=quay.io/ml/tools:1"]);
     assert_eq!(cpu.next().await.1, ["tools=quay.io/ml/tools:1"]);
-    served.shutdown.cancel();
 }
