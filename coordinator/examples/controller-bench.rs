@@ -28,16 +28,7 @@ use fake_api::FakeApi;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run().await {
-        Ok(json) => {
-            println!("{json}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("controller-bench: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::finish("controller-bench", run().await)
 }
 
 /// Kills the coordinator when the benchmark ends, however it ends.

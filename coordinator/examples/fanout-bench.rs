@@ -17,16 +17,7 @@ use common::{connect_all, percentile, usage};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run().await {
-        Ok(json) => {
-            println!("{json}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("fanout-bench: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::finish("fanout-bench", run().await)
 }
 
 async fn run() -> Result<serde_json::Value, String> {

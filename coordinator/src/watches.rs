@@ -115,6 +115,15 @@ where
     (View { store, changed, touched }, task)
 }
 
+/// Waits for a change of an optional view's counter (forever without a view); false once the
+/// view's watch is gone.
+pub async fn changed(rx: &mut Option<watch::Receiver<u64>>) -> bool {
+    match rx {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
 pub type NodeView = View<Node>;
 
 /// What the label and gate decisions need to know of one node.

@@ -8,6 +8,20 @@ use std::time::Duration;
 use kip::v1::{self, coordinator_client::CoordinatorClient};
 use tonic::transport::Endpoint;
 
+/// A benchmark's exit: its JSON on stdout, or its error named after it on stderr.
+pub fn finish(name: &str, outcome: Result<serde_json::Value, String>) -> std::process::ExitCode {
+    match outcome {
+        Ok(json) => {
+            println!("{json}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// A process's resident memory (kB) and CPU time (ms) from /proc.
 pub fn usage(pid: &str) -> Result<(u64, u64), String> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| format!("/proc/{pid}: {e}"))?;

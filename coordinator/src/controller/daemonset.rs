@@ -16,7 +16,7 @@ use super::{Cluster, FIELD_MANAGER};
 use crate::config::KipConfig;
 use crate::manifest::{self, MANAGED_BY};
 use crate::state::State;
-use crate::watches::Workloads;
+use crate::watches::{changed, Workloads};
 
 /// What kip knows of the DaemonSet in the cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,14 +120,6 @@ impl DaemonSetController {
 const IDLE_PASS: Duration = Duration::from_secs(30);
 const PASS_SILENCE: Duration = Duration::from_secs(5 * 60);
 
-/// Waits for a change of an optional view (forever without one).
-async fn changed(rx: &mut Option<watch::Receiver<u64>>) {
-    let Some(rx) = rx else { return std::future::pending().await };
-    if rx.changed().await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
 /// Keeps the DaemonSet in line with each new list and with what its watch shows; a failed sync
 /// is retried with backoff. Tells `synced` how the last sync went, for which generation. Returns true when the
 /// configuration moved the DaemonSet (`workloads` watch the old one), false at shutdown.
@@ -180,7 +172,8 @@ pub async fn run(
             _ = shutdown.cancelled() => return false,
             _ = lists.changed() => {}
             // After a failure only the backoff (or a new list) starts the next try.
-            _ = changed(&mut ds_changes), if settled => {}
+            // A watch that is gone disables this branch (the pattern fails); the others still wake.
+            true = changed(&mut ds_changes), if settled => {}
             _ = tokio::time::sleep(wait) => {}
         }
     }

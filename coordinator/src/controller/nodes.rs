@@ -149,19 +149,10 @@ impl NodeContext {
 
     /// `node` left the gate (or the cluster): `/status` stops showing it held.
     fn not_held(&self, node: &str) {
-        let mut changed = false;
-        self.state.update_gate_status(|s| changed = s.held.remove(node).is_some());
-        if changed {
-            self.refresh_held_gauge();
-        }
+        self.state.hold_gate(node, None);
         if let Ok(mut opened) = self.gates_opened.lock() {
             opened.remove(node);
         }
-    }
-
-    fn refresh_held_gauge(&self) {
-        let held = self.state.gate_status().map_or(0, |s| s.held.len());
-        self.state.metrics.gate_nodes_held.set(held as i64);
     }
 }
 
@@ -254,10 +245,7 @@ async fn open_gate(ctx: &NodeContext, node: &NodeFacts, gate: &GateTaint) -> Res
     };
     let why = match gate::decide(&images, report.clone(), fallback_ready, waited, timeout, releasing) {
         Verdict::Hold(why) => {
-            ctx.state.update_gate_status(|s| {
-                s.held.insert(node.name.clone(), why);
-            });
-            ctx.refresh_held_gauge();
+            ctx.state.hold_gate(&node.name, Some(why));
             return Ok(Some(timeout.saturating_sub(waited)));
         }
         Verdict::Open(why) => why,
@@ -266,9 +254,7 @@ async fn open_gate(ctx: &NodeContext, node: &NodeFacts, gate: &GateTaint) -> Res
         Ok(true) => {}
         Ok(false) => return Ok(None),
         Err(e) => {
-            ctx.state.update_gate_status(|s| {
-                s.held.insert(node.name.clone(), format!("removing the taint failed: {e}"));
-            });
+            ctx.state.hold_gate(&node.name, Some(format!("removing the taint failed: {e}")));
             return Err(e);
         }
     }
@@ -276,11 +262,8 @@ async fn open_gate(ctx: &NodeContext, node: &NodeFacts, gate: &GateTaint) -> Res
         opened.insert(node.name.clone(), Instant::now());
     }
     ctx.state.metrics.gate_opened(why, waited);
-    ctx.state.update_gate_status(|s| {
-        s.held.remove(&node.name);
-        s.record_opened(&node.name, why, waited);
-    });
-    ctx.refresh_held_gauge();
+    ctx.state.hold_gate(&node.name, None);
+    ctx.state.update_gate_status(|s| s.record_opened(&node.name, why, waited));
     let after = humantime::format_duration(Duration::from_secs(waited.as_secs()));
     let events = &ctx.cluster.events;
     if why == Opened::Timeout {
@@ -327,12 +310,7 @@ async fn route_triggers(
             Some(Touch::One(name)) => {
                 if nodes.listed() && nodes.node(&name).is_none() {
                     state.forget_deleted_nodes(|n| n == name);
-                    let held = state.gate_status().is_some_and(|s| s.held.contains_key(&name));
-                    if held {
-                        state.update_gate_status(|s| {
-                            s.held.remove(&name);
-                        });
-                    }
+                    state.hold_gate(&name, None);
                 } else {
                     let _ = one.send(ObjectRef::new(&name));
                 }

@@ -18,7 +18,7 @@ use super::sets::{accept, Limits};
 use super::ImageSet;
 use crate::gate;
 use crate::state::State;
-use crate::watches::{NodeFacts, NodeView, Touch, View};
+use crate::watches::{changed, NodeFacts, NodeView, Touch, View};
 
 /// Whether the cluster serves `plural` in `group/version` (the CRD is installed). Asked until the
 /// API answers: only a definite "not found" is a no.
@@ -99,14 +99,6 @@ pub async fn follow(
                 Err(RecvError::Closed) => return,
             },
         }
-    }
-}
-
-/// Waits for a change of an optional view (forever without one); false when it is gone.
-async fn changed(rx: &mut Option<tokio::sync::watch::Receiver<u64>>) -> bool {
-    match rx {
-        Some(rx) => rx.changed().await.is_ok(),
-        None => std::future::pending().await,
     }
 }
 

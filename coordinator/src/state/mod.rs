@@ -119,6 +119,25 @@ impl State {
         }
     }
 
+    /// `node` is held by the startup gate, and why (`None`: it is not any more); the
+    /// `kip_gate_nodes_held` gauge follows. Releasing a node never makes `/status` show a gate.
+    pub fn hold_gate(&self, node: &str, why: Option<String>) {
+        let Ok(mut gate) = self.gate.write() else { return };
+        let held = match (why, gate.as_mut()) {
+            (None, None) => return,
+            (None, Some(status)) => {
+                status.held.remove(node);
+                status.held.len()
+            }
+            (Some(why), _) => {
+                let status = gate.get_or_insert_with(GateStatus::default);
+                status.held.insert(node.to_string(), why);
+                status.held.len()
+            }
+        };
+        self.metrics.gate_nodes_held.set(held as i64);
+    }
+
     /// Whether this coordinator leads (always, without an election).
     pub fn is_leading(&self) -> bool {
         *self.leading.borrow()
