@@ -6,7 +6,7 @@
 //! A tag that cannot be resolved (air-gapped cluster, bad credentials, registry down) goes out
 //! without a digest, and agents refresh it on their own interval as before.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -189,14 +189,22 @@ impl Resolver {
         }
     }
 
+    /// Resolves every watched tag (the published list's and every image set's) now, then each
+    /// tag again every interval of its own (a set's `refreshInterval`), and a newly listed tag at
+    /// once. The digests it publishes itself change nothing to ask.
     pub async fn run(self: Arc<Self>, hub: Arc<State>, shutdown: CancellationToken) {
         let mut list = hub.subscribe();
+        let mut sets = hub.subscribe_sets();
+        let mut asked: HashMap<String, Instant> = HashMap::new();
         loop {
-            let published = list.borrow_and_update().clone();
-            let entries = tags(&published.config.images);
-            let interval = published.config.refresh_interval;
-            if published.config.release == kip::v1::Release::None {
-                let started = Instant::now();
+            list.borrow_and_update();
+            sets.borrow_and_update();
+            let watched = hub.watched_tags();
+            // A tag no longer listed is forgotten: listed again, it is asked at once.
+            asked.retain(|reference, _| watched.contains_key(reference));
+            let started = Instant::now();
+            let (entries, next) = due(&watched, &asked, started);
+            if !entries.is_empty() {
                 let answers = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     a = self.round(entries.clone()) => a,
@@ -206,33 +214,42 @@ impl Resolver {
                     tags = entries.len(),
                     resolved,
                     elapsed_ms = started.elapsed().as_millis() as u64,
-                    "resolved the listed tags"
+                    "resolved the tags that were due"
                 );
+                asked.extend(entries.into_iter().map(|e| (e.reference, started)));
                 hub.set_resolution(answers);
+                continue;
             }
-            let asked: BTreeSet<&str> = entries.iter().map(|e| e.reference.as_str()).collect();
-            let next_round = kip::duration::after(Instant::now(), interval);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep_until(next_round) => break,
-                    changed = list.changed() => {
-                        if changed.is_err() {
-                            return;
-                        }
-                        let now = list.borrow().clone();
-                        let tags_now = tags(&now.config.images);
-                        if tags_now.iter().map(|e| e.reference.as_str()).collect::<BTreeSet<_>>() != asked
-                            || now.config.refresh_interval != interval
-                            || now.config.release != published.config.release
-                        {
-                            break;
-                        }
-                    }
-                }
+            let wake = next.unwrap_or_else(|| kip::duration::after(started, kip::duration::DAY * 36_500));
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(wake) => {}
+                changed = list.changed() => if changed.is_err() { return },
+                changed = sets.changed() => if changed.is_err() { return },
             }
         }
     }
+}
+
+/// Tags due within this much of each other go in one round.
+const TOGETHER: Duration = Duration::from_secs(1);
+
+/// Pure: the watched tags due at `now` (never asked, or asked an interval ago), and when the next
+/// of the others falls due.
+pub fn due(
+    watched: &BTreeMap<String, (ImageEntry, Duration)>,
+    asked: &HashMap<String, Instant>,
+    now: Instant,
+) -> (Vec<ImageEntry>, Option<Instant>) {
+    let mut now_due = Vec::new();
+    let mut next: Option<Instant> = None;
+    for (reference, (entry, every)) in watched {
+        match asked.get(reference).map(|at| kip::duration::after(*at, *every)) {
+            Some(at) if at > now + TOGETHER => next = Some(next.map_or(at, |n| n.min(at))),
+            _ => now_due.push(entry.clone()),
+        }
+    }
+    (now_due, next)
 }
 
 #[cfg(test)]
@@ -246,6 +263,36 @@ mod tests {
             .unwrap();
         let refs: Vec<String> = tags(&list).into_iter().map(|e| e.reference).collect();
         assert_eq!(refs, vec!["docker.io/library/busybox:latest", "quay.io/x/y:2"]);
+    }
+
+    #[test]
+    fn each_tag_is_due_on_its_own_interval_and_a_new_one_at_once() {
+        let list = ImageList::parse("a=quay.io/x/a:1;b=quay.io/x/b:1;c=quay.io/x/c:1").unwrap();
+        let every = [600, 3600, 3600];
+        let watched: BTreeMap<String, (ImageEntry, Duration)> = list
+            .entries()
+            .iter()
+            .zip(every)
+            .map(|(e, s)| (e.reference.clone(), (e.clone(), Duration::from_secs(s))))
+            .collect();
+        let t0 = Instant::now();
+        let names = |d: &[ImageEntry]| d.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
+        let (first, _) = due(&watched, &HashMap::new(), t0);
+        assert_eq!(names(&first), ["a", "b", "c"], "nothing asked yet: everything");
+        let mut asked: HashMap<String, Instant> = watched.keys().map(|r| (r.clone(), t0)).collect();
+        let (none, next) = due(&watched, &asked, t0 + Duration::from_secs(1));
+        assert!(none.is_empty());
+        assert_eq!(next, Some(t0 + Duration::from_secs(600)), "the shortest interval wakes first");
+        let (fast, next) = due(&watched, &asked, t0 + Duration::from_secs(600));
+        assert_eq!(names(&fast), ["a"]);
+        assert_eq!(next, Some(t0 + Duration::from_secs(3600)));
+        asked.insert(list.entries()[0].reference.clone(), t0 + Duration::from_secs(3300));
+        // Just short of the hour (within TOGETHER): the two hourly tags go in one round.
+        let (hourly, _) = due(&watched, &asked, t0 + Duration::from_millis(3_599_500));
+        assert_eq!(names(&hourly), ["b", "c"]);
+        asked.remove(&list.entries()[2].reference);
+        let (new, _) = due(&watched, &asked, t0 + Duration::from_secs(2));
+        assert_eq!(names(&new), ["c"], "a tag not asked yet is due at once");
     }
 
     #[test]

@@ -46,11 +46,16 @@ impl Agent {
 
     /// The next list, as `name=image` pairs (bounded: a lost update fails instead of hanging).
     async fn next(&mut self) -> (u64, Vec<String>) {
+        let update = self.next_update().await;
+        (update.generation, update.images.iter().map(|i| format!("{}={}", i.name, i.image)).collect())
+    }
+
+    /// The next update as sent.
+    async fn next_update(&mut self) -> v1::ImageListUpdate {
         let update = tokio::time::timeout(Duration::from_secs(20), self.stream.message())
             .await
             .unwrap_or_else(|_| panic!("a list for {} in time", self.node));
-        let update = update.unwrap().unwrap();
-        (update.generation, update.images.iter().map(|i| format!("{}={}", i.name, i.image)).collect())
+        update.unwrap().unwrap()
     }
 
     /// Reports every image of `images` cached and pinned.
@@ -241,4 +246,48 @@ async fn the_config_map_is_the_default_set_for_its_node_selector() {
     let mut cpu = kip.connect("node-1").await;
     assert_eq!(gpu.next().await.1, ["a=alpine", "tools=quay.io/ml/tools:1"]);
     assert_eq!(cpu.next().await.1, ["tools=quay.io/ml/tools:1"]);
+}
+
+/// A set's tags are resolved by the coordinator on a real registry (one HEAD per tag for the
+/// cluster), their digests go out to the nodes the set selects, and the set's `refreshInterval`
+/// is how soon a moved tag is seen — and how often those nodes refresh on their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_s_tags_are_resolved_by_the_coordinator_at_the_set_s_interval() {
+    let Some(registry) = common::registry::Registry::start().await else { return };
+    let first = registry.push("ml/model", "1", "weights v1").await;
+    let api = FakeApi::new();
+    api.add_nodes(1, std::time::SystemTime::now() - Duration::from_secs(3600));
+    let model = format!("{}/ml/model:1", registry.host);
+    let mut set = training(json!({}));
+    set["spec"]["images"] = json!([{"name": "model", "image": model}]);
+    set["spec"]["refreshInterval"] = json!("2s");
+    api.apply(SETS, set);
+    // The default list by digest only: nothing else for the resolver to ask (no network here).
+    let pinned = "base=busybox@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    let (kip, _door) = Coordinator::start(&api, config_with(pinned)).await;
+    kip.follow(Limits::default());
+    let resolver =
+        Arc::new(kip_coordinator::resolve::Resolver::new(vec![registry.host.clone()], None, Arc::new(Metrics::new())));
+    tokio::spawn(resolver.run(kip.state.clone(), kip.shutdown.clone()));
+    let mut agent = kip.connect("node-0").await;
+    let digest_of_model = |u: &v1::ImageListUpdate| {
+        u.images.iter().find(|i| i.name == "model").map(|i| i.digest.clone()).unwrap_or_default()
+    };
+    let mut update = agent.next_update().await;
+    while digest_of_model(&update) != first {
+        update = agent.next_update().await;
+    }
+    assert_eq!(update.policy.as_ref().unwrap().refresh_interval_seconds, 2, "the set's interval reaches its nodes");
+    // The tag moves: seen within the set's interval (the ConfigMap's is an hour).
+    let moved = registry.push("ml/model", "1", "weights v2").await;
+    assert_ne!(moved, first);
+    let seen = tokio::time::Instant::now();
+    while digest_of_model(&update) != moved {
+        update = agent.next_update().await;
+    }
+    assert!(seen.elapsed() < Duration::from_secs(10), "the moved tag took {:?}", seen.elapsed());
+    assert!(matches!(
+        kip.state.resolution().get(&model),
+        Some(kip_coordinator::resolve::Resolved::Digest(d)) if *d == moved
+    ));
 }

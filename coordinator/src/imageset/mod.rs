@@ -49,6 +49,12 @@ pub struct ImageSetSpec {
     /// The nodes that keep the images: a label selector; absent or empty selects every node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<LabelSelector>,
+    /// How often the set's tags are looked up again (`90s`, `30m`, `6h`; 1s to 30 days): the
+    /// coordinator asks the registry that often, and the nodes the set selects refresh at
+    /// least that often. Absent: the KIP ConfigMap's refresh interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 2, max = 32), regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
+    pub refresh_interval: Option<String>,
 }
 
 /// One image of a set.

@@ -184,6 +184,7 @@ mod tests {
             name: "training".into(),
             images: ImageList::parse(images).unwrap(),
             selector: Selector::default(),
+            refresh_interval: None,
         }
     }
 

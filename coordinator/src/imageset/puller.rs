@@ -24,6 +24,9 @@ pub struct KubernetesImagePullerSpec {
     pub images: String,
     #[serde(default)]
     pub node_selector: String,
+    /// KIP's CACHING_INTERVAL_HOURS (a string in the operator's type; a number accepted too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caching_interval_hours: Option<serde_json::Value>,
 }
 
 pub const GROUP: &str = "che.eclipse.org";
@@ -58,9 +61,15 @@ pub fn as_set(puller: &KubernetesImagePuller) -> ImageSet {
                 .unwrap_or_else(|_| impossible_selector()),
         ),
     };
+    // Carried as written: a value that is no whole number of hours refuses the set, naming it.
+    let refresh_interval = puller.spec.caching_interval_hours.as_ref().map(|h| match h {
+        serde_json::Value::String(s) if !s.trim().is_empty() => format!("{}h", s.trim()),
+        serde_json::Value::Number(n) => format!("{n}h"),
+        other => format!("{other}"),
+    });
     let mut metadata = puller.metadata.clone();
     metadata.name = Some(format!("kubernetesimagepuller-{}", metadata.name.unwrap_or_default()));
-    ImageSet { metadata, spec: ImageSetSpec { images, node_selector }, status: None }
+    ImageSet { metadata, spec: ImageSetSpec { images, node_selector, refresh_interval }, status: None }
 }
 
 /// A selector no node matches.
@@ -104,6 +113,23 @@ mod tests {
             "che-code=quay.io/che-incubator/che-code:latest;udi=quay.io/devfile/universal-developer-image:ubi8-latest;"
         );
         assert!(selecting(&accepted.sets, &Default::default()).is_empty(), "a node without the label");
+        assert_eq!(accepted.sets[0].refresh_interval, None, "no cachingIntervalHours: the ConfigMap's interval");
+    }
+
+    #[test]
+    fn caching_interval_hours_is_the_set_s_refresh_interval() {
+        for (hours, expected) in [(serde_json::json!("6"), Ok(6 * 3600)), (serde_json::json!(2), Ok(7200))] {
+            let mut p = puller("a=busybox", "");
+            p.spec.caching_interval_hours = Some(hours);
+            let accepted = accept([&as_set(&p)], &Limits::default(), None);
+            let got = accepted.sets.first().and_then(|s| s.refresh_interval).map(|d| d.as_secs());
+            assert_eq!(got.ok_or(()), expected);
+        }
+        let mut p = puller("a=busybox", "");
+        p.spec.caching_interval_hours = Some(serde_json::json!("soon"));
+        let accepted = accept([&as_set(&p)], &Limits::default(), None);
+        let why = accepted.refused.values().next().map(ToString::to_string).unwrap_or_default();
+        assert!(why.starts_with("spec.refreshInterval: `soonh`"), "{why}");
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! the node watch give the inputs; the gRPC stream of each agent sends what [`node_list`] says.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
-use kip::images::ImageList;
+use kip::images::{ImageEntry, ImageList};
 
 use super::select::Selector;
 use super::ImageSet;
@@ -15,6 +16,8 @@ pub struct AcceptedSet {
     pub name: String,
     pub images: ImageList,
     pub selector: Selector,
+    /// `spec.refreshInterval` (`None`: the ConfigMap's).
+    pub refresh_interval: Option<Duration>,
 }
 
 /// Where sets may come from and how many images they may list together.
@@ -110,9 +113,17 @@ pub fn accept<'a>(
             .map_err(|e| Refusal::Invalid(format!("spec.images: {}", e.to_string().replace("IMAGES entry", "entry"))));
         let selector = super::select::Selector::parse(set.spec.node_selector.as_ref())
             .map_err(|e| Refusal::Invalid(e.to_string()));
-        let (images, selector) = match (images, selector) {
-            (Ok(i), Ok(s)) => (i, s),
-            (Err(why), _) | (_, Err(why)) => {
+        let (min, max) = kip::duration::REFRESH_INTERVAL;
+        let refresh_interval = set
+            .spec
+            .refresh_interval
+            .as_deref()
+            .map(|s| kip::duration::parse_within(s, min, max))
+            .transpose()
+            .map_err(|e| Refusal::Invalid(format!("spec.refreshInterval: {e}")));
+        let (images, selector, refresh_interval) = match (images, selector, refresh_interval) {
+            (Ok(i), Ok(s), Ok(r)) => (i, s, r),
+            (Err(why), _, _) | (_, Err(why), _) | (_, _, Err(why)) => {
                 refuse(&mut accepted, why);
                 continue;
             }
@@ -126,7 +137,7 @@ pub fn accept<'a>(
             continue;
         }
         listed += images.len();
-        accepted.sets.push(AcceptedSet { namespace, name, images, selector });
+        accepted.sets.push(AcceptedSet { namespace, name, images, selector, refresh_interval });
     }
     accepted
 }
@@ -155,6 +166,33 @@ pub fn node_list(default: &ImageList, selecting: &[&AcceptedSet]) -> ImageList {
     }
     // Every entry passed the same rules in its own list; the union only renamed some.
     ImageList::from_pairs(pairs.iter().map(|(n, i)| (n.as_str(), i.as_str()))).unwrap_or_else(|_| default.clone())
+}
+
+/// Pure: how often a node's agent refreshes its tags: the default interval, or a set's where it
+/// asks for less (a node refreshes at least as often as each of its sets says).
+pub fn node_refresh_interval(default: Duration, selecting: &[&AcceptedSet]) -> Duration {
+    selecting.iter().filter_map(|s| s.refresh_interval).fold(default, Duration::min)
+}
+
+/// Pure: every tag to keep resolved, by normalized reference, and how often: the default list's
+/// at `default_interval`, each set's at its own (or the default); a tag listed in several lists
+/// at the shortest. Images listed by digest never move and are left out.
+pub fn tag_intervals(
+    default: &ImageList,
+    default_interval: Duration,
+    sets: &[AcceptedSet],
+) -> BTreeMap<String, (ImageEntry, Duration)> {
+    let lists = std::iter::once((default, default_interval))
+        .chain(sets.iter().map(|s| (&s.images, s.refresh_interval.unwrap_or(default_interval))));
+    let mut tags: BTreeMap<String, (ImageEntry, Duration)> = BTreeMap::new();
+    for (list, interval) in lists {
+        for e in list.entries().iter().filter(|e| !e.by_digest) {
+            tags.entry(e.reference.clone())
+                .and_modify(|(_, every)| *every = (*every).min(interval))
+                .or_insert_with(|| (e.clone(), interval));
+        }
+    }
+    tags
 }
 
 /// `name`, or the first `name-N` not in `taken` (shortened to stay a 63-character DNS label).
@@ -283,6 +321,54 @@ mod tests {
         let again = accept(&[early, good, big], &limits, Some(&accepted));
         assert_eq!(again.sets.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["good"]);
         assert!(matches!(again.refused[&("a".to_string(), "early".to_string())], Refusal::OverCap { .. }));
+    }
+
+    #[test]
+    fn a_refresh_interval_is_checked_and_a_bad_one_refuses_its_set_naming_the_field() {
+        let mut often = set("a", "often", 1, &[("x", "busybox")], serde_json::json!({}));
+        often.spec.refresh_interval = Some("15m".into());
+        let mut never = set("a", "never", 2, &[("y", "alpine")], serde_json::json!({}));
+        never.spec.refresh_interval = Some("100d".into());
+        let mut garbled = set("a", "garbled", 3, &[("z", "nginx")], serde_json::json!({}));
+        garbled.spec.refresh_interval = Some("often".into());
+        let accepted = accept(&[often, never, garbled], &Limits::default(), None);
+        assert_eq!(accepted.sets.len(), 1);
+        assert_eq!(accepted.sets[0].refresh_interval, Some(Duration::from_secs(900)));
+        let why = |n: &str| accepted.refused[&("a".to_string(), n.to_string())].to_string();
+        assert!(why("never").starts_with("spec.refreshInterval: `100d` is out of range"), "{}", why("never"));
+        assert!(why("garbled").starts_with("spec.refreshInterval: `often` is not a duration"), "{}", why("garbled"));
+    }
+
+    #[test]
+    fn each_tag_is_resolved_once_at_the_shortest_interval_of_its_lists() {
+        let digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let mut fast = set("a", "fast", 1, &[("x", "busybox"), ("y", "quay.io/a/y:1")], serde_json::json!({}));
+        fast.spec.refresh_interval = Some("10m".into());
+        let mut slow = set("a", "slow", 2, &[("y", "quay.io/a/y:1"), ("z", "quay.io/a/z:2")], serde_json::json!({}));
+        slow.spec.refresh_interval = Some("6h".into());
+        let plain = set(
+            "a",
+            "plain",
+            3,
+            &[("p", &format!("quay.io/a/p@{digest}")), ("q", "quay.io/a/q:3")],
+            serde_json::json!({}),
+        );
+        let accepted = accept(&[fast, slow, plain], &Limits::default(), None);
+        let default = ImageList::parse("base=docker.io/library/busybox:latest;").unwrap();
+        let tags = tag_intervals(&default, Duration::from_secs(3600), &accepted.sets);
+        let every: Vec<(&str, u64)> = tags.iter().map(|(r, (_, d))| (r.as_str(), d.as_secs())).collect();
+        assert_eq!(
+            every,
+            [
+                ("docker.io/library/busybox:latest", 600),
+                ("quay.io/a/q:3", 3600),
+                ("quay.io/a/y:1", 600),
+                ("quay.io/a/z:2", 6 * 3600),
+            ]
+        );
+        let sets: Vec<&AcceptedSet> = accepted.sets.iter().collect();
+        assert_eq!(node_refresh_interval(Duration::from_secs(3600), &sets[1..]), Duration::from_secs(3600));
+        assert_eq!(node_refresh_interval(Duration::from_secs(3600), &sets), Duration::from_secs(600));
     }
 
     #[test]

@@ -81,7 +81,7 @@ impl State {
             let digests = current
                 .digests
                 .iter()
-                .filter(|(r, _)| config.images.contains_reference(r))
+                .filter(|(r, _)| config.images.contains_reference(r) || self.a_set_lists(r))
                 .map(|(r, d)| (r.clone(), d.clone()))
                 .collect();
             let next = Arc::new(Published { generation: current.generation + 1, config: config.clone(), digests });
@@ -114,7 +114,9 @@ impl State {
     /// new generation when a digest changed. Answers for references no longer listed are dropped.
     pub fn set_resolution(&self, answers: BTreeMap<String, Resolved>) {
         let current = self.current();
-        let listed = |r: &String| current.config.images.contains_reference(r);
+        // The default list's tags and every set's in use; a set gone takes its digests along.
+        let watched = self.watched_tags();
+        let listed = |r: &String| watched.contains_key(r);
         let answers: BTreeMap<String, Resolved> = answers.into_iter().filter(|(r, _)| listed(r)).collect();
         // Tags the round did not ask about (listed after it started) keep what was known.
         let old = self.resolution.read().map(|r| r.clone()).unwrap_or_default();
@@ -147,10 +149,12 @@ impl State {
         self.list.send_if_modified(|current| {
             // Decided on the list as it is now (it may have changed since the round began): an
             // answer changes its tag's digest; a tag without an answer keeps its own.
+            let listed_now = |r: &String| current.config.images.contains_reference(r) || self.a_set_lists(r);
             let mut digests = current.digests.clone();
+            digests.retain(|r, _| listed_now(r));
             for (reference, answer) in &answers {
                 match answer {
-                    Resolved::Digest(d) if current.config.images.contains_reference(reference) => {
+                    Resolved::Digest(d) if listed_now(reference) => {
                         digests.insert(reference.clone(), d.clone());
                     }
                     _ => {

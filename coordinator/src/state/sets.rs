@@ -10,12 +10,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use kip::images::ImageList;
+use std::time::Duration;
+
+use kip::images::{ImageEntry, ImageList};
 use kip::v1;
 use tokio::sync::watch;
 
 use super::State;
-use crate::imageset::sets::{node_list, selecting, Accepted};
+use crate::imageset::sets::{node_list, node_refresh_interval, selecting, tag_intervals, Accepted};
 use crate::watches::{NodeView, Touch};
 
 /// A node's labels as last seen, and the channel its stream waits on.
@@ -135,9 +137,15 @@ impl State {
     /// The list `node` should have (`None`: not known yet; wait). Without image sets: the
     /// published list, as every node gets it.
     pub fn images_for(&self, node: &str) -> Option<ImageList> {
+        self.node_lists(node).map(|(list, _)| list)
+    }
+
+    /// `node`'s list and refresh interval (`None`: not known yet).
+    fn node_lists(&self, node: &str) -> Option<(ImageList, Duration)> {
         let published = self.current();
+        let interval = published.config.refresh_interval;
         if !self.image_sets_enabled() || published.config.release != v1::Release::None {
-            return Some(published.config.images.clone());
+            return Some((published.config.images.clone(), interval));
         }
         let accepted = self.accepted_sets()?;
         let labels = self.node_labels(node)?;
@@ -146,7 +154,26 @@ impl State {
         let selected = published.config.node_selector.iter().all(|(k, v)| labels.get(k) == Some(v));
         let none = ImageList::default();
         let default = if selected { &published.config.images } else { &none };
-        Some(node_list(default, &selecting(&accepted.sets, &labels)))
+        let sets = selecting(&accepted.sets, &labels);
+        Some((node_list(default, &sets), node_refresh_interval(interval, &sets)))
+    }
+
+    /// Every tag the coordinator keeps resolved, and how often: the published list's and every
+    /// set's in use (none during a release).
+    pub fn watched_tags(&self) -> BTreeMap<String, (ImageEntry, Duration)> {
+        let published = self.current();
+        if published.config.release != v1::Release::None {
+            return BTreeMap::new();
+        }
+        let accepted = if self.image_sets_enabled() { self.accepted_sets() } else { None };
+        let sets = accepted.as_ref().map_or(&[][..], |a| a.sets.as_slice());
+        tag_intervals(&published.config.images, published.config.refresh_interval, sets)
+    }
+
+    /// Whether a set in use lists `reference`.
+    pub(super) fn a_set_lists(&self, reference: &str) -> bool {
+        self.image_sets_enabled()
+            && self.accepted_sets().is_some_and(|a| a.sets.iter().any(|s| s.images.contains_reference(reference)))
     }
 
     /// What `node`'s agent is sent (`None`: not known yet).
@@ -156,8 +183,11 @@ impl State {
         if !self.image_sets_enabled() || published.config.release != v1::Release::None {
             return Some(update);
         }
-        let list = self.images_for(node)?;
+        let (list, refresh) = self.node_lists(node)?;
         update.generation = published.generation + self.sets.generation.load(Ordering::SeqCst);
+        if let Some(policy) = update.policy.as_mut() {
+            policy.refresh_interval_seconds = refresh.as_secs().max(1);
+        }
         update.images = list
             .entries()
             .iter()

@@ -234,3 +234,37 @@ async fn a_lease_nobody_renews_leaves_the_in_use_gauge_at_the_next_scrape() {
     assert!(text.contains("kip_pull_leases_in_use 0\n"), "{text}");
     assert_eq!(hub.leases.to_json(1)["held"], serde_json::json!([]));
 }
+
+/// Image sets: their tags are resolved with the default list's, each at its set's interval, and
+/// their digests go out; a set gone takes its digests along.
+#[test]
+fn a_set_s_tags_are_watched_and_their_digests_kept_until_the_set_goes() {
+    use crate::imageset::sets::{accept, Limits};
+    let hub = State::new(config("a=busybox"), Arc::new(Metrics::new()));
+    hub.use_image_sets();
+    let set: crate::imageset::ImageSet = serde_json::from_value(serde_json::json!({
+        "apiVersion": "kip.eclipse.dev/v1alpha1", "kind": "ImageSet",
+        "metadata": {"namespace": "ml", "name": "training"},
+        "spec": {"images": [{"name": "t", "image": "quay.io/ml/train:1"}, {"name": "b", "image": "busybox"}], "refreshInterval": "10m"},
+    }))
+    .unwrap();
+    hub.set_accepted(accept([&set], &Limits::default(), None));
+    let every: Vec<(String, u64)> = hub.watched_tags().into_iter().map(|(r, (_, d))| (r, d.as_secs())).collect();
+    assert_eq!(
+        every,
+        [("docker.io/library/busybox:latest".to_string(), 600), ("quay.io/ml/train:1".to_string(), 600)],
+        "busybox in both lists: at the set's shorter interval"
+    );
+    let train = "quay.io/ml/train:1".to_string();
+    hub.set_resolution(BTreeMap::from([(train.clone(), Resolved::Digest(D1.into()))]));
+    assert_eq!(hub.current().digests.get(&train).map(String::as_str), Some(D1), "a set's digest is published");
+    assert!(matches!(hub.resolution().get(&train), Some(Resolved::Digest(_))));
+    // A ConfigMap change keeps the set's digest (the set still lists the tag).
+    hub.publish(config("a=busybox;c=alpine"));
+    assert_eq!(hub.current().digests.get(&train).map(String::as_str), Some(D1));
+    // The set goes: the next answers drop its digest.
+    hub.set_accepted(accept(std::iter::empty(), &Limits::default(), None));
+    hub.set_resolution(BTreeMap::from([("docker.io/library/busybox:latest".to_string(), Resolved::Digest(D2.into()))]));
+    assert!(!hub.current().digests.contains_key(&train), "{:?}", hub.current().digests);
+    assert!(!hub.resolution().contains_key(&train));
+}

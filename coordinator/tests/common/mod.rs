@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used)] // each test file uses part of it; a failed unwrap fails the test
 
 pub mod fake_api;
+pub mod registry;
 
 use std::sync::Arc;
 
