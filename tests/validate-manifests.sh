@@ -144,7 +144,8 @@ assert cm["data"]["KIP_RELEASE"] in ("unpin", "remove"), cm["data"]
 (dep,) = [d for d in docs if d["kind"] == "Deployment"]
 env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
 assert env["KIP_CONFIG_MAP"] == main["metadata"]["name"], env
-(role,) = [d for d in docs if d["kind"] == "Role"]
+# The coordinator's own Role (Roles in the image sets' namespaces only read their pull secrets).
+(role,) = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == dep["metadata"]["name"]]
 rule = [r for r in role["rules"] if "configmaps" in r["resources"]][0]
 assert sorted(rule["resourceNames"]) == sorted([main["metadata"]["name"], cm["metadata"]["name"]]), rule
 assert sorted(rule["verbs"]) == ["get", "list", "watch"], rule
@@ -209,7 +210,7 @@ pod = agent["spec"]["template"]["spec"]
 (c,) = pod["containers"]
 aenv = {e["name"]: e.get("value") for e in c["env"]}
 (cr,) = [r for r in kind("ClusterRole") if not any(l.startswith("rbac.authorization.k8s.io/aggregate-to-") for l in r["metadata"].get("labels", {}))]
-(role,) = kind("Role")
+(role,) = [r for r in kind("Role") if r["metadata"]["name"] == dep["metadata"]["name"]]
 reviews = [r for r in cr["rules"] if "tokenreviews" in r["resources"]]
 assert [r for r in role["rules"] if "pods" in r["resources"]] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
 assert env["KIP_AGENT_AUTH"] in ("tokenreview", "none"), env
@@ -230,7 +231,10 @@ def secret_mounts(spec, container):
     vols = {v["name"]: v["secret"]["secretName"] for v in spec.get("volumes", []) if "secret" in v}
     return sorted((vols[m["name"]], m["mountPath"]) for m in container.get("volumeMounts", []) if m["name"] in vols)
 dpod = dep["spec"]["template"]["spec"]
-assert secret_mounts(dpod, dpod["containers"][0]) == secret_mounts(pod, c), "the coordinator mounts the agents' pull secrets"
+# (The copy of the image sets' pull secrets is the agents' alone: the coordinator reads the sets'
+# Secrets through the API.)
+agent_mounts = [m for m in secret_mounts(pod, c) if m[1] != aenv.get("KIP_SET_PULL_SECRETS_DIR")]
+assert secret_mounts(dpod, dpod["containers"][0]) == agent_mounts, "the coordinator mounts the agents' pull secrets"
 assert env.get("KIP_PULL_SECRETS_DIR") == aenv.get("KIP_PULL_SECRETS_DIR"), (env, aenv)
 assert env.get("KIP_RESOLVE_TAGS", "true") in ("true", "false"), env
 gate = env["KIP_GATE_TAINT"]
@@ -294,6 +298,56 @@ print(f"leader election ok: {replicas} replica(s)", file=sys.stderr)
 PY
 }
 
+# check_set_pull_secrets RENDERED.yaml: with image sets' pull secrets on, the coordinator is told
+# its copy, may read and write that one Secret (rendered empty in the release namespace), reads
+# the sets' Secrets with `get` only (a Role per allowed namespace, else cluster-wide), and the
+# agent mounts the copy where it is told to look; off, no Secret is readable at all.
+check_set_pull_secrets() {
+  "$PY" - "$1" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+kind = lambda k: [d for d in docs if d["kind"] == k]
+(dep,) = [d for d in kind("Deployment") if d["metadata"]["labels"].get("app.kubernetes.io/component") == "coordinator"]
+pod = dep["spec"]["template"]["spec"]
+env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+ns = dep["metadata"]["namespace"]
+sa = pod["serviceAccountName"]
+def secret_rules(role):
+    return [r for r in role["rules"] if "" in r["apiGroups"] and "secrets" in r["resources"]]
+bound = {(b["metadata"].get("namespace"), b["roleRef"]["name"]) for b in kind("RoleBinding") + kind("ClusterRoleBinding")
+         if any(s["name"] == sa and s["namespace"] == ns for s in b["subjects"])}
+readers = [r for role in kind("Role") + kind("ClusterRole") if (role["metadata"].get("namespace"), role["metadata"]["name"]) in bound
+           for r in secret_rules(role)]
+copy = env.get("KIP_SET_PULL_SECRETS")
+if not copy:
+    assert not readers, f"no Secret readable without sets' pull secrets: {readers}"
+    print("set pull secrets: off, no Secret access", file=sys.stderr)
+    sys.exit(0)
+assert any(s["metadata"]["name"] == copy and s["metadata"]["namespace"] == ns and not s.get("data") for s in kind("Secret")), "the copy is rendered, empty"
+own = [r for r in readers if r.get("resourceNames")]
+assert own and all(r["resourceNames"] == [copy] and set(r["verbs"]) == {"get", "patch"} for r in own), own
+wide = [r for r in readers if not r.get("resourceNames")]
+assert wide and all(r["verbs"] == ["get"] for r in wide), f"the sets' Secrets: get only, never list or watch: {wide}"
+allowed = [n for n in (env.get("KIP_IMAGE_SET_NAMESPACES") or "").split(",") if n]
+cluster_wide = [r for role in kind("ClusterRole") for r in secret_rules(role) if (None, role["metadata"]["name"]) in bound]
+if allowed:
+    assert not cluster_wide, "with an allow-list, no cluster-wide Secret access"
+    per_ns = {role["metadata"]["namespace"] for role in kind("Role") if secret_rules(role) and (role["metadata"]["namespace"], role["metadata"]["name"]) in bound and role["metadata"]["namespace"] != ns}
+    assert per_ns == set(allowed), (per_ns, allowed)
+else:
+    assert cluster_wide == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}], cluster_wide
+(ds,) = [d for d in kind("DaemonSet") if d["metadata"]["labels"].get("app.kubernetes.io/component") == "agent"]
+agent = ds["spec"]["template"]["spec"]
+(c,) = [c for c in agent["containers"]]
+agent_env = {e["name"]: e.get("value") for e in c["env"]}
+(vol,) = [v for v in agent["volumes"] if v.get("secret", {}).get("secretName") == copy]
+assert vol["secret"].get("optional") is True, vol
+(mount,) = [m for m in c["volumeMounts"] if m["name"] == vol["name"]]
+assert mount["mountPath"] == agent_env["KIP_SET_PULL_SECRETS_DIR"] and mount.get("readOnly"), (mount, agent_env)
+print(f"set pull secrets ok: copy {copy}, read {'in ' + ','.join(allowed) if allowed else 'cluster-wide'} (get only)", file=sys.stderr)
+PY
+}
+
 echo "==> helm chart" >&2
 "$HELM" lint --strict deploy/helm >&2
 for values in "" deploy/helm/ci/*.yaml; do
@@ -308,6 +362,7 @@ for values in "" deploy/helm/ci/*.yaml; do
   check_monitors "$out"
   check_uninstall "$out"
   check_leader "$out"
+  check_set_pull_secrets "$out"
   gate=$(check_access "$out")
   "$PY" tests/admission-policy.py "$out" >&2
   KIP_GATE_TAINT="$gate" "$COORD" --check-config --config-dir "$WORK/cm-$(basename "$out" .yaml)" >/dev/null
@@ -318,6 +373,11 @@ for values in "" deploy/helm/ci/*.yaml; do
     *) check_agent "$out" "" false ;;
   esac
 done
+# Sets' pull secrets off: no Secret access at all; on with an allow-list of one namespace.
+"$HELM" template kip deploy/helm -n kip --set imageSets.pullSecrets=false > "$WORK/no-set-secrets.yaml"
+check_set_pull_secrets "$WORK/no-set-secrets.yaml"
+"$HELM" template kip deploy/helm -n kip --set 'imageSets.namespaces={ml}' > "$WORK/set-secrets-ml.yaml"
+check_set_pull_secrets "$WORK/set-secrets-ml.yaml"
 # Without the prometheus-operator CRDs no monitor is rendered, even when enabled.
 "$HELM" template kip deploy/helm -n kip -f deploy/helm/ci/all-features-values.yaml > "$WORK/no-crd.yaml"
 if grep -q 'kind: \(ServiceMonitor\|PodMonitor\)' "$WORK/no-crd.yaml"; then echo "monitors rendered without their CRDs" >&2; exit 1; fi

@@ -29,6 +29,8 @@ pub enum ImageError {
     Runtime(#[from] RuntimeError),
     #[error("pull secrets for `{image}`: {source}")]
     Secrets { image: String, source: kip::pull_secrets::AuthError },
+    #[error("pull secret `{key}` of the image set listing `{image}`: {why}")]
+    SetSecret { image: String, key: String, why: String },
     #[error("`{image}` was pulled but the runtime does not list it")]
     MissingAfterPull { image: String },
 }
@@ -45,13 +47,66 @@ impl ImageError {
     }
 }
 
-/// Credentials for the image's registry from the mounted pull secrets (read on every pull,
-/// so rotated secrets are used without a restart).
+/// Where the agent finds registry credentials.
+#[derive(Clone, Debug, Default)]
+pub struct PullSecrets {
+    /// The pull secrets mounted into the agent (IMAGE_PULL_SECRETS, `--pull-secrets-dir`).
+    pub dir: Option<PathBuf>,
+    /// The coordinator's copy of the image sets' pull secrets (`--set-pull-secrets-dir`): one
+    /// file per `<namespace>.<secret>`, a `.dockerconfigjson` each.
+    pub sets_dir: Option<PathBuf>,
+}
+
+/// A key of the sets' pull secrets: `<namespace>.<secret>`, a plain file name (never a path).
+fn is_set_secret_key(key: &str) -> bool {
+    let Some((namespace, secret)) = key.split_once('.') else { return false };
+    let dns = |s: &str, dots: bool| {
+        !s.is_empty()
+            && s.len() <= 253
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.'))
+            && !s.starts_with(['-', '.'])
+            && !s.contains("..")
+    };
+    dns(namespace, false) && dns(secret, true)
+}
+
+/// Credentials for the image's registry: from the first of its sets' pull secrets (`keys`) that
+/// has some (one not mounted is passed over), else from the mounted pull secrets. Files are read on every pull, so rotated
+/// secrets are used without a restart.
 pub fn credentials_for(
-    secrets_dir: Option<&std::path::Path>,
+    secrets: &PullSecrets,
+    keys: &[String],
     entry: &ImageEntry,
 ) -> Result<Option<Credentials>, ImageError> {
-    let Some(dir) = secrets_dir else { return Ok(None) };
+    for key in keys {
+        let missing = |why: String| ImageError::SetSecret { image: entry.reference.clone(), key: key.clone(), why };
+        if !is_set_secret_key(key) {
+            return Err(missing("not a `<namespace>.<secret>` key".into()));
+        }
+        let Some(dir) = &secrets.sets_dir else {
+            return Err(missing("the agent has no --set-pull-secrets-dir".into()));
+        };
+        let file = dir.join(key);
+        let text = match std::fs::read_to_string(&file) {
+            Ok(text) => text,
+            // As the kubelet does with a pull secret it cannot find: the pull goes on without it
+            // (the set's status says why it is missing; a new one appears within a minute or two,
+            // as the kubelet refreshes the mounted Secret).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::debug!(image = %entry.reference, key = %key, "an image set's pull secret is not mounted; pulling without it");
+                continue;
+            }
+            Err(e) => return Err(missing(e.to_string())),
+        };
+        let mut keyring = Keyring::default();
+        keyring
+            .add_file(&file, &text)
+            .map_err(|source| ImageError::Secrets { image: entry.reference.clone(), source })?;
+        if let Some(creds) = keyring.for_registry(&entry.registry) {
+            return Ok(Some(creds.clone()));
+        }
+    }
+    let Some(dir) = &secrets.dir else { return Ok(None) };
     let keyring =
         Keyring::load(dir).map_err(|source| ImageError::Secrets { image: entry.reference.clone(), source })?;
     Ok(keyring.for_registry(&entry.registry).cloned())
@@ -89,12 +144,13 @@ pub async fn pin_image<R: Runtime>(rt: &R, reference: &str, image: &ImageInfo) -
 /// One pull attempt followed by the pin. Error text is scrubbed of the credentials used.
 pub async fn pull_and_pin<R: Runtime>(
     rt: &R,
-    secrets_dir: Option<&std::path::Path>,
+    secrets: &PullSecrets,
+    keys: &[String],
     entry: &ImageEntry,
     timeout: Duration,
     known: Option<ImageInfo>,
 ) -> Result<Observation, ImageError> {
-    let creds = credentials_for(secrets_dir, entry)?;
+    let creds = credentials_for(secrets, keys, entry)?;
     let auth = creds.as_ref().map(Credentials::to_cri);
     let pulled = match rt.pull(&entry.reference, known.as_ref(), auth, timeout).await {
         Ok(image) => image,
@@ -205,7 +261,7 @@ pub enum ListSource {
 /// The long-running agent.
 pub struct Agent<R: Runtime> {
     pub rt: R,
-    pub secrets_dir: Option<PathBuf>,
+    pub secrets: PullSecrets,
     pub metrics: Arc<Metrics>,
     pub ready: Readiness,
     pub remove_unlisted: bool,
@@ -221,6 +277,8 @@ pub struct Agent<R: Runtime> {
     list: ImageList,
     /// The coordinator's digest per listed tag.
     digests: reconcile::Digests,
+    /// The image sets' pull-secret keys per listed image.
+    pull_secrets: crate::follow::PullSecretKeys,
     generation: u64,
     /// False until a list is known: without one, no pin may be judged unlisted.
     list_known: bool,
@@ -250,7 +308,7 @@ impl<R: Runtime> Agent<R> {
             .set(1);
         let mut agent = Self {
             rt,
-            secrets_dir: None,
+            secrets: PullSecrets::default(),
             metrics,
             ready,
             remove_unlisted: false,
@@ -262,6 +320,7 @@ impl<R: Runtime> Agent<R> {
             source,
             list: ImageList::default(),
             digests: reconcile::Digests::new(),
+            pull_secrets: Default::default(),
             generation: 0,
             list_known: false,
             states: States::new(),
@@ -291,6 +350,7 @@ impl<R: Runtime> Agent<R> {
         self.policy = update.map_or_else(|| self.base_policy.clone(), |u| u.apply_to(&self.base_policy));
         self.list = list;
         self.digests = update.map(|u| u.digests.clone()).unwrap_or_default();
+        self.pull_secrets = update.map(|u| u.pull_secrets.clone()).unwrap_or_default();
         self.generation = update.map_or(0, |u| u.generation);
         self.list_known = true;
         let release = update.map_or(v1::Release::None, |u| u.release);
@@ -479,10 +539,11 @@ impl<R: Runtime> Agent<R> {
                         s.seen.image.clone()
                     });
                     tracing::info!(image = %reference, reason = reason.as_str(), "pulling");
-                    let (rt, dir, timeout) = (self.rt.clone(), self.secrets_dir.clone(), self.policy.pull_timeout);
+                    let (rt, secrets, timeout) = (self.rt.clone(), self.secrets.clone(), self.policy.pull_timeout);
+                    let keys = self.pull_secrets.get(&reference).cloned().unwrap_or_default();
                     pulls.spawn(reference.clone(), async move {
                         let started = Instant::now();
-                        let result = pull_and_pin(&rt, dir.as_deref(), &entry, timeout, known).await;
+                        let result = pull_and_pin(&rt, &secrets, &keys, &entry, timeout, known).await;
                         PullDone { reference, registry: entry.registry, reason, elapsed: started.elapsed(), result }
                     });
                 }
@@ -665,7 +726,7 @@ pub struct OnceOutcome {
 pub async fn run_once<R: Runtime>(
     rt: &R,
     list: &ImageList,
-    secrets_dir: Option<&std::path::Path>,
+    secrets: &PullSecrets,
     policy: &Policy,
 ) -> Vec<OnceOutcome> {
     let semaphore = Arc::new(tokio::sync::Semaphore::new(policy.max_parallel_pulls.max(1)));
@@ -676,7 +737,7 @@ pub async fn run_once<R: Runtime>(
     }));
     let mut tasks = JoinSet::new();
     for (index, entry) in list.entries().iter().cloned().enumerate() {
-        let (rt, dir, sem, policy) = (rt.clone(), secrets_dir.map(PathBuf::from), semaphore.clone(), policy.clone());
+        let (rt, secrets, sem, policy) = (rt.clone(), secrets.clone(), semaphore.clone(), policy.clone());
         let snapshot = snapshot.clone();
         tasks.spawn(async move {
             let result = async {
@@ -685,7 +746,7 @@ pub async fn run_once<R: Runtime>(
                 if let Some(image) = observe_image(&rt, &snapshot, &entry.reference).await?.image {
                     return Ok(pin_image(&rt, &entry.reference, &image).await);
                 }
-                let attempt = || pull_and_pin(&rt, dir.as_deref(), &entry, policy.pull_timeout, None);
+                let attempt = || pull_and_pin(&rt, &secrets, &[], &entry, policy.pull_timeout, None);
                 attempt
                     .retry(ExponentialBuilder::default().with_min_delay(policy.retry_min).with_max_delay(policy.retry_max).with_jitter().with_max_times(2))
                     .notify(|e, delay| tracing::warn!(image = %entry.reference, error = %e, retry_in_ms = delay.as_millis() as u64, "pull failed; retrying"))

@@ -60,6 +60,11 @@ pub struct Cli {
     #[arg(long, env = "KIP_PULL_SECRETS_DIR", value_name = "DIR")]
     pub pull_secrets_dir: Option<PathBuf>,
 
+    /// Directory of the coordinator's copy of the image sets' pull secrets (DIR/<namespace>.<secret>,
+    /// a mounted Secret the coordinator writes)
+    #[arg(long, env = "KIP_SET_PULL_SECRETS_DIR", value_name = "DIR")]
+    pub set_pull_secrets_dir: Option<PathBuf>,
+
     /// How many pulls may run at once
     #[arg(long, env = "KIP_MAX_PARALLEL_PULLS", value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
     pub max_parallel_pulls: u16,
@@ -112,6 +117,11 @@ pub struct Cli {
 }
 
 impl Cli {
+    /// Where the agent finds registry credentials.
+    pub fn pull_secrets(&self) -> crate::agent::PullSecrets {
+        crate::agent::PullSecrets { dir: self.pull_secrets_dir.clone(), sets_dir: self.set_pull_secrets_dir.clone() }
+    }
+
     pub fn crio_paths(&self) -> crate::runtime::CrioPaths {
         crate::runtime::CrioPaths { config: self.crio_config.clone(), config_dir: self.crio_config_dir.clone() }
     }

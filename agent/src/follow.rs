@@ -22,6 +22,9 @@ pub struct ListUpdate {
     pub list: ImageList,
     /// The coordinator's digest per listed tag (normalized reference), where it resolved one.
     pub digests: reconcile::Digests,
+    /// The image sets' pull secrets per listed image (normalized reference), as keys of the
+    /// coordinator's copy (`<namespace>.<secret>`); most images have none.
+    pub pull_secrets: PullSecretKeys,
     pub policy: v1::PullPolicy,
     /// kip is being uninstalled: let go of everything (the list is then empty).
     pub release: v1::Release,
@@ -34,7 +37,15 @@ impl ListUpdate {
         // A release keeps nothing, whatever an (old or broken) coordinator sent along.
         let list = if release == v1::Release::None { list } else { ImageList::default() };
         let digests = digests_of(&list, update.images.iter().map(|i| (i.name.as_str(), i.digest.as_str())));
-        Ok(Self { generation: update.generation, list, digests, policy: update.policy.unwrap_or_default(), release })
+        let pull_secrets = keys_of(&list, update.images.iter().map(|i| (i.name.as_str(), i.pull_secrets.as_slice())));
+        Ok(Self {
+            generation: update.generation,
+            list,
+            digests,
+            pull_secrets,
+            policy: update.policy.unwrap_or_default(),
+            release,
+        })
     }
 
     /// The agent's own policy with the coordinator's non-zero settings on top.
@@ -61,6 +72,15 @@ impl ListUpdate {
             ..base.clone()
         }
     }
+}
+
+/// Pull-secret keys per listed image (normalized reference).
+pub type PullSecretKeys = std::collections::BTreeMap<String, Vec<String>>;
+
+/// The pull-secret keys by the entries' references (images without any left out).
+fn keys_of<'a>(list: &ImageList, by_name: impl Iterator<Item = (&'a str, &'a [String])>) -> PullSecretKeys {
+    let by_name: std::collections::BTreeMap<&str, &[String]> = by_name.filter(|(_, k)| !k.is_empty()).collect();
+    list.entries().iter().filter_map(|e| Some((e.reference.clone(), by_name.get(e.name.as_str())?.to_vec()))).collect()
 }
 
 /// The published digests by the entries' references: a name's digest counts when it has the form
@@ -108,6 +128,8 @@ struct SavedImage {
     image: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     digest: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pull_secrets: Vec<String>,
 }
 
 pub const STATE_FILE: &str = "image-list.json";
@@ -125,10 +147,12 @@ pub fn load_state(dir: &Path) -> Result<Option<ListUpdate>, StateError> {
     let list = ImageList::from_pairs(saved.images.iter().map(|i| (i.name.as_str(), i.image.as_str())))
         .map_err(|e| invalid(e.to_string()))?;
     let digests = digests_of(&list, saved.images.iter().map(|i| (i.name.as_str(), i.digest.as_str())));
+    let pull_secrets = keys_of(&list, saved.images.iter().map(|i| (i.name.as_str(), i.pull_secrets.as_slice())));
     Ok(Some(ListUpdate {
         generation: saved.generation,
         list,
         digests,
+        pull_secrets,
         policy: v1::PullPolicy {
             max_parallel_pulls: saved.max_parallel_pulls,
             refresh_interval_seconds: saved.refresh_interval_seconds,
@@ -153,6 +177,7 @@ pub fn save_state(dir: &Path, update: &ListUpdate) -> Result<(), StateError> {
                 name: e.name.clone(),
                 image: e.image.clone(),
                 digest: update.digests.get(&e.reference).cloned().unwrap_or_default(),
+                pull_secrets: update.pull_secrets.get(&e.reference).cloned().unwrap_or_default(),
             })
             .collect(),
         max_parallel_pulls: update.policy.max_parallel_pulls,
@@ -379,7 +404,7 @@ mod tests {
             generation,
             images: images
                 .iter()
-                .map(|(n, i)| v1::Image { name: n.to_string(), image: i.to_string(), digest: String::new() })
+                .map(|(n, i)| v1::Image { name: n.to_string(), image: i.to_string(), ..Default::default() })
                 .collect(),
             policy: Some(v1::PullPolicy {
                 max_parallel_pulls: 7,
@@ -449,8 +474,10 @@ mod tests {
         assert_eq!(load_state(dir.path()).unwrap(), None);
         let mut u = update(5, &[("a", "busybox"), ("b", "quay.io/x/y:1")]);
         u.images[1].digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef".into();
+        u.images[1].pull_secrets = vec!["ml.regcred".into()];
         let u = ListUpdate::from_proto(&u).unwrap();
         assert_eq!(u.digests.len(), 1, "the digest survives a restart without the coordinator");
+        assert_eq!(u.pull_secrets["quay.io/x/y:1"], ["ml.regcred"], "so do the set's pull secrets");
         save_state(dir.path(), &u).unwrap();
         assert_eq!(load_state(dir.path()).unwrap(), Some(u));
         std::fs::write(dir.path().join(STATE_FILE), "{").unwrap();

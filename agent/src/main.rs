@@ -36,7 +36,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if cli.once {
         let images = cli.images.clone().context("--once needs --images")?;
         let rt = connect_runtime(&cli).await?;
-        let outcomes = agent::run_once(&rt, &images, cli.pull_secrets_dir.as_deref(), &policy).await;
+        let outcomes = agent::run_once(&rt, &images, &cli.pull_secrets(), &policy).await;
         return Ok(print_summary(&outcomes, rt.pin_problem()));
     }
 
@@ -153,7 +153,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
 
     let mut agent = Agent::new(rt, source, policy, metrics, ready);
-    agent.secrets_dir = cli.pull_secrets_dir.clone();
+    agent.secrets = cli.pull_secrets();
     agent.remove_unlisted = cli.remove_unlisted;
     if cli.coordinator.is_some() {
         agent.state_file = Some(state_file);

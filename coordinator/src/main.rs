@@ -152,6 +152,12 @@ struct Cli {
     #[arg(long, env = "KIP_IMAGE_SET_MAX_IMAGES", value_name = "N", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     image_set_max_images: u32,
 
+    /// With --image-sets: the Secret in the coordinator's namespace into which the leader copies
+    /// the sets' imagePullSecrets (the agents mount it); unset, sets' pull secrets are not used
+    /// (their status says so)
+    #[arg(long, env = "KIP_SET_PULL_SECRETS", value_name = "NAME")]
+    set_pull_secrets: Option<String>,
+
     /// Validate the configuration, print a summary and exit (0 when valid)
     #[arg(long)]
     check_config: bool,
@@ -375,6 +381,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         };
         let (hub, shutdown, image_sets, pullers) =
             (hub.clone(), shutdown.clone(), cli.image_sets, cli.kubernetes_image_puller);
+        let set_secret_copy = match (cli.set_pull_secrets.clone(), cli.pod_namespace.clone()) {
+            (Some(name), Some(namespace)) => Some(imageset::secrets::Copy { namespace, name }),
+            (Some(_), None) => {
+                anyhow::bail!("--set-pull-secrets (KIP_SET_PULL_SECRETS) needs --pod-namespace (POD_NAMESPACE)")
+            }
+            (None, _) => None,
+        };
         tasks.spawn("the Kubernetes controller", async move {
             let work = async {
                 let client = kip_coordinator::connect_kube().await;
@@ -422,7 +435,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         imageset::controller::write_status(client.clone(), hub.clone(), sets, nodes.clone(), shutdown.clone())
                             .await
                     };
-                    tokio::join!(set_task, puller_task, follow, status);
+                    let pull_secrets = async {
+                        hub.until_leading().await;
+                        imageset::secrets::run(client.clone(), hub.clone(), set_secret_copy, shutdown.clone()).await
+                    };
+                    tokio::join!(set_task, puller_task, follow, status, pull_secrets);
                 };
                 let controllers = async {
                     // Only the leader writes to the cluster (without an election, this one).

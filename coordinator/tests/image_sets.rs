@@ -291,3 +291,74 @@ async fn a_set_s_tags_are_resolved_by_the_coordinator_at_the_set_s_interval() {
         Some(kip_coordinator::resolve::Resolved::Digest(d)) if *d == moved
     ));
 }
+
+/// A set's pull secrets: the leader copies each named Secret of the set's namespace into the
+/// coordinator's own Secret (key `<namespace>.<secret>`), the agent's stream names the keys with
+/// the set's images (never a credential), and the agent finds the credentials in the copy as the
+/// kubelet mounts it. A named Secret that is missing is said in the set's status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_s_pull_secret_is_copied_for_the_agents_and_named_with_its_images() {
+    use base64::Engine as _;
+    let api = FakeApi::new();
+    api.add_nodes(1, std::time::SystemTime::now() - Duration::from_secs(3600));
+    let auth = base64::engine::general_purpose::STANDARD.encode("robot:s3cr3t-pa55");
+    let config = format!(r#"{{"auths":{{"quay.io":{{"auth":"{auth}"}}}}}}"#);
+    api.apply(
+        "/api/v1/namespaces/ml/secrets",
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "regcred", "namespace": "ml"},
+            "type": "kubernetes.io/dockerconfigjson",
+            "data": {".dockerconfigjson": base64::engine::general_purpose::STANDARD.encode(&config)}}),
+    );
+    let mut set = training(json!({}));
+    set["spec"]["imagePullSecrets"] = json!([{"name": "regcred"}, {"name": "missing"}]);
+    api.apply(SETS, set);
+    let (kip, _door) = Coordinator::start(&api, config_with("a=alpine")).await;
+    kip.follow(Limits::default());
+    let copy =
+        kip_coordinator::imageset::secrets::Copy { namespace: "kip".into(), name: "kip-set-pull-secrets".into() };
+    tokio::spawn(kip_coordinator::imageset::secrets::run(
+        kip.client.clone(),
+        kip.state.clone(),
+        Some(copy),
+        kip.shutdown.clone(),
+    ));
+    let mut agent = kip.connect("node-0").await;
+    let update = agent.next_update().await;
+    let keys_of = |name: &str| update.images.iter().find(|i| i.name == name).unwrap().pull_secrets.clone();
+    assert_eq!(keys_of("trainer"), ["ml.regcred", "ml.missing"]);
+    assert!(keys_of("a").is_empty(), "the ConfigMap's images carry none");
+    assert!(!format!("{update:?}").contains(&auth), "no credential on kip's API");
+    let copied = || api.object("/api/v1/namespaces/kip/secrets", "kip-set-pull-secrets");
+    until("the copy written", Duration::from_secs(10), || {
+        copied().is_some_and(|s| s["data"]["ml.regcred"].is_string())
+    })
+    .await;
+    // The copy as the kubelet mounts it: one file per key.
+    let mounted = tempfile::tempdir().unwrap();
+    for (key, value) in copied().unwrap()["data"].as_object().unwrap() {
+        let bytes = base64::engine::general_purpose::STANDARD.decode(value.as_str().unwrap()).unwrap();
+        std::fs::write(mounted.path().join(key), bytes).unwrap();
+    }
+    let secrets = kip_agent::agent::PullSecrets { dir: None, sets_dir: Some(mounted.path().to_path_buf()) };
+    let list = kip::images::ImageList::parse("trainer=quay.io/ml/train:1").unwrap();
+    let creds = kip_agent::agent::credentials_for(&secrets, &keys_of("trainer"), &list.entries()[0]).unwrap().unwrap();
+    assert_eq!((creds.username.as_str(), creds.password.expose()), ("robot", "s3cr3t-pa55"));
+    // The missing one, in the set's status.
+    let degraded = || {
+        let status = api.object(SETS, "training").and_then(|s| s.get("status").cloned()).unwrap_or_default();
+        status["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == "Degraded")
+            .map(|c| (c["reason"].as_str().unwrap_or_default().to_string(), c["message"].to_string()))
+    };
+    until("the missing pull secret in the status", Duration::from_secs(15), || {
+        degraded().is_some_and(|(reason, message)| {
+            reason == "PullSecretProblem"
+                && message.contains("imagePullSecrets missing: no such Secret in namespace ml")
+        })
+    })
+    .await;
+    assert!(!degraded().unwrap().1.contains("s3cr3t"));
+}

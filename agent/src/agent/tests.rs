@@ -47,6 +47,7 @@ fn update(generation: u64, images: &[(&str, &str)], release: v1::Release) -> Lis
         generation,
         list: list(images),
         digests: Default::default(),
+        pull_secrets: Default::default(),
         policy: v1::PullPolicy::default(),
         release,
     }
@@ -442,4 +443,35 @@ async fn a_runtime_that_never_answers_makes_the_agent_not_ready_and_is_reported_
     .await
     .expect("the agent stops while the runtime stays wedged");
     held.abort();
+}
+
+/// Credentials: the image's set pull secrets first (one not mounted yet is passed over, as the
+/// kubelet does), then the agent's own mounted pull secrets; a key that is no plain
+/// `<namespace>.<secret>` file name is refused, naming it, and never read.
+#[test]
+fn an_image_s_set_pull_secrets_come_before_the_mounted_ones() {
+    use base64::Engine as _;
+    let config = |user: &str| {
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:pw"));
+        format!(r#"{{"auths":{{"quay.io":{{"auth":"{auth}"}}}}}}"#)
+    };
+    let own = tempfile::tempdir().unwrap();
+    std::fs::create_dir(own.path().join("regcred")).unwrap();
+    std::fs::write(own.path().join("regcred/.dockerconfigjson"), config("node-wide")).unwrap();
+    let sets = tempfile::tempdir().unwrap();
+    std::fs::write(sets.path().join("ml.team"), config("team")).unwrap();
+    std::fs::write(sets.path().join("ml.elsewhere"), r#"{"auths":{"ghcr.io":{"auth":"eDp5"}}}"#).unwrap();
+    let secrets = super::PullSecrets { dir: Some(own.path().into()), sets_dir: Some(sets.path().into()) };
+    let entry = list(&[("t", "quay.io/ml/train:1")]).entries()[0].clone();
+    let user = |keys: &[&str]| {
+        let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+        super::credentials_for(&secrets, &keys, &entry).map(|c| c.map(|c| c.username))
+    };
+    assert_eq!(user(&["ml.team"]).unwrap().as_deref(), Some("team"));
+    assert_eq!(user(&["ml.elsewhere", "ml.team"]).unwrap().as_deref(), Some("team"), "another registry's: passed over");
+    assert_eq!(user(&["ml.not-mounted-yet"]).unwrap().as_deref(), Some("node-wide"));
+    assert_eq!(user(&[]).unwrap().as_deref(), Some("node-wide"));
+    let e = user(&["../regcred"]).unwrap_err().to_string();
+    assert!(e.contains("pull secret `../regcred`") && e.contains("not a `<namespace>.<secret>` key"), "{e}");
+    assert!(user(&["ml./etc"]).is_err() && user(&["Ml.x"]).is_err() && user(&["ml.a..b"]).is_err());
 }

@@ -112,6 +112,7 @@ fn now() -> Time {
 /// Pure but for reading the state: each set's status as of now.
 fn statuses(state: &State, sets: &View<ImageSet>, nodes: &NodeView) -> Vec<(Arc<ImageSet>, super::ImageSetStatus)> {
     let Some(accepted) = state.accepted_sets() else { return Vec::new() };
+    let secret_problems = state.secret_problems();
     let now = now();
     let all_nodes = nodes.store.state();
     let mut out = Vec::new();
@@ -141,7 +142,15 @@ fn statuses(state: &State, sets: &View<ImageSet>, nodes: &NodeView) -> Vec<(Arc<
                     (name.as_str(), report)
                 })
                 .collect();
-            progress::of_accepted(used, &says, generation, previous, &now)
+            let problems: Vec<String> = used
+                .pull_secrets
+                .iter()
+                .filter_map(|s| {
+                    let why = secret_problems.get(&(used.namespace.clone(), s.clone()))?;
+                    Some(format!("imagePullSecrets {s}: {why}"))
+                })
+                .collect();
+            progress::of_accepted(used, &says, &problems, generation, previous, &now)
         } else {
             continue;
         };
@@ -161,6 +170,7 @@ pub async fn write_status(
 ) {
     let (mut reports, mut set_changes, mut node_changes, mut accepted) =
         (state.subscribe_nodes(), sets.changed.clone(), nodes.changed.clone(), state.subscribe_sets());
+    let mut secret_problems = state.subscribe_secret_problems();
     loop {
         for (set, status) in statuses(&state, &sets, &nodes) {
             if !progress::differs(set.status.as_ref(), &status) {
@@ -185,6 +195,7 @@ pub async fn write_status(
             _ = set_changes.changed() => {}
             _ = node_changes.changed() => {}
             _ = accepted.changed() => {}
+            _ = secret_problems.changed() => {}
         }
     }
 }

@@ -7,12 +7,14 @@
 //! - `sets`: the sets the coordinator accepts (validated, allowed namespace, under the cap) and
 //!   each node's list: the default set (the KIP ConfigMap) and every set that selects it (pure);
 //! - `progress`: a set's status from the nodes' reports (pure);
+//! - `secrets`: the sets' pull secrets, copied by the leader into one Secret the agents mount;
 //! - `puller`: the KIP operator's `KubernetesImagePuller` read as a set (Eclipse Che);
 //! - `controller`: following the sets (every replica) and writing their status (the leader).
 
 pub mod controller;
 pub mod progress;
 pub mod puller;
+pub mod secrets;
 pub mod select;
 pub mod sets;
 
@@ -55,6 +57,23 @@ pub struct ImageSetSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 2, max = 32), regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
     pub refresh_interval: Option<String>,
+    /// Secrets in the set's namespace with credentials for its images' registries, as a pod's
+    /// `imagePullSecrets` (`kubernetes.io/dockerconfigjson` or `kubernetes.io/dockercfg`).
+    /// The coordinator copies them into one Secret of its own namespace that agents mount;
+    /// credentials never travel on kip's own API.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub image_pull_secrets: Vec<SecretName>,
+}
+
+/// A Secret in the set's namespace, by name (as a pod's `imagePullSecrets` entries).
+#[derive(KubeSchema, Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct SecretName {
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub name: String,
 }
 
 /// One image of a set.

@@ -56,10 +56,12 @@ fn named(items: &[String]) -> String {
     text
 }
 
-/// Pure: the status of `set` over its selected `nodes`.
+/// Pure: the status of `set` over its selected `nodes`; `secret_problems`: what is wrong with
+/// its pull secrets (`Degraded`, reason `PullSecretProblem`, named before any pull failure).
 pub fn of_accepted(
     set: &AcceptedSet,
     nodes: &[NodeSays<'_>],
+    secret_problems: &[String],
     generation: Option<i64>,
     previous: &[Condition],
     now: &Time,
@@ -69,7 +71,8 @@ pub fn of_accepted(
         .iter()
         .map(|e| ImageProgress { name: e.name.clone(), image: e.image.clone(), ..Default::default() })
         .collect();
-    let (mut ready, mut waiting, mut failing) = (0u32, Vec::new(), Vec::new());
+    let (mut ready, mut waiting) = (0u32, Vec::new());
+    let mut failing: Vec<String> = secret_problems.to_vec();
     for (node, says) in nodes {
         let report = match says {
             Ok(r) => r,
@@ -124,7 +127,11 @@ pub fn of_accepted(
         condition(
             "Degraded",
             !failing.is_empty(),
-            if failing.is_empty() { "NoFailures" } else { "PullFailing" },
+            match (secret_problems.is_empty(), failing.is_empty()) {
+                (false, _) => "PullSecretProblem",
+                (true, true) => "NoFailures",
+                (true, false) => "PullFailing",
+            },
             named(&failing),
             now,
             previous,
@@ -185,6 +192,7 @@ mod tests {
             images: ImageList::parse(images).unwrap(),
             selector: Selector::default(),
             refresh_interval: None,
+            pull_secrets: Vec::new(),
         }
     }
 
@@ -224,7 +232,7 @@ mod tests {
         ]);
         let n2 = report(&[("trainer", "quay.io/ml/train:1", true, false, "")]);
         let nodes = vec![("n1", Ok(&n1)), ("n2", Ok(&n2)), ("n3", Err("its agent has not reported".to_string()))];
-        let s = of_accepted(&set, &nodes, Some(3), &[], &now());
+        let s = of_accepted(&set, &nodes, &[], Some(3), &[], &now());
         assert_eq!((s.nodes_selected, s.nodes_ready, s.ready.as_str(), s.image_count), (3, 1, "1/3", 2));
         assert_eq!(
             s.images[0],
@@ -249,14 +257,27 @@ mod tests {
         let n2 = report(&[("t", "quay.io/ml/train:1", true, true, ""), ("b", "busybox", true, true, "")]);
         let n3 = n2.clone();
         let later = Time(k8s_openapi::jiff::Timestamp::from_second(1_700_000_100).unwrap());
-        let done =
-            of_accepted(&set, &[("n1", Ok(&n1)), ("n2", Ok(&n2)), ("n3", Ok(&n3))], Some(3), &s.conditions, &later);
+        let done = of_accepted(
+            &set,
+            &[("n1", Ok(&n1)), ("n2", Ok(&n2)), ("n3", Ok(&n3))],
+            &[],
+            Some(3),
+            &s.conditions,
+            &later,
+        );
         assert_eq!(get(&done, "Ready").status, "True");
         assert_eq!(get(&done, "Ready").last_transition_time, later, "Ready changed now");
         assert_eq!(get(&done, "Degraded").last_transition_time, now(), "Degraded stayed False since then");
         assert!(!differs(
             Some(&done),
-            &of_accepted(&set, &[("n1", Ok(&n1)), ("n2", Ok(&n2)), ("n3", Ok(&n3))], Some(3), &done.conditions, &later)
+            &of_accepted(
+                &set,
+                &[("n1", Ok(&n1)), ("n2", Ok(&n2)), ("n3", Ok(&n3))],
+                &[],
+                Some(3),
+                &done.conditions,
+                &later
+            )
         ));
     }
 
@@ -264,11 +285,17 @@ mod tests {
     fn failing_pulls_and_no_nodes_and_a_refused_set_say_so() {
         let set = set("trainer=quay.io/ml/train:1;");
         let failing = report(&[("trainer", "quay.io/ml/train:1", false, false, "pull: 401 Unauthorized")]);
-        let s = of_accepted(&set, &[("gpu-1", Ok(&failing))], None, &[], &now());
+        let s = of_accepted(&set, &[("gpu-1", Ok(&failing))], &[], None, &[], &now());
         let degraded = get(&s, "Degraded");
         assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "PullFailing"));
         assert!(degraded.message.contains("gpu-1: trainer: pull: 401 Unauthorized"));
-        let none = of_accepted(&set, &[], None, &[], &now());
+        // A pull secret that could not be copied comes first, with its own reason.
+        let problem = ["imagePullSecrets regcred: not found in namespace ml".to_string()];
+        let s = of_accepted(&set, &[("gpu-1", Ok(&failing))], &problem, None, &[], &now());
+        let degraded = get(&s, "Degraded");
+        assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "PullSecretProblem"));
+        assert!(degraded.message.starts_with("imagePullSecrets regcred: not found in namespace ml; gpu-1: trainer"));
+        let none = of_accepted(&set, &[], &[], None, &[], &now());
         assert_eq!(
             (get(&none, "Ready").status.as_str(), get(&none, "Ready").reason.as_str()),
             ("False", "NoNodesSelected")

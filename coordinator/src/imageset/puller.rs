@@ -27,6 +27,9 @@ pub struct KubernetesImagePullerSpec {
     /// KIP's CACHING_INTERVAL_HOURS (a string in the operator's type; a number accepted too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caching_interval_hours: Option<serde_json::Value>,
+    /// KIP's IMAGE_PULL_SECRETS: secret names separated by `;`.
+    #[serde(default)]
+    pub image_pull_secrets: String,
 }
 
 pub const GROUP: &str = "che.eclipse.org";
@@ -67,9 +70,21 @@ pub fn as_set(puller: &KubernetesImagePuller) -> ImageSet {
         serde_json::Value::Number(n) => format!("{n}h"),
         other => format!("{other}"),
     });
+    let image_pull_secrets = puller
+        .spec
+        .image_pull_secrets
+        .split(';')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|name| super::SecretName { name: name.into() })
+        .collect();
     let mut metadata = puller.metadata.clone();
     metadata.name = Some(format!("kubernetesimagepuller-{}", metadata.name.unwrap_or_default()));
-    ImageSet { metadata, spec: ImageSetSpec { images, node_selector, refresh_interval }, status: None }
+    ImageSet {
+        metadata,
+        spec: ImageSetSpec { images, node_selector, refresh_interval, image_pull_secrets },
+        status: None,
+    }
 }
 
 /// A selector no node matches.
@@ -114,6 +129,18 @@ mod tests {
         );
         assert!(selecting(&accepted.sets, &Default::default()).is_empty(), "a node without the label");
         assert_eq!(accepted.sets[0].refresh_interval, None, "no cachingIntervalHours: the ConfigMap's interval");
+    }
+
+    #[test]
+    fn image_pull_secrets_are_the_set_s() {
+        let mut p = puller("a=quay.io/private/a:1", "");
+        p.spec.image_pull_secrets = " regcred ;; quay-robot;".into();
+        let accepted = accept([&as_set(&p)], &Limits::default(), None);
+        assert_eq!(accepted.sets[0].pull_secrets, ["regcred", "quay-robot"]);
+        assert_eq!(
+            accepted.sets[0].secret_keys().collect::<Vec<_>>(),
+            ["eclipse-che.regcred", "eclipse-che.quay-robot"]
+        );
     }
 
     #[test]

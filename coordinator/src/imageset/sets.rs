@@ -18,6 +18,21 @@ pub struct AcceptedSet {
     pub selector: Selector,
     /// `spec.refreshInterval` (`None`: the ConfigMap's).
     pub refresh_interval: Option<Duration>,
+    /// `spec.imagePullSecrets`: names of Secrets in the set's namespace.
+    pub pull_secrets: Vec<String>,
+}
+
+impl AcceptedSet {
+    /// The keys of this set's pull secrets in the coordinator's copy.
+    pub fn secret_keys(&self) -> impl Iterator<Item = String> + '_ {
+        self.pull_secrets.iter().map(|s| secret_key(&self.namespace, s))
+    }
+}
+
+/// The key of a set's pull secret in the coordinator's copy (and the file agents read):
+/// `<namespace>.<secret>` — a namespace has no dot, so the two never run together.
+pub fn secret_key(namespace: &str, secret: &str) -> String {
+    format!("{namespace}.{secret}")
 }
 
 /// Where sets may come from and how many images they may list together.
@@ -137,7 +152,13 @@ pub fn accept<'a>(
             continue;
         }
         listed += images.len();
-        accepted.sets.push(AcceptedSet { namespace, name, images, selector, refresh_interval });
+        let mut pull_secrets: Vec<String> = Vec::new();
+        for s in &set.spec.image_pull_secrets {
+            if !pull_secrets.contains(&s.name) {
+                pull_secrets.push(s.name.clone());
+            }
+        }
+        accepted.sets.push(AcceptedSet { namespace, name, images, selector, refresh_interval, pull_secrets });
     }
     accepted
 }
@@ -166,6 +187,23 @@ pub fn node_list(default: &ImageList, selecting: &[&AcceptedSet]) -> ImageList {
     }
     // Every entry passed the same rules in its own list; the union only renamed some.
     ImageList::from_pairs(pairs.iter().map(|(n, i)| (n.as_str(), i.as_str()))).unwrap_or_else(|_| default.clone())
+}
+
+/// Pure: the pull-secret keys of each image a node gets (by normalized reference), from every
+/// set that selects it and lists the image, in the sets' order, each key once.
+pub fn node_pull_secrets(selecting: &[&AcceptedSet]) -> BTreeMap<String, Vec<String>> {
+    let mut keys: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for set in selecting.iter().filter(|s| !s.pull_secrets.is_empty()) {
+        for e in set.images.entries() {
+            let of_image = keys.entry(e.reference.clone()).or_default();
+            for key in set.secret_keys() {
+                if !of_image.contains(&key) {
+                    of_image.push(key);
+                }
+            }
+        }
+    }
+    keys
 }
 
 /// Pure: how often a node's agent refreshes its tags: the default interval, or a set's where it
@@ -369,6 +407,27 @@ mod tests {
         let sets: Vec<&AcceptedSet> = accepted.sets.iter().collect();
         assert_eq!(node_refresh_interval(Duration::from_secs(3600), &sets[1..]), Duration::from_secs(3600));
         assert_eq!(node_refresh_interval(Duration::from_secs(3600), &sets), Duration::from_secs(600));
+    }
+
+    #[test]
+    fn an_image_carries_the_pull_secrets_of_every_set_that_lists_it_on_the_node() {
+        let mut team = set("ml", "team", 1, &[("t", "quay.io/ml/train:1"), ("b", "busybox")], serde_json::json!({}));
+        team.spec.image_pull_secrets =
+            vec![super::super::SecretName { name: "quay".into() }, super::super::SecretName { name: "quay".into() }];
+        let mut other = set("ci", "other", 2, &[("t", "quay.io/ml/train:1")], serde_json::json!({}));
+        other.spec.image_pull_secrets = vec![super::super::SecretName { name: "robot".into() }];
+        let open = set("ci", "open", 3, &[("o", "alpine")], serde_json::json!({}));
+        let accepted = accept(&[team, other, open], &Limits::default(), None);
+        let sets: Vec<&AcceptedSet> = accepted.sets.iter().collect();
+        let keys = node_pull_secrets(&sets);
+        assert_eq!(
+            keys["quay.io/ml/train:1"],
+            ["ml.quay", "ci.robot"],
+            "both sets' keys, the first set's first, each once"
+        );
+        assert_eq!(keys["docker.io/library/busybox:latest"], ["ml.quay"]);
+        assert!(!keys.contains_key("docker.io/library/alpine:latest"), "a set without pull secrets adds none");
+        assert_eq!(node_pull_secrets(&sets[1..])["quay.io/ml/train:1"], ["ci.robot"], "only the node's sets count");
     }
 
     #[test]

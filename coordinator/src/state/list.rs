@@ -38,6 +38,7 @@ impl Published {
                     name: e.name.clone(),
                     image: e.image.clone(),
                     digest: self.digests.get(&e.reference).cloned().unwrap_or_default(),
+                    pull_secrets: Vec::new(),
                 })
                 .collect(),
             policy: Some(v1::PullPolicy {

@@ -25,6 +25,7 @@ pub use list::Published;
 pub use nodes::{Liveness, NodeEntry};
 use release::ReleaseTracking;
 pub use release::{release_progress, ClusterCleanup, ReleaseProgress};
+pub use sets::SecretProblems;
 
 use crate::budget::LeaseDesk;
 use crate::config::KipConfig;

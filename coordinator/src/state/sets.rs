@@ -17,7 +17,7 @@ use kip::v1;
 use tokio::sync::watch;
 
 use super::State;
-use crate::imageset::sets::{node_list, node_refresh_interval, selecting, tag_intervals, Accepted};
+use crate::imageset::sets::{node_list, node_pull_secrets, node_refresh_interval, selecting, tag_intervals, Accepted};
 use crate::watches::{NodeView, Touch};
 
 /// A node's labels as last seen, and the channel its stream waits on.
@@ -35,7 +35,12 @@ pub struct Sets {
     labels: Mutex<HashMap<String, Labels>>,
     /// Bumped on every change of any node's list (the generation agents are sent).
     generation: AtomicU64,
+    /// What is wrong with the sets' pull secrets, by (namespace, secret) (the copy's writer).
+    secret_problems: watch::Sender<SecretProblems>,
 }
+
+/// Why a set's pull secret is not in the coordinator's copy, by (namespace, secret).
+pub type SecretProblems = BTreeMap<(String, String), String>;
 
 impl Default for Sets {
     fn default() -> Self {
@@ -45,6 +50,7 @@ impl Default for Sets {
             nodes: OnceLock::new(),
             labels: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(1),
+            secret_problems: watch::channel(SecretProblems::new()).0,
         }
     }
 }
@@ -75,6 +81,23 @@ impl State {
 
     pub fn accepted_sets(&self) -> Option<Arc<Accepted>> {
         self.sets.accepted.borrow().clone()
+    }
+
+    /// The copy of the sets' pull secrets was written: what it could not take, and why.
+    pub fn set_secret_problems(&self, problems: SecretProblems) {
+        self.sets.secret_problems.send_if_modified(|current| {
+            let changed = *current != problems;
+            *current = problems;
+            changed
+        });
+    }
+
+    pub fn secret_problems(&self) -> SecretProblems {
+        self.sets.secret_problems.borrow().clone()
+    }
+
+    pub fn subscribe_secret_problems(&self) -> watch::Receiver<SecretProblems> {
+        self.sets.secret_problems.subscribe()
     }
 
     pub fn subscribe_sets(&self) -> watch::Receiver<Option<Arc<Accepted>>> {
@@ -137,15 +160,16 @@ impl State {
     /// The list `node` should have (`None`: not known yet; wait). Without image sets: the
     /// published list, as every node gets it.
     pub fn images_for(&self, node: &str) -> Option<ImageList> {
-        self.node_lists(node).map(|(list, _)| list)
+        self.node_lists(node).map(|(list, _, _)| list)
     }
 
-    /// `node`'s list and refresh interval (`None`: not known yet).
-    fn node_lists(&self, node: &str) -> Option<(ImageList, Duration)> {
+    /// `node`'s list, refresh interval and the sets' pull-secret keys per image (`None`: not
+    /// known yet).
+    fn node_lists(&self, node: &str) -> Option<(ImageList, Duration, BTreeMap<String, Vec<String>>)> {
         let published = self.current();
         let interval = published.config.refresh_interval;
         if !self.image_sets_enabled() || published.config.release != v1::Release::None {
-            return Some((published.config.images.clone(), interval));
+            return Some((published.config.images.clone(), interval, BTreeMap::new()));
         }
         let accepted = self.accepted_sets()?;
         let labels = self.node_labels(node)?;
@@ -155,7 +179,7 @@ impl State {
         let none = ImageList::default();
         let default = if selected { &published.config.images } else { &none };
         let sets = selecting(&accepted.sets, &labels);
-        Some((node_list(default, &sets), node_refresh_interval(interval, &sets)))
+        Some((node_list(default, &sets), node_refresh_interval(interval, &sets), node_pull_secrets(&sets)))
     }
 
     /// Every tag the coordinator keeps resolved, and how often: the published list's and every
@@ -183,7 +207,7 @@ impl State {
         if !self.image_sets_enabled() || published.config.release != v1::Release::None {
             return Some(update);
         }
-        let (list, refresh) = self.node_lists(node)?;
+        let (list, refresh, pull_secrets) = self.node_lists(node)?;
         update.generation = published.generation + self.sets.generation.load(Ordering::SeqCst);
         if let Some(policy) = update.policy.as_mut() {
             policy.refresh_interval_seconds = refresh.as_secs().max(1);
@@ -195,6 +219,7 @@ impl State {
                 name: e.name.clone(),
                 image: e.image.clone(),
                 digest: published.digests.get(&e.reference).cloned().unwrap_or_default(),
+                pull_secrets: pull_secrets.get(&e.reference).cloned().unwrap_or_default(),
             })
             .collect();
         Some(update)

@@ -119,6 +119,7 @@ fn kind_of(collection: &str) -> (&'static str, &'static str) {
         "events" => ("events.k8s.io/v1", "Event"),
         "configmaps" => ("v1", "ConfigMap"),
         "imagesets" => ("kip.eclipse.dev/v1alpha1", "ImageSet"),
+        "secrets" => ("v1", "Secret"),
         _ => ("v1", "Unknown"),
     }
 }
@@ -361,6 +362,7 @@ impl FakeApi {
             "configmaps",
             "deployments",
             "imagesets",
+            "secrets",
         ];
         // A status subresource (…/NAME/status) is patched as the object: a merge into `status`.
         let segments: Vec<&str> = match segments.split_last() {

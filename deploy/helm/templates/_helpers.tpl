@@ -62,3 +62,13 @@ tolerations:
   operator: Exists
   effect: {{ last $parts | quote }}
 {{- end }}
+
+{{/*
+The Secret into which the coordinator copies the image sets' pull secrets (empty when they are
+off). The chart creates it empty, so an uninstall removes it; the coordinator owns its data.
+*/}}
+{{- define "kip.setPullSecrets" -}}
+{{- if and .Values.imageSets.enabled .Values.imageSets.pullSecrets -}}
+{{- printf "%s-set-pull-secrets" .Values.deploymentName | trunc 253 -}}
+{{- end -}}
+{{- end }}
