@@ -153,7 +153,9 @@ assert sorted(rule["verbs"]) == ["get", "list", "watch"], rule
 ds_rules = [r for r in role["rules"] if "daemonsets" in r["resources"]]
 named = [r for r in ds_rules if r.get("resourceNames")]
 assert len(named) == 1 and named[0]["resourceNames"] == [main["data"]["DAEMONSET_NAME"]], ds_rules
-assert all(r["verbs"] == ["create"] for r in ds_rules if not r.get("resourceNames")), ds_rules
+# (Beyond create only with image sets' own fallbacks: check_set_fallbacks.)
+set_fallbacks = env.get("KIP_IMAGE_SET_FALLBACK") == "true"
+assert all(r["verbs"] == ["create"] or set_fallbacks for r in ds_rules if not r.get("resourceNames")), ds_rules
 agent_ds = [d["metadata"]["name"] for d in docs if d["kind"] == "DaemonSet"]
 assert main["data"]["DAEMONSET_NAME"] not in agent_ds, "the coordinator may not touch the agent DaemonSet"
 (cr,) = [d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-nodes")]
@@ -348,6 +350,26 @@ print(f"set pull secrets ok: copy {copy}, read {'in ' + ','.join(allowed) if all
 PY
 }
 
+# check_set_fallbacks RENDERED.yaml: image sets' own fallback DaemonSets come with DaemonSet
+# rights beyond the one name only when the coordinator is told to make them, and never `update`.
+check_set_fallbacks() {
+  "$PY" - "$1" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+(dep,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["labels"].get("app.kubernetes.io/component") == "coordinator"]
+env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+(role,) = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == dep["metadata"]["name"]]
+ds_rules = [r for r in role["rules"] if "daemonsets" in r["resources"]]
+unnamed = [r for r in ds_rules if "resourceNames" not in r and r["verbs"] != ["create"]]
+on = env.get("KIP_IMAGE_SET_FALLBACK") == "true"
+if on:
+    assert unnamed == [{"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get", "list", "watch", "patch", "delete"]}], unnamed
+else:
+    assert not unnamed, f"DaemonSet rights beyond the fallback's name without set fallbacks: {unnamed}"
+print(f"set fallbacks {'on' if on else 'off'}: DaemonSet rights {'in the namespace' if on else 'by name only'}", file=sys.stderr)
+PY
+}
+
 echo "==> helm chart" >&2
 "$HELM" lint --strict deploy/helm >&2
 for values in "" deploy/helm/ci/*.yaml; do
@@ -363,6 +385,7 @@ for values in "" deploy/helm/ci/*.yaml; do
   check_uninstall "$out"
   check_leader "$out"
   check_set_pull_secrets "$out"
+  check_set_fallbacks "$out"
   gate=$(check_access "$out")
   "$PY" tests/admission-policy.py "$out" >&2
   KIP_GATE_TAINT="$gate" "$COORD" --check-config --config-dir "$WORK/cm-$(basename "$out" .yaml)" >/dev/null
@@ -378,6 +401,8 @@ done
 check_set_pull_secrets "$WORK/no-set-secrets.yaml"
 "$HELM" template kip deploy/helm -n kip --set 'imageSets.namespaces={ml}' > "$WORK/set-secrets-ml.yaml"
 check_set_pull_secrets "$WORK/set-secrets-ml.yaml"
+"$HELM" template kip deploy/helm -n kip --set imageSets.fallback=false > "$WORK/no-set-fallbacks.yaml"
+check_set_fallbacks "$WORK/no-set-fallbacks.yaml"
 # Without the prometheus-operator CRDs no monitor is rendered, even when enabled.
 "$HELM" template kip deploy/helm -n kip -f deploy/helm/ci/all-features-values.yaml > "$WORK/no-crd.yaml"
 if grep -q 'kind: \(ServiceMonitor\|PodMonitor\)' "$WORK/no-crd.yaml"; then echo "monitors rendered without their CRDs" >&2; exit 1; fi

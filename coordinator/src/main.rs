@@ -152,6 +152,12 @@ struct Cli {
     #[arg(long, env = "KIP_IMAGE_SET_MAX_IMAGES", value_name = "N", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     image_set_max_images: u32,
 
+    /// With --image-sets: each set in use gets a fallback DaemonSet of its own (the KIP
+    /// sleep-container layout, its images, on its nodes that have no agent in auto mode); needs
+    /// DaemonSet rights in the coordinator's namespace beyond the one fallback DaemonSet's name
+    #[arg(long, env = "KIP_IMAGE_SET_FALLBACK", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    image_set_fallback: bool,
+
     /// With --image-sets: the Secret in the coordinator's namespace into which the leader copies
     /// the sets' imagePullSecrets (the agents mount it); unset, sets' pull secrets are not used
     /// (their status says so)
@@ -377,6 +383,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             gate: cli.gate_taint.0.clone(),
             gate_timeout: cli.gate_timeout,
             heartbeat,
+            set_fallbacks: cli.image_set_fallback,
             ..controller::Settings::new(cli.node_label_grace)
         };
         let (hub, shutdown, image_sets, pullers) =

@@ -15,7 +15,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sha2::{Digest, Sha256};
 
+use kip::images::ImageList;
+
 use crate::config::{KipConfig, Mode};
+use crate::imageset::sets::AcceptedSet;
 
 /// Node label the coordinator sets on evidence: `cri` where an agent reports a working runtime,
 /// `none` where the fallback DaemonSet is needed (the agent reports no runtime, or has not
@@ -42,17 +45,71 @@ pub struct Options {
     pub gate_toleration: Option<Toleration>,
 }
 
+/// Label of an image set's fallback DaemonSet (and its pods): which set, as a hash of its
+/// namespace and name (the full names are in the [`SET_ANNOTATION`]).
+pub const SET_LABEL: &str = "kip.eclipse.dev/image-set";
+pub const SET_ANNOTATION: &str = "kip.eclipse.dev/image-set";
+/// Label of every fallback DaemonSet's pods: the install's DaemonSet (KIP's DAEMONSET_NAME) they
+/// belong to, whichever set they serve.
+pub const FALLBACK_OF_LABEL: &str = "kip.eclipse.dev/fallback-of";
+
+/// What one fallback DaemonSet is for: the KIP ConfigMap's list (the default set) or an image set.
+struct Target<'a> {
+    name: String,
+    images: &'a ImageList,
+    /// KIP's NODE_SELECTOR: the default set's only.
+    node_selector: &'a BTreeMap<String, String>,
+    /// An image set's selector, ANDed into every node affinity term.
+    requirements: Vec<NodeSelectorRequirement>,
+    /// An image set's label and annotation.
+    set: Option<(String, String)>,
+}
+
 /// The DaemonSet for `config.mode`; `None` in `cri` mode and once kip is released.
 pub fn fallback_daemonset(config: &KipConfig, opts: &Options) -> Option<DaemonSet> {
+    let target = Target {
+        name: config.daemonset_name.clone(),
+        images: &config.images,
+        node_selector: &config.node_selector,
+        requirements: Vec::new(),
+        set: None,
+    };
+    build(config, opts, target)
+}
+
+/// Pure: an image set's fallback DaemonSet: its images, with the configuration's pod settings,
+/// on the nodes its selector picks (in `auto` mode only those without an agent); `None` in `cri`
+/// mode, once kip is released, and for a selector node affinity cannot say.
+pub fn set_fallback_daemonset(config: &KipConfig, set: &AcceptedSet, opts: &Options) -> Option<DaemonSet> {
+    let requirements = set.selector.node_requirements()?;
+    let id = format!("{}/{}", set.namespace, set.name);
+    let hash: String = Sha256::digest(id.as_bytes()).iter().take(5).map(|b| format!("{b:02x}")).collect();
+    // `<daemonset>-set-<hash>`, within the 63 characters a label value (its instance) holds.
+    let base = &config.daemonset_name[..config.daemonset_name.len().min(63 - 15)];
+    let target = Target {
+        name: format!("{}-set-{hash}", base.trim_end_matches('-')),
+        images: &set.images,
+        node_selector: &BTreeMap::new(),
+        requirements,
+        set: Some((hash, id)),
+    };
+    build(config, opts, target)
+}
+
+fn build(config: &KipConfig, opts: &Options, target: Target<'_>) -> Option<DaemonSet> {
     if config.mode == Mode::Cri || config.release != kip::v1::Release::None {
         return None;
     }
     let labels = BTreeMap::from([
         ("app.kubernetes.io/name".to_string(), "kip-sleep".to_string()),
-        ("app.kubernetes.io/instance".to_string(), config.daemonset_name.clone()),
+        ("app.kubernetes.io/instance".to_string(), target.name.clone()),
     ]);
     let mut meta_labels = labels.clone();
     meta_labels.insert(MANAGED_BY.0.into(), MANAGED_BY.1.into());
+    if let Some((hash, _)) = &target.set {
+        meta_labels.insert(SET_LABEL.into(), hash.clone());
+        meta_labels.insert(FALLBACK_OF_LABEL.into(), config.daemonset_name.clone());
+    }
 
     let resources = ResourceRequirements {
         requests: Some(BTreeMap::from([
@@ -87,7 +144,7 @@ pub fn fallback_daemonset(config: &KipConfig, opts: &Options) -> Option<DaemonSe
         volume_mounts: Some(vec![kip_mount(false)]),
         ..Default::default()
     };
-    let containers = config
+    let containers = target
         .images
         .entries()
         .iter()
@@ -111,15 +168,22 @@ pub fn fallback_daemonset(config: &KipConfig, opts: &Options) -> Option<DaemonSe
         seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
         ..Default::default()
     };
-    let affinity = match config.mode {
-        Mode::Auto => Some(only_nodes_without_agent(config.affinity.clone())),
-        _ => config.affinity.clone(),
-    };
-    let annotations = (!config.daemonset_annotations.is_empty()).then(|| config.daemonset_annotations.clone());
+    let mut affinity = config.affinity.clone();
+    if config.mode == Mode::Auto {
+        affinity = Some(require(affinity, &[only_without_agent()]));
+    }
+    if !target.requirements.is_empty() {
+        affinity = Some(require(affinity, &target.requirements));
+    }
+    let mut annotations = config.daemonset_annotations.clone();
+    if let Some((_, id)) = &target.set {
+        annotations.insert(SET_ANNOTATION.into(), id.clone());
+    }
+    let annotations = (!annotations.is_empty()).then_some(annotations);
 
     let mut ds = DaemonSet {
         metadata: ObjectMeta {
-            name: Some(config.daemonset_name.clone()),
+            name: Some(target.name.clone()),
             namespace: Some(config.namespace.clone()),
             labels: Some(meta_labels.clone()),
             annotations: annotations.clone(),
@@ -141,7 +205,7 @@ pub fn fallback_daemonset(config: &KipConfig, opts: &Options) -> Option<DaemonSe
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
                     termination_grace_period_seconds: Some(1),
-                    node_selector: (!config.node_selector.is_empty()).then(|| config.node_selector.clone()),
+                    node_selector: (!target.node_selector.is_empty()).then(|| target.node_selector.clone()),
                     affinity,
                     tolerations: {
                         let all: Vec<Toleration> =
@@ -190,16 +254,24 @@ pub fn hash_of(ds: &DaemonSet) -> Option<&str> {
     ds.metadata.annotations.as_ref()?.get(HASH_ANNOTATION).map(String::as_str)
 }
 
-/// Adds "only on nodes labelled `kip.eclipse.dev/agent=none`" to the user's node affinity: the
-/// fallback runs where the coordinator found evidence that it is needed, never on a node whose
-/// agent has not had the chance to report. Terms of `requiredDuringScheduling…` are ORed, so the
-/// requirement goes into every term.
-pub fn only_nodes_without_agent(affinity: Option<Affinity>) -> Affinity {
-    let exclusion = NodeSelectorRequirement {
+/// "Only on nodes labelled `kip.eclipse.dev/agent=none`": the fallback runs where the coordinator
+/// found evidence that it is needed, never on a node whose agent has not had the chance to report.
+fn only_without_agent() -> NodeSelectorRequirement {
+    NodeSelectorRequirement {
         key: AGENT_LABEL.into(),
         operator: "In".into(),
         values: Some(vec![NO_AGENT_LABEL_VALUE.into()]),
-    };
+    }
+}
+
+/// Adds "only on nodes labelled `kip.eclipse.dev/agent=none`" to the user's node affinity.
+pub fn only_nodes_without_agent(affinity: Option<Affinity>) -> Affinity {
+    require(affinity, &[only_without_agent()])
+}
+
+/// Adds `requirements` to the user's node affinity. Terms of `requiredDuringScheduling…` are
+/// ORed, so the requirements go into every term.
+fn require(affinity: Option<Affinity>, requirements: &[NodeSelectorRequirement]) -> Affinity {
     let mut affinity = affinity.unwrap_or_default();
     let node = affinity.node_affinity.get_or_insert_with(NodeAffinity::default);
     let required = node
@@ -209,7 +281,7 @@ pub fn only_nodes_without_agent(affinity: Option<Affinity>) -> Affinity {
         required.node_selector_terms.push(NodeSelectorTerm::default());
     }
     for term in &mut required.node_selector_terms {
-        term.match_expressions.get_or_insert_with(Vec::new).push(exclusion.clone());
+        term.match_expressions.get_or_insert_with(Vec::new).extend(requirements.iter().cloned());
     }
     affinity
 }

@@ -200,20 +200,33 @@ pub fn watch_nodes(client: Client) -> (NodeView, impl std::future::Future<Output
     follow(Api::<Node>::all(client), watcher::Config::default(), strip_node, |n| n.metadata.name.clone(), "nodes")
 }
 
-/// The fallback DaemonSet and its pods, in one namespace under one name: the controller
-/// re-applies a deleted or edited DaemonSet at once and opens the gate of a node whose
-/// fallback pod is Ready.
+/// The fallback DaemonSet and its pods, in one namespace under one name, and (with image sets)
+/// the sets' fallback DaemonSets: the controllers re-apply a deleted or edited DaemonSet at once
+/// and open the gate of a node whose fallback pods are Ready with its images.
 #[derive(Clone)]
 pub struct Workloads {
     pub namespace: String,
     pub name: String,
     pub daemonset: View<DaemonSet>,
+    /// Every kip-sleep pod of the namespace (the default set's and the image sets').
     pub pods: View<Pod>,
+    /// The image sets' fallback DaemonSets (`None`: not followed, image sets or their fallback off).
+    pub set_daemonsets: Option<View<DaemonSet>>,
 }
 
-/// The labels the fallback DaemonSet gives its pods (its selector).
-pub fn fallback_pod_selector(name: &str) -> String {
-    format!("app.kubernetes.io/name=kip-sleep,app.kubernetes.io/instance={name}")
+/// The labels every fallback pod carries (the default set's and the image sets').
+pub const FALLBACK_PODS: &str = "app.kubernetes.io/name=kip-sleep";
+
+/// The labels of the image sets' fallback DaemonSets of the install whose DaemonSet is `name`.
+pub fn set_daemonset_selector(name: &str) -> String {
+    format!(
+        "{},{}={},{}={}",
+        crate::manifest::SET_LABEL,
+        crate::manifest::FALLBACK_OF_LABEL,
+        name,
+        crate::manifest::MANAGED_BY.0,
+        crate::manifest::MANAGED_BY.1
+    )
 }
 
 fn strip_daemonset(ds: &mut DaemonSet) {
@@ -241,7 +254,14 @@ fn strip_pod(pod: &mut Pod) {
 }
 
 impl Workloads {
-    pub fn watch(client: Client, namespace: &str, name: &str) -> (Self, impl std::future::Future<Output = ()>) {
+    /// Watches the fallback DaemonSet `name` in `namespace` and the pods of every fallback there;
+    /// with `sets`, the image sets' fallback DaemonSets too.
+    pub fn watch(
+        client: Client,
+        namespace: &str,
+        name: &str,
+        sets: bool,
+    ) -> (Self, impl std::future::Future<Output = ()>) {
         let (daemonset, ds_task) = follow(
             Api::<DaemonSet>::namespaced(client.clone(), namespace),
             watcher::Config::default().fields(&format!("metadata.name={name}")),
@@ -250,16 +270,28 @@ impl Workloads {
             "the fallback DaemonSet",
         );
         let (pods, pod_task) = follow(
-            Api::<Pod>::namespaced(client, namespace),
-            watcher::Config::default().labels(&fallback_pod_selector(name)),
+            Api::<Pod>::namespaced(client.clone(), namespace),
+            watcher::Config::default().labels(FALLBACK_PODS),
             strip_pod,
             |p| p.spec.as_ref().and_then(|s| s.node_name.clone()),
-            "the fallback DaemonSet's pods",
+            "the fallback DaemonSets' pods",
         );
-        let task = async move {
-            tokio::join!(ds_task, pod_task);
+        let (set_daemonsets, set_task) = if sets {
+            let (view, task) = follow(
+                Api::<DaemonSet>::namespaced(client, namespace),
+                watcher::Config::default().labels(&set_daemonset_selector(name)),
+                strip_daemonset,
+                |_| None,
+                "the image sets' fallback DaemonSets",
+            );
+            (Some(view), futures_util::future::Either::Left(task))
+        } else {
+            (None, futures_util::future::Either::Right(std::future::pending::<()>()))
         };
-        (Self { namespace: namespace.into(), name: name.into(), daemonset, pods }, task)
+        let task = async move {
+            tokio::join!(ds_task, pod_task, set_task);
+        };
+        (Self { namespace: namespace.into(), name: name.into(), daemonset, pods, set_daemonsets }, task)
     }
 
     /// The DaemonSet as the watch shows it: `None` before the first list, `Some(None)` when absent.
@@ -267,24 +299,43 @@ impl Workloads {
         self.daemonset.listed().then(|| self.daemonset.store.get(&ObjectRef::new(&self.name).within(&self.namespace)))
     }
 
-    /// Whether the fallback pod on `node` is Ready and runs every image in `images`.
+    /// Whether this install's fallback pods on `node` are Ready and run every image in `images`
+    /// between them (the default set's pod and the image sets').
     pub fn fallback_ready(&self, node: &str, images: &[&str]) -> bool {
-        self.pods.store.state().iter().any(|p| pod_serves(p, node, images))
+        let pods = self.pods.store.state();
+        let ours = pods.iter().filter(|p| fallback_of(p, &self.name));
+        pods_serve(ours.map(|p| p.as_ref()), node, images)
     }
 }
 
-/// Pure: `pod` runs on `node`, is Ready, and has a container for every image in `images` (a pod
-/// of an older list does not count).
-pub fn pod_serves(pod: &Pod, node: &str, images: &[&str]) -> bool {
-    let Some(spec) = pod.spec.as_ref() else { return false };
-    let ready = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-    spec.node_name.as_deref() == Some(node)
-        && ready
-        && images.iter().all(|i| spec.containers.iter().any(|c| c.image.as_deref() == Some(*i)))
+/// Pure: `pod` is a fallback pod of the install whose DaemonSet is `name`: the DaemonSet's own,
+/// or an image set's.
+pub fn fallback_of(pod: &Pod, name: &str) -> bool {
+    let labels = pod.metadata.labels.as_ref();
+    let label = |key: &str| labels.and_then(|l| l.get(key)).map(String::as_str);
+    label("app.kubernetes.io/instance") == Some(name) || label(crate::manifest::FALLBACK_OF_LABEL) == Some(name)
+}
+
+/// Pure: the Ready pods among `pods` that run on `node` have, between them, a container for
+/// every image in `images` (a pod of an older list lacks the new images).
+pub fn pods_serve<'a>(pods: impl Iterator<Item = &'a Pod>, node: &str, images: &[&str]) -> bool {
+    let ready_here: Vec<&Pod> = pods
+        .filter(|pod| {
+            let ready = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            ready && pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
+        })
+        .collect();
+    !ready_here.is_empty()
+        && images.iter().all(|i| {
+            ready_here
+                .iter()
+                .flat_map(|p| p.spec.iter().flat_map(|s| &s.containers))
+                .any(|c| c.image.as_deref() == Some(*i))
+        })
 }
 
 #[cfg(test)]
@@ -300,6 +351,10 @@ mod tests {
         .unwrap()
     }
 
+    fn pod_serves(p: &Pod, node: &str, images: &[&str]) -> bool {
+        pods_serve(std::iter::once(p), node, images)
+    }
+
     #[test]
     fn a_fallback_pod_serves_its_node_when_ready_with_every_listed_image() {
         let p = pod("n1", "True", &["busybox", "nginx"]);
@@ -307,6 +362,27 @@ mod tests {
         assert!(!pod_serves(&p, "n2", &["busybox"]), "another node");
         assert!(!pod_serves(&p, "n1", &["busybox", "redis"]), "a pod of an older list");
         assert!(!pod_serves(&pod("n1", "False", &["busybox"]), "n1", &["busybox"]), "not ready");
+        // The default set's pod and an image set's, between them; a pod not Ready adds nothing.
+        let set_pod = pod("n1", "True", &["redis"]);
+        let waiting = pod("n1", "False", &["postgres"]);
+        assert!(pods_serve([&p, &set_pod].into_iter(), "n1", &["busybox", "redis"]));
+        assert!(!pods_serve([&p, &set_pod, &waiting].into_iter(), "n1", &["busybox", "postgres"]));
+        assert!(!pods_serve(std::iter::empty(), "n1", &[]), "no pod serves no node");
+    }
+
+    #[test]
+    fn only_this_install_s_fallback_pods_count() {
+        let labelled = |labels: serde_json::Value| -> Pod {
+            let mut p = pod("n1", "True", &["busybox"]);
+            p.metadata.labels = serde_json::from_value(labels).unwrap();
+            p
+        };
+        let name = "kubernetes-image-puller";
+        assert!(fallback_of(&labelled(serde_json::json!({"app.kubernetes.io/instance": name})), name));
+        let set_pod = serde_json::json!({"app.kubernetes.io/instance": "kubernetes-image-puller-set-0a1b2c3d4e", crate::manifest::FALLBACK_OF_LABEL: name});
+        assert!(fallback_of(&labelled(set_pod), name));
+        assert!(!fallback_of(&labelled(serde_json::json!({"app.kubernetes.io/instance": "other-puller"})), name));
+        assert!(!fallback_of(&pod("n1", "True", &["busybox"]), name), "no labels");
     }
 
     #[test]

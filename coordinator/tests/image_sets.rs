@@ -362,3 +362,69 @@ async fn a_set_s_pull_secret_is_copied_for_the_agents_and_named_with_its_images(
     .await;
     assert!(!degraded().unwrap().1.contains("s3cr3t"));
 }
+
+/// A node without an agent gets each set that selects it as a fallback DaemonSet of its own
+/// (the set's images, on the set's nodes without an agent); the set's status counts the node
+/// once those pods are Ready; a set deleted takes its DaemonSet along, and a DaemonSet kip did
+/// not make is never touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_gets_a_fallback_daemonset_of_its_own_for_nodes_without_an_agent() {
+    const DAEMONSETS: &str = "/apis/apps/v1/namespaces/k8s-image-puller/daemonsets";
+    const PODS: &str = "/api/v1/namespaces/k8s-image-puller/pods";
+    let api = FakeApi::new();
+    api.add_nodes(1, std::time::SystemTime::now() - Duration::from_secs(3600));
+    api.label_node("node-0", json!({"pool": "gpu"}));
+    api.apply(SETS, training(json!({"matchLabels": {"pool": "gpu"}})));
+    api.apply(
+        DAEMONSETS,
+        json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "someone-elses", "namespace": "k8s-image-puller",
+            "labels": {"kip.eclipse.dev/image-set": "x", "kip.eclipse.dev/fallback-of": "kubernetes-image-puller"}}}),
+    );
+    let (kip, _door) = Coordinator::start(&api, config_with("a=alpine")).await;
+    kip.follow(Limits::default());
+    let settings = kip_coordinator::controller::Settings {
+        set_fallbacks: true,
+        ..kip_coordinator::controller::Settings::new(Duration::from_secs(3600))
+    };
+    tokio::spawn(kip_coordinator::controller::start(
+        kip.client.clone(),
+        kip.state.clone(),
+        kip.nodes.clone(),
+        None,
+        settings,
+        kip.shutdown.clone(),
+    ));
+    let set_daemonset = || {
+        let all = api.objects(DAEMONSETS);
+        all.into_iter()
+            .find(|d| d["metadata"]["name"].as_str().unwrap_or_default().starts_with("kubernetes-image-puller-set-"))
+    };
+    until("the set's fallback DaemonSet", Duration::from_secs(15), || set_daemonset().is_some()).await;
+    let ds = set_daemonset().unwrap();
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["containers"].as_array().unwrap().iter().map(|c| c["image"].clone()).collect::<Vec<_>>(),
+        [json!("quay.io/ml/train:1"), json!("busybox")]
+    );
+    let terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        .to_string();
+    assert!(terms.contains(r#""key":"kip.eclipse.dev/agent","operator":"In","values":["none"]"#), "{terms}");
+    assert!(terms.contains(r#""key":"pool","operator":"In","values":["gpu"]"#), "{terms}");
+    assert_eq!(ds["metadata"]["annotations"]["kip.eclipse.dev/image-set"], "ml/training");
+    // The set's pod runs Ready on the node (which has no agent): the set is Ready there.
+    let labels = ds["spec"]["template"]["metadata"]["labels"].clone();
+    api.apply(
+        PODS,
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "set-pod", "namespace": "k8s-image-puller", "labels": labels},
+            "spec": {"nodeName": "node-0", "containers": pod["containers"]},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
+    );
+    until("the set Ready through its fallback", Duration::from_secs(15), || {
+        api.object(SETS, "training").is_some_and(|s| s["status"]["ready"] == "1/1")
+    })
+    .await;
+    // The set goes, and its DaemonSet with it; the other one stays.
+    api.remove(SETS, "training");
+    until("the set's DaemonSet deleted", Duration::from_secs(15), || set_daemonset().is_none()).await;
+    assert!(api.object(DAEMONSETS, "someone-elses").is_some(), "a DaemonSet kip did not make stays");
+}

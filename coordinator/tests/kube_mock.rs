@@ -963,6 +963,7 @@ fn played_workloads(ds: &Value) -> (Workloads, Pods) {
         name: "kubernetes-image-puller".into(),
         daemonset,
         pods: pods.clone(),
+        set_daemonsets: None,
     };
     (workloads, Pods { writer, tx, view: pods })
 }
@@ -996,7 +997,7 @@ async fn without_an_agent_the_gate_opens_on_a_ready_fallback_pod_or_at_the_timeo
     // A pod of an older list (nginx missing) does not count; the current one does.
     let pod = |name: &str, images: &[&str]| -> Pod {
         serde_json::from_value(json!({
-            "metadata": {"name": name, "namespace": "k8s-image-puller"},
+            "metadata": {"name": name, "namespace": "k8s-image-puller", "labels": {"app.kubernetes.io/name": "kip-sleep", "app.kubernetes.io/instance": "kubernetes-image-puller"}},
             "spec": {"nodeName": "fresh", "containers": images.iter().map(|i| json!({"name": "c", "image": i})).collect::<Vec<_>>()},
             "status": {"conditions": [{"type": "Ready", "status": "True"}]},
         }))

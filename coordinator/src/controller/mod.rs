@@ -16,6 +16,7 @@ pub mod daemonset;
 pub mod labels;
 pub mod nodes;
 pub mod release;
+pub mod set_fallbacks;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -48,6 +49,8 @@ pub struct Settings {
     pub heartbeat: kip::process::Heartbeat,
     /// Node reconciles that may run at once (each at most one API write).
     pub concurrency: u16,
+    /// Image sets get fallback DaemonSets of their own (`--image-set-fallback`).
+    pub set_fallbacks: bool,
 }
 
 impl Settings {
@@ -58,6 +61,7 @@ impl Settings {
             gate_timeout: Duration::from_secs(900),
             heartbeat: Default::default(),
             concurrency: 16,
+            set_fallbacks: false,
         }
     }
 }
@@ -127,6 +131,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> bool {
     state.attach_api();
+    if let Some(w) = &workloads {
+        state.attach_fallback(w.clone());
+    }
+    let set_daemonsets = workloads.as_ref().and_then(|w| w.set_daemonsets.clone());
     let labels = Arc::new(labels::Labels::new(cluster.client.clone()));
     // What the DaemonSet controller last achieved: the release waits for the DaemonSet to go.
     let (ds_synced, ds_synced_rx) = watch::channel(None::<(u64, bool)>);
@@ -150,14 +158,20 @@ pub async fn run(
         settings.clone(),
         stop.clone(),
     ));
-    let release = Box::pin(release::run(cluster, state, labels, nodes, ds_synced_rx, stop.clone()));
+    let set_fallbacks = Box::pin(async {
+        match set_daemonsets {
+            Some(view) => set_fallbacks::run(cluster.clone(), state.clone(), view, stop.clone()).await,
+            None => stop.cancelled().await,
+        }
+    });
+    let release = Box::pin(release::run(cluster.clone(), state.clone(), labels, nodes, ds_synced_rx, stop.clone()));
     let moved = async {
         let moved = ds.await;
         // The others end with the DaemonSet's: a move restarts all three on new watches.
         stop.cancel();
         moved
     };
-    let (moved, (), ()) = tokio::join!(moved, node_controller, release);
+    let (moved, (), (), ()) = tokio::join!(moved, node_controller, release, set_fallbacks);
     moved && !shutdown.is_cancelled()
 }
 
@@ -175,8 +189,12 @@ pub async fn start(
     let controllers = async {
         loop {
             let config = state.current();
-            let (workloads, workload_task) =
-                Workloads::watch(client.clone(), &config.config.namespace, &config.config.daemonset_name);
+            let (workloads, workload_task) = Workloads::watch(
+                client.clone(),
+                &config.config.namespace,
+                &config.config.daemonset_name,
+                settings.set_fallbacks && state.image_sets_enabled(),
+            );
             let run = Box::pin(run(
                 cluster.clone(),
                 state.clone(),

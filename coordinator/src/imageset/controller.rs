@@ -128,6 +128,7 @@ fn statuses(state: &State, sets: &View<ImageSet>, nodes: &NodeView) -> Vec<(Arc<
                 .filter(|n| used.selector.matches(&n.metadata.labels.clone().unwrap_or_default()))
                 .filter_map(|n| NodeFacts::of(n).map(|f| (f.name, f.created)))
                 .collect();
+            let set_images: Vec<&str> = used.images.entries().iter().map(|e| e.image.as_str()).collect();
             let reports: BTreeMap<&str, _> =
                 entries.iter().map(|(name, _)| (name.as_str(), state.node(name))).collect();
             let says: Vec<NodeSays<'_>> = entries
@@ -139,7 +140,7 @@ fn statuses(state: &State, sets: &View<ImageSet>, nodes: &NodeView) -> Vec<(Arc<
                         *created,
                         state.is_connected(name),
                     );
-                    (name.as_str(), report)
+                    (name.as_str(), report, state.fallback_serves(name, &set_images))
                 })
                 .collect();
             let problems: Vec<String> = used
@@ -171,7 +172,12 @@ pub async fn write_status(
     let (mut reports, mut set_changes, mut node_changes, mut accepted) =
         (state.subscribe_nodes(), sets.changed.clone(), nodes.changed.clone(), state.subscribe_sets());
     let mut secret_problems = state.subscribe_secret_problems();
+    // The fallback pods (a node they serve counts): watched once the leader's controllers run.
+    let mut fallback_pods = None;
     loop {
+        if fallback_pods.is_none() {
+            fallback_pods = state.fallback_changes();
+        }
         for (set, status) in statuses(&state, &sets, &nodes) {
             if !progress::differs(set.status.as_ref(), &status) {
                 continue;
@@ -196,6 +202,8 @@ pub async fn write_status(
             _ = node_changes.changed() => {}
             _ = accepted.changed() => {}
             _ = secret_problems.changed() => {}
+            // A watch gone (the DaemonSet moved): the next pass takes the new one.
+            r = changed(&mut fallback_pods) => if !r { fallback_pods = None },
         }
     }
 }

@@ -15,8 +15,9 @@ use super::{ImageProgress, ImageSetStatus};
 /// How many nodes (and images) a condition's message names at most.
 const NAMED: usize = 3;
 
-/// What one selected node says: its agent's current report, or why there is none.
-pub type NodeSays<'a> = (&'a str, Result<&'a v1::NodeReport, String>);
+/// What one selected node says: its agent's current report, or why there is none; and whether
+/// the node's fallback pods (no agent there) are Ready with every image of the set.
+pub type NodeSays<'a> = (&'a str, Result<&'a v1::NodeReport, String>, bool);
 
 /// Pure: what a node's report says of `image` (matched by normalized reference: on the node the
 /// image may carry another set's name).
@@ -73,7 +74,18 @@ pub fn of_accepted(
         .collect();
     let (mut ready, mut waiting) = (0u32, Vec::new());
     let mut failing: Vec<String> = secret_problems.to_vec();
-    for (node, says) in nodes {
+    for (node, says, fallback) in nodes {
+        let agent_works = says.as_ref().is_ok_and(|r| r.runtime.as_ref().is_some_and(|rt| rt.available));
+        if *fallback && !agent_works {
+            // KIP's way: running containers hold the images (kubelet's GC never takes an image in
+            // use), so they count as cached and pinned.
+            ready += 1;
+            for progress in images.iter_mut() {
+                progress.nodes_cached += 1;
+                progress.nodes_pinned += 1;
+            }
+            continue;
+        }
         let report = match says {
             Ok(r) => r,
             Err(why) => {
@@ -231,7 +243,11 @@ mod tests {
             ("trainer", "quay.io/ml/train:1", true, true, ""),
         ]);
         let n2 = report(&[("trainer", "quay.io/ml/train:1", true, false, "")]);
-        let nodes = vec![("n1", Ok(&n1)), ("n2", Ok(&n2)), ("n3", Err("its agent has not reported".to_string()))];
+        let nodes = vec![
+            ("n1", Ok(&n1), false),
+            ("n2", Ok(&n2), false),
+            ("n3", Err("its agent has not reported".to_string()), false),
+        ];
         let s = of_accepted(&set, &nodes, &[], Some(3), &[], &now());
         assert_eq!((s.nodes_selected, s.nodes_ready, s.ready.as_str(), s.image_count), (3, 1, "1/3", 2));
         assert_eq!(
@@ -259,7 +275,7 @@ mod tests {
         let later = Time(k8s_openapi::jiff::Timestamp::from_second(1_700_000_100).unwrap());
         let done = of_accepted(
             &set,
-            &[("n1", Ok(&n1)), ("n2", Ok(&n2)), ("n3", Ok(&n3))],
+            &[("n1", Ok(&n1), false), ("n2", Ok(&n2), false), ("n3", Ok(&n3), false)],
             &[],
             Some(3),
             &s.conditions,
@@ -272,7 +288,7 @@ mod tests {
             Some(&done),
             &of_accepted(
                 &set,
-                &[("n1", Ok(&n1)), ("n2", Ok(&n2)), ("n3", Ok(&n3))],
+                &[("n1", Ok(&n1), false), ("n2", Ok(&n2), false), ("n3", Ok(&n3), false)],
                 &[],
                 Some(3),
                 &done.conditions,
@@ -285,13 +301,32 @@ mod tests {
     fn failing_pulls_and_no_nodes_and_a_refused_set_say_so() {
         let set = set("trainer=quay.io/ml/train:1;");
         let failing = report(&[("trainer", "quay.io/ml/train:1", false, false, "pull: 401 Unauthorized")]);
-        let s = of_accepted(&set, &[("gpu-1", Ok(&failing))], &[], None, &[], &now());
+        let s = of_accepted(&set, &[("gpu-1", Ok(&failing), false)], &[], None, &[], &now());
         let degraded = get(&s, "Degraded");
         assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "PullFailing"));
+        // A node without a usable runtime whose fallback pods run the set's images: ready, as KIP.
+        let no_runtime = v1::NodeReport {
+            runtime: Some(v1::RuntimeState { available: false, error: "no socket".into(), ..Default::default() }),
+            ..Default::default()
+        };
+        let s = of_accepted(
+            &set,
+            &[
+                ("gpu-2", Ok(&no_runtime), true),
+                ("gpu-3", Err("no agent".into()), true),
+                ("gpu-4", Ok(&no_runtime), false),
+            ],
+            &[],
+            None,
+            &[],
+            &now(),
+        );
+        assert_eq!((s.nodes_ready, s.images[0].nodes_cached, s.images[0].nodes_pinned), (2, 2, 2));
+        assert!(get(&s, "Degraded").message.contains("gpu-4: no usable runtime"));
         assert!(degraded.message.contains("gpu-1: trainer: pull: 401 Unauthorized"));
         // A pull secret that could not be copied comes first, with its own reason.
         let problem = ["imagePullSecrets regcred: not found in namespace ml".to_string()];
-        let s = of_accepted(&set, &[("gpu-1", Ok(&failing))], &problem, None, &[], &now());
+        let s = of_accepted(&set, &[("gpu-1", Ok(&failing), false)], &problem, None, &[], &now());
         let degraded = get(&s, "Degraded");
         assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "PullSecretProblem"));
         assert!(degraded.message.starts_with("imagePullSecrets regcred: not found in namespace ml; gpu-1: trainer"));

@@ -46,6 +46,28 @@ impl Selector {
         Ok(Self(requirements))
     }
 
+    /// Pure: the selector as node affinity requirements (the same operators, the same meaning:
+    /// `NotIn` holds where the label is absent); `None` where one cannot be said there: node
+    /// affinity needs a value list of at least one for `In` and `NotIn`, as parsing ensured.
+    pub fn node_requirements(&self) -> Option<Vec<k8s_openapi::api::core::v1::NodeSelectorRequirement>> {
+        use k8s_openapi::api::core::v1::NodeSelectorRequirement as R;
+        let r = |key: &str, operator: &str, values: Option<&Vec<String>>| R {
+            key: key.into(),
+            operator: operator.into(),
+            values: values.cloned(),
+        };
+        self.0
+            .iter()
+            .map(|requirement| match requirement {
+                Requirement::In(k, vs) if !vs.is_empty() => Some(r(k, "In", Some(vs))),
+                Requirement::NotIn(k, vs) if !vs.is_empty() => Some(r(k, "NotIn", Some(vs))),
+                Requirement::Exists(k) => Some(r(k, "Exists", None)),
+                Requirement::DoesNotExist(k) => Some(r(k, "DoesNotExist", None)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Pure: whether a node with `labels` is selected.
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         self.0.iter().all(|r| match r {

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use super::State;
 use crate::imageset::sets::{node_list, node_pull_secrets, node_refresh_interval, selecting, tag_intervals, Accepted};
-use crate::watches::{NodeView, Touch};
+use crate::watches::{NodeView, Touch, Workloads};
 
 /// A node's labels as last seen, and the channel its stream waits on.
 type Labels = (BTreeMap<String, String>, watch::Sender<u64>);
@@ -37,6 +37,8 @@ pub struct Sets {
     generation: AtomicU64,
     /// What is wrong with the sets' pull secrets, by (namespace, secret) (the copy's writer).
     secret_problems: watch::Sender<SecretProblems>,
+    /// The leader's watch of the fallback pods (a set's status counts a node they serve).
+    fallback: Mutex<Option<Workloads>>,
 }
 
 /// Why a set's pull secret is not in the coordinator's copy, by (namespace, secret).
@@ -51,6 +53,7 @@ impl Default for Sets {
             labels: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(1),
             secret_problems: watch::channel(SecretProblems::new()).0,
+            fallback: Mutex::new(None),
         }
     }
 }
@@ -102,6 +105,27 @@ impl State {
 
     pub fn subscribe_sets(&self) -> watch::Receiver<Option<Arc<Accepted>>> {
         self.sets.accepted.subscribe()
+    }
+
+    /// The leader's watch of the fallback DaemonSets' pods (replaced when the DaemonSet moves).
+    pub fn attach_fallback(&self, workloads: Workloads) {
+        if let Ok(mut fallback) = self.sets.fallback.lock() {
+            *fallback = Some(workloads);
+        }
+    }
+
+    /// The fallback pods' change counter, once the leader watches them.
+    pub fn fallback_changes(&self) -> Option<watch::Receiver<u64>> {
+        let workloads = self.sets.fallback.lock().ok().and_then(|f| f.clone())?;
+        let mut changes = workloads.pods.changed.clone();
+        changes.mark_unchanged();
+        Some(changes)
+    }
+
+    /// Whether `node`'s fallback pods are Ready and run every image in `images`.
+    pub fn fallback_serves(&self, node: &str, images: &[&str]) -> bool {
+        let workloads = self.sets.fallback.lock().ok().and_then(|f| f.clone());
+        workloads.is_some_and(|w| w.fallback_ready(node, images))
     }
 
     /// The node watch every replica follows (node labels select sets).

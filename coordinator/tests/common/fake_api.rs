@@ -207,6 +207,12 @@ impl FakeApi {
         self.put(NODES, name, node);
     }
 
+    /// Every object stored under `collection`.
+    pub fn objects(&self, collection: &str) -> Vec<Value> {
+        let o = self.objects.lock().unwrap();
+        o.items.get(collection).map(|c| c.values().cloned().collect()).unwrap_or_default()
+    }
+
     /// An object as stored.
     pub fn object(&self, collection: &str, name: &str) -> Option<Value> {
         self.get_object(collection, name)

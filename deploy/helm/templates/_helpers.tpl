@@ -72,3 +72,12 @@ off). The chart creates it empty, so an uninstall removes it; the coordinator ow
 {{- printf "%s-set-pull-secrets" .Values.deploymentName | trunc 253 -}}
 {{- end -}}
 {{- end }}
+
+{{/*
+"true" when image sets get fallback DaemonSets of their own (empty otherwise).
+*/}}
+{{- define "kip.setFallbacks" -}}
+{{- if and .Values.imageSets.enabled .Values.imageSets.fallback (ne .Values.mode "cri") -}}
+true
+{{- end -}}
+{{- end }}
