@@ -387,7 +387,7 @@ for values in "" deploy/helm/ci/*.yaml; do
   check_set_pull_secrets "$out"
   check_set_fallbacks "$out"
   gate=$(check_access "$out")
-  "$PY" tests/admission-policy.py "$out" >&2
+  "$PY" tests/admission-policy.py "$out" coordinator/tests/golden/*.yaml >&2
   KIP_GATE_TAINT="$gate" "$COORD" --check-config --config-dir "$WORK/cm-$(basename "$out" .yaml)" >/dev/null
   echo "access ok: agent auth and gate ${gate:-(none)}" >&2
   case $name in

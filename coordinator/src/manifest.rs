@@ -368,6 +368,18 @@ mod tests {
             fallback_daemonset(&c, &Options { openshift: false, owner: Some(owner()), gate_toleration: Some(gate()) })
                 .unwrap();
         golden("auto-mode-all-options", &ds);
+        // An image set's own fallback, with the same options: its images, its selector ANDed
+        // into every term, no NODE_SELECTOR (the default set's).
+        let set: crate::imageset::ImageSet = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kip.eclipse.dev/v1alpha1", "kind": "ImageSet",
+            "metadata": {"namespace": "ml", "name": "training"},
+            "spec": {"images": [{"name": "trainer", "image": "quay.io/ml/train:1"}],
+                "nodeSelector": {"matchLabels": {"pool": "gpu"}, "matchExpressions": [{"key": "spot", "operator": "DoesNotExist"}]}},
+        }))
+        .unwrap();
+        let accepted = crate::imageset::sets::accept([&set], &Default::default(), None);
+        let opts = Options { openshift: false, owner: Some(owner()), gate_toleration: Some(gate()) };
+        golden("image-set-auto-mode-all-options", &set_fallback_daemonset(&c, &accepted.sets[0], &opts).unwrap());
         let terms = &ds
             .spec
             .as_ref()
