@@ -1,7 +1,7 @@
 //! Tags resolved once per cluster. The coordinator asks each listed tag's registry for its
 //! manifest digest with one `HEAD` (oci-client: the distribution API with the registries' token
-//! auth, credentials from the mounted pull secrets) at start-up, whenever the list's tags change
-//! and every refresh interval, and publishes the digests. Agents pull only where their node's
+//! auth, credentials from an image set's pull secrets or the mounted ones) at start-up, whenever
+//! the tags or their credentials change and every refresh interval, and publishes the digests. Agents pull only where their node's
 //! digest differs: the registry sees one HEAD per tag per interval instead of a pull per node.
 //! A tag that cannot be resolved (air-gapped cluster, bad credentials, registry down) goes out
 //! without a digest, and agents refresh it on their own interval as before.
@@ -146,8 +146,14 @@ impl Resolver {
         }
     }
 
-    /// Resolves every entry (a few at a time); keyed by normalized reference.
-    pub async fn resolve(&self, entries: &[ImageEntry]) -> BTreeMap<String, Resolved> {
+    /// Resolves every entry (a few at a time); keyed by normalized reference. An entry's
+    /// credentials are its image sets' (`set_credentials`, by reference) where they cover its
+    /// registry, else the mounted pull secrets'.
+    pub async fn resolve(
+        &self,
+        entries: &[ImageEntry],
+        set_credentials: &BTreeMap<String, Credentials>,
+    ) -> BTreeMap<String, Resolved> {
         let keyring = match &self.secrets_dir {
             None => Ok(Keyring::default()),
             Some(dir) => Keyring::load(dir),
@@ -159,13 +165,26 @@ impl Resolver {
                 return entries.iter().map(|e| (e.reference.clone(), Resolved::Unresolved(why.clone()))).collect();
             }
         };
-        // Owned items: a stream of futures borrowing the slice is not `Send` for every lifetime.
-        let work: Vec<(ImageEntry, Option<Credentials>)> =
-            entries.iter().map(|e| (e.clone(), keyring.for_registry(&e.registry).cloned())).collect();
-        let client = &self.client();
+        // oci-client keeps the first credentials it was given per registry for a client's life:
+        // entries with other credentials for the same registry (two sets' secrets) get a client
+        // of their own.
+        let mut clients: Vec<(Option<Credentials>, Arc<oci_client::Client>)> = Vec::new();
+        let mut work: Vec<(ImageEntry, Option<Credentials>, Arc<oci_client::Client>)> = Vec::new();
+        for e in entries {
+            let creds = set_credentials.get(&e.reference).or_else(|| keyring.for_registry(&e.registry)).cloned();
+            let client = match clients.iter().find(|(c, _)| *c == creds) {
+                Some((_, client)) => client.clone(),
+                None => {
+                    let client = Arc::new(self.client());
+                    clients.push((creds.clone(), client.clone()));
+                    client
+                }
+            };
+            work.push((e.clone(), creds, client));
+        }
         futures_util::stream::iter(work)
-            .map(|(e, creds)| async move {
-                let answer = self.head(client, &e, creds.as_ref()).await;
+            .map(|(e, creds, client)| async move {
+                let answer = self.head(&client, &e, creds.as_ref()).await;
                 (e.reference, answer)
             })
             .buffer_unordered(CONCURRENT_HEADS)
@@ -173,14 +192,16 @@ impl Resolver {
             .await
     }
 
-    /// Resolves the published list's tags now, every refresh interval, and whenever its tags (or
-    /// the interval) change; the digests it publishes itself do not count as a change.
     /// One round in a task of its own: oci-client unwraps a registry's token into a header, which
     /// panics on a token that is not a valid header value; that fails the round, not the resolver.
-    async fn round(self: &Arc<Self>, entries: Vec<ImageEntry>) -> BTreeMap<String, Resolved> {
+    async fn round(
+        self: &Arc<Self>,
+        entries: Vec<ImageEntry>,
+        set_credentials: BTreeMap<String, Credentials>,
+    ) -> BTreeMap<String, Resolved> {
         let resolver = self.clone();
         let refs: Vec<String> = entries.iter().map(|e| e.reference.clone()).collect();
-        match tokio::spawn(async move { resolver.resolve(&entries).await }).await {
+        match tokio::spawn(async move { resolver.resolve(&entries, &set_credentials).await }).await {
             Ok(answers) => answers,
             Err(e) => {
                 let why = format!("the registry client failed: {e}");
@@ -193,21 +214,35 @@ impl Resolver {
     /// tag again every interval of its own (a set's `refreshInterval`), and a newly listed tag at
     /// once. The digests it publishes itself change nothing to ask.
     pub async fn run(self: Arc<Self>, hub: Arc<State>, shutdown: CancellationToken) {
-        let mut list = hub.subscribe();
-        let mut sets = hub.subscribe_sets();
+        let (mut list, mut sets, mut keyrings) = (hub.subscribe(), hub.subscribe_sets(), hub.subscribe_keyrings());
         let mut asked: HashMap<String, Instant> = HashMap::new();
+        // The sets' credentials each tag was last asked with.
+        let mut asked_with: HashMap<String, Credentials> = HashMap::new();
         loop {
             list.borrow_and_update();
             sets.borrow_and_update();
+            keyrings.borrow_and_update();
             let watched = hub.watched_tags();
-            // A tag no longer listed is forgotten: listed again, it is asked at once.
-            asked.retain(|reference, _| watched.contains_key(reference));
+            let all: Vec<ImageEntry> = watched.values().map(|(e, _)| e.clone()).collect();
+            let set_credentials = hub.set_credentials(&all);
+            // A tag no longer listed is forgotten: listed again, it is asked at once; so is one
+            // whose set's pull secret came, changed or went (it may now resolve, or no longer).
+            asked.retain(|reference, _| {
+                watched.contains_key(reference) && asked_with.get(reference) == set_credentials.get(reference)
+            });
+            asked_with.retain(|reference, _| asked.contains_key(reference));
             let started = Instant::now();
             let (entries, next) = due(&watched, &asked, started);
             if !entries.is_empty() {
+                for e in &entries {
+                    match set_credentials.get(&e.reference) {
+                        Some(c) => asked_with.insert(e.reference.clone(), c.clone()),
+                        None => asked_with.remove(&e.reference),
+                    };
+                }
                 let answers = tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    a = self.round(entries.clone()) => a,
+                    a = self.round(entries.clone(), set_credentials.clone()) => a,
                 };
                 let resolved = answers.values().filter(|a| matches!(a, Resolved::Digest(_))).count();
                 tracing::debug!(
@@ -226,6 +261,7 @@ impl Resolver {
                 _ = tokio::time::sleep_until(wake) => {}
                 changed = list.changed() => if changed.is_err() { return },
                 changed = sets.changed() => if changed.is_err() { return },
+                changed = keyrings.changed() => if changed.is_err() { return },
             }
         }
     }

@@ -428,3 +428,52 @@ async fn a_set_gets_a_fallback_daemonset_of_its_own_for_nodes_without_an_agent()
     until("the set's DaemonSet deleted", Duration::from_secs(15), || set_daemonset().is_none()).await;
     assert!(api.object(DAEMONSETS, "someone-elses").is_some(), "a DaemonSet kip did not make stays");
 }
+
+/// A set's private tag is resolved by the coordinator with the set's own pull secret (read by
+/// the leader from the set's namespace) on a real registry that wants a login; the mounted pull
+/// secrets have none for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_s_private_tag_is_resolved_with_the_set_s_pull_secret() {
+    use base64::Engine as _;
+    let Some(registry) = common::registry::Registry::start_private("team-robot", "t3am-pa55").await else { return };
+    let digest = registry.push("ml/private", "1", "private weights").await;
+    let api = FakeApi::new();
+    api.add_nodes(1, std::time::SystemTime::now() - Duration::from_secs(3600));
+    let auth = base64::engine::general_purpose::STANDARD.encode("team-robot:t3am-pa55");
+    let config = format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, registry.host);
+    api.apply(
+        "/api/v1/namespaces/ml/secrets",
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "team", "namespace": "ml"},
+            "type": "kubernetes.io/dockerconfigjson",
+            "data": {".dockerconfigjson": base64::engine::general_purpose::STANDARD.encode(&config)}}),
+    );
+    let private = format!("{}/ml/private:1", registry.host);
+    let mut set = training(json!({}));
+    set["spec"]["images"] = json!([{"name": "model", "image": private}]);
+    set["spec"]["imagePullSecrets"] = json!([{"name": "team"}]);
+    api.apply(SETS, set);
+    let pinned = "base=busybox@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    let (kip, _door) = Coordinator::start(&api, config_with(pinned)).await;
+    kip.follow(Limits::default());
+    let copy =
+        kip_coordinator::imageset::secrets::Copy { namespace: "kip".into(), name: "kip-set-pull-secrets".into() };
+    tokio::spawn(kip_coordinator::imageset::secrets::run(
+        kip.client.clone(),
+        kip.state.clone(),
+        Some(copy),
+        kip.shutdown.clone(),
+    ));
+    let resolver =
+        Arc::new(kip_coordinator::resolve::Resolver::new(vec![registry.host.clone()], None, Arc::new(Metrics::new())));
+    tokio::spawn(resolver.run(kip.state.clone(), kip.shutdown.clone()));
+    let mut agent = kip.connect("node-0").await;
+    let mut update = agent.next_update().await;
+    let digest_of = |u: &v1::ImageListUpdate| u.images.iter().find(|i| i.name == "model").map(|i| i.digest.clone());
+    // The first round may run before the secret was read (unauthorized); the set's own refresh
+    // interval is an hour, so the secret's arrival must bring the tag's next HEAD.
+    while digest_of(&update).as_deref() != Some(digest.as_str()) {
+        update = agent.next_update().await;
+    }
+    let resolved = kip.state.resolution();
+    assert!(matches!(resolved.get(&private), Some(kip_coordinator::resolve::Resolved::Digest(d)) if *d == digest));
+}

@@ -98,7 +98,7 @@ struct DockerAuthEntry {
 const CREDENTIAL_FILES: [&str; 3] = [".dockerconfigjson", "config.json", ".dockercfg"];
 
 /// Credentials found in a pull-secrets directory, keyed by normalized registry host.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Keyring {
     by_host: BTreeMap<String, Credentials>,
 }

@@ -104,6 +104,19 @@ pub fn copy_of(read: &BTreeMap<(String, String), Read>) -> (BTreeMap<String, Byt
     (data, problems)
 }
 
+/// Pure: the copy's credentials, by key (what the resolver's HEADs of the sets' tags use). Every
+/// value is a `.dockerconfigjson` [`docker_config`] made, so none fails to parse.
+pub fn keyrings_of(data: &BTreeMap<String, ByteString>) -> BTreeMap<String, kip::pull_secrets::Keyring> {
+    data.iter()
+        .filter_map(|(key, value)| {
+            let mut keyring = kip::pull_secrets::Keyring::default();
+            let text = std::str::from_utf8(&value.0).ok()?;
+            keyring.add_file(std::path::Path::new(key), text).ok()?;
+            Some((key.clone(), keyring))
+        })
+        .collect()
+}
+
 /// Why the API refused a read, in words an admin acts on.
 fn read_error(e: &kube::Error, namespace: &str) -> String {
     match e {
@@ -141,6 +154,7 @@ pub async fn run(client: Client, state: Arc<State>, copy: Option<Copy>, shutdown
                         read.insert((namespace, name), got);
                     }
                     let (data, mut problems) = copy_of(&read);
+                    state.set_pull_secret_keyrings(keyrings_of(&data));
                     // Compared with the copy as it is (not as last written): a copy emptied by
                     // someone else (a `helm upgrade --force`) is filled again.
                     let api = Api::<Secret>::namespaced(client.clone(), &copy.namespace);

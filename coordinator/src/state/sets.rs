@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use kip::images::{ImageEntry, ImageList};
+use kip::pull_secrets::{Credentials, Keyring};
 use kip::v1;
 use tokio::sync::watch;
 
@@ -39,6 +40,9 @@ pub struct Sets {
     secret_problems: watch::Sender<SecretProblems>,
     /// The leader's watch of the fallback pods (a set's status counts a node they serve).
     fallback: Mutex<Option<Workloads>>,
+    /// The sets' pull secrets as the leader last read them, by key (`<namespace>.<secret>`):
+    /// the resolver's credentials for the sets' tags.
+    keyrings: watch::Sender<BTreeMap<String, Keyring>>,
 }
 
 /// Why a set's pull secret is not in the coordinator's copy, by (namespace, secret).
@@ -54,6 +58,7 @@ impl Default for Sets {
             generation: AtomicU64::new(1),
             secret_problems: watch::channel(SecretProblems::new()).0,
             fallback: Mutex::new(None),
+            keyrings: watch::channel(BTreeMap::new()).0,
         }
     }
 }
@@ -105,6 +110,38 @@ impl State {
 
     pub fn subscribe_sets(&self) -> watch::Receiver<Option<Arc<Accepted>>> {
         self.sets.accepted.subscribe()
+    }
+
+    /// The sets' pull secrets as read (the leader's copy).
+    pub fn set_pull_secret_keyrings(&self, keyrings: BTreeMap<String, Keyring>) {
+        self.sets.keyrings.send_if_modified(|current| {
+            let changed = *current != keyrings;
+            *current = keyrings;
+            changed
+        });
+    }
+
+    /// Changes when the sets' pull secrets as read change (the resolver asks their tags again).
+    pub fn subscribe_keyrings(&self) -> watch::Receiver<BTreeMap<String, Keyring>> {
+        self.sets.keyrings.subscribe()
+    }
+
+    /// For each entry some set in use lists with pull secrets, the first of those secrets'
+    /// credentials for its registry (by reference).
+    pub fn set_credentials(&self, entries: &[ImageEntry]) -> BTreeMap<String, Credentials> {
+        let Some(accepted) = self.accepted_sets().filter(|_| self.image_sets_enabled()) else {
+            return BTreeMap::new();
+        };
+        let all: Vec<_> = accepted.sets.iter().collect();
+        let keys = node_pull_secrets(&all);
+        let keyrings = self.sets.keyrings.borrow();
+        entries
+            .iter()
+            .filter_map(|e| {
+                let creds = keys.get(&e.reference)?.iter().find_map(|k| keyrings.get(k)?.for_registry(&e.registry))?;
+                Some((e.reference.clone(), creds.clone()))
+            })
+            .collect()
     }
 
     /// The leader's watch of the fallback DaemonSets' pods (replaced when the DaemonSet moves).

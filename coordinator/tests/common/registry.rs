@@ -13,16 +13,35 @@ use oci_client::Reference;
 pub struct Registry {
     /// `127.0.0.1:PORT`.
     pub host: String,
+    /// What pushes authenticate with (anonymous on an open registry).
+    auth: RegistryAuth,
     child: Child,
     _dir: tempfile::TempDir,
 }
 
 impl Registry {
-    /// `None` (said on stderr) where `docker-registry` is not installed.
+    /// An open registry; `None` (said on stderr) where `docker-registry` is not installed.
     pub async fn start() -> Option<Self> {
-        if Command::new("docker-registry").arg("--version").output().is_err() {
-            eprintln!("SKIPPED: docker-registry is not installed (tests/install-deps.sh installs it)");
-            return None;
+        Self::start_with(None).await
+    }
+
+    /// A registry that wants `user`/`password` (htpasswd, bcrypt) for everything; `None` (said on
+    /// stderr) where `docker-registry` or `htpasswd` is not installed.
+    pub async fn start_private(user: &str, password: &str) -> Option<Self> {
+        Self::start_with(Some((user, password))).await
+    }
+
+    async fn start_with(login: Option<(&str, &str)>) -> Option<Self> {
+        for tool in ["docker-registry", "htpasswd"].iter().take(if login.is_some() { 2 } else { 1 }) {
+            if Command::new("sh")
+                .arg("-c")
+                .arg(format!("command -v {tool}"))
+                .output()
+                .map_or(true, |o| !o.status.success())
+            {
+                eprintln!("SKIPPED: {tool} is not installed (tests/install-deps.sh installs it)");
+                return None;
+            }
         }
         // The registry client's TLS needs a crypto provider (the coordinator installs it in main).
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -31,14 +50,19 @@ impl Registry {
         let host = format!("127.0.0.1:{port}");
         let config = dir.path().join("config.yml");
         let data = dir.path().join("data");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {host}\n",
-                data.display()
-            ),
-        )
-        .unwrap();
+        let mut yaml = format!(
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {host}\n",
+            data.display()
+        );
+        let mut auth = RegistryAuth::Anonymous;
+        if let Some((user, password)) = login {
+            let out = Command::new("htpasswd").args(["-Bbn", user, password]).output().unwrap();
+            let file = dir.path().join("htpasswd");
+            std::fs::write(&file, out.stdout).unwrap();
+            yaml.push_str(&format!("auth:\n  htpasswd:\n    realm: kip-test\n    path: {}\n", file.display()));
+            auth = RegistryAuth::Basic(user.into(), password.into());
+        }
+        std::fs::write(&config, yaml).unwrap();
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(&config)
@@ -46,7 +70,7 @@ impl Registry {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let registry = Self { host, child, _dir: dir };
+        let registry = Self { host, auth, child, _dir: dir };
         for _ in 0..200 {
             if tokio::net::TcpStream::connect(&registry.host).await.is_ok() {
                 return Some(registry);
@@ -68,8 +92,8 @@ impl Registry {
             br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#.to_vec(),
             None,
         );
-        client.push(&reference, &[layer], config, &RegistryAuth::Anonymous, None).await.unwrap();
-        client.fetch_manifest_digest(&reference, &RegistryAuth::Anonymous).await.unwrap()
+        client.push(&reference, &[layer], config, &self.auth, None).await.unwrap();
+        client.fetch_manifest_digest(&reference, &self.auth).await.unwrap()
     }
 }
 
