@@ -52,11 +52,6 @@ start_agent() {
   AGENT_PID[$n]=$!
   KIP_PIDS+=("${AGENT_PID[$n]}")
 }
-kctr_on() { local n=$1; shift; "$(containerd_bin_dir)/ctr" --address "${SOCK[$n]}" -n k8s.io "$@"; }
-labels_on() { local ls; ls=$(kctr_on "$1" images ls) && awk -v r="$2" '$1 == r { print $NF }' <<<"$ls"; }
-pinned_by_kip_on() { [[ ",$(labels_on "$1" "$2")," == *",kip.eclipse.dev/pinned-by=kip,"* && ",$(labels_on "$1" "$2")," == *",io.cri-containerd.pinned=pinned,"* ]]; }
-present_on() { local refs; refs=$(kctr_on "$1" images ls -q) && has_line "$refs" "$2"; }
-not_pinned_by_kip_on() { present_on "$1" "$2" && ! pinned_by_kip_on "$1" "$2"; }
 metric() { local m; m=$(curl -sf "$1/metrics") && awk -v m="$2" '$1 == m { print $2 }' <<<"$m"; }
 metric_is() { [ "$(metric "$1" "$2")" = "$3" ]; }
 # all nodes report generation G with every image in NAMES cached and pinned

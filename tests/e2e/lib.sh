@@ -274,6 +274,13 @@ write_configmap() {
 }
 
 # json_check URL PYTHON_EXPR: true when the expression holds for the JSON document `d` at URL.
+# The images of node N's containerd (the caller's SOCK[N] is its socket), as kip leaves them.
+kctr_on() { local n=$1; shift; "$(containerd_bin_dir)/ctr" --address "${SOCK[$n]}" -n k8s.io "$@"; }
+labels_on() { local ls; ls=$(kctr_on "$1" images ls) && awk -v r="$2" '$1 == r { print $NF }' <<<"$ls"; }
+pinned_by_kip_on() { [[ ",$(labels_on "$1" "$2")," == *",kip.eclipse.dev/pinned-by=kip,"* && ",$(labels_on "$1" "$2")," == *",io.cri-containerd.pinned=pinned,"* ]]; }
+present_on() { local refs; refs=$(kctr_on "$1" images ls -q) && has_line "$refs" "$2"; }
+not_pinned_by_kip_on() { present_on "$1" "$2" && ! pinned_by_kip_on "$1" "$2"; }
+
 json_check() {
   curl -sf "$1" | python3 -c "import json,sys; d=json.load(sys.stdin); sys.exit(0 if ($2) else 1)"
 }

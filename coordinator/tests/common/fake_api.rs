@@ -352,6 +352,18 @@ impl FakeApi {
         let manager = query.get("fieldManager").cloned().unwrap_or_default();
         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        // The custom resources it serves (what the coordinator asks before watching image sets).
+        if path == "/apis/kip.eclipse.dev/v1alpha1" {
+            self.count(door, "get", "discovery");
+            return respond(
+                StatusCode::OK,
+                &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "kip.eclipse.dev/v1alpha1",
+                    "resources": [{"name": "imagesets", "singularName": "imageset", "namespaced": true, "kind": "ImageSet",
+                        "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
+                        {"name": "imagesets/status", "singularName": "", "namespaced": true, "kind": "ImageSet",
+                        "verbs": ["get", "patch", "update"]}]}),
+            );
+        }
         if path == "/apis" || path == "/api" {
             self.count(door, "get", "discovery");
             return respond(StatusCode::OK, &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": []}));
