@@ -38,8 +38,10 @@ for containerd in system trixie sid; do
 done
 echo "==> registry e2e (what the registry sees: tag HEADs, pulls on a moved tag, the pull budget; containerd 1.6, 1.7 and 2.x at once)" >&2
 bash tests/e2e/registry.sh
-echo "==> image sets e2e (real coordinator and agent, containerd, a private registry; the fake Kubernetes API as a process)" >&2
-bash tests/e2e/image-sets.sh
+for containerd in system trixie sid; do
+  echo "==> image sets e2e (real coordinator and agent, containerd $containerd, a private registry; the fake Kubernetes API as a process)" >&2
+  KIP_CONTAINERD=$containerd bash tests/e2e/image-sets.sh
+done
 echo "==> image e2e (static binaries, image without Docker, FROM-scratch containers on a real containerd)" >&2
 bash tests/e2e/image.sh
 echo "==> helm lint/template, OpenShift templates, manifests against the Kubernetes schema" >&2
