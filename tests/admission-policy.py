@@ -42,15 +42,19 @@ def matched(username):
     return bool(matches.evaluate({"request": celpy.json_to_cel({"userInfo": {"username": username}})}))
 
 
-def refusals(old, new):
-    act = {"object": celpy.json_to_cel(new), "oldObject": celpy.json_to_cel(old)}
+def failing(rules, act):
+    """The messages of the validations in `rules` that `act` fails (each must give a bool)."""
     out = []
-    for program, message in checks:
+    for program, message in rules:
         result = program.evaluate(act)
         assert isinstance(result, celpy.celtypes.BoolType), f"{message}: evaluated to {result!r}"
         if not result:
             out.append(message)
     return out
+
+
+def refusals(old, new):
+    return failing(checks, {"object": celpy.json_to_cel(new), "oldObject": celpy.json_to_cel(old)})
 
 
 # Without a configured gate, a taint of the default's shape stands for it: not to be removed.
@@ -116,13 +120,7 @@ def ds_refusals(operation, old, new):
     for name, program in variables:
         values[name] = program.evaluate(act)
     act["variables"] = celpy.celtypes.MapType({celpy.celtypes.StringType(k): v for k, v in values.items()})
-    out = []
-    for program, message in ds_checks:
-        result = program.evaluate(act)
-        assert isinstance(result, celpy.celtypes.BoolType), f"{message}: evaluated to {result!r}"
-        if not result:
-            out.append(message)
-    return out
+    return failing(ds_checks, act)
 
 
 kip_labels = {"app.kubernetes.io/name": "kip-sleep", "app.kubernetes.io/instance": "kip-set-0a1b2c3d4e",

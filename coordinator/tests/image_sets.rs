@@ -28,6 +28,21 @@ fn training(selector: serde_json::Value) -> serde_json::Value {
         "spec": {"images": [{"name": "trainer", "image": "quay.io/ml/train:1"}, {"name": "base", "image": "busybox"}], "nodeSelector": selector}})
 }
 
+/// A `kubernetes.io/dockerconfigjson` Secret `name` in namespace `ml` with a login for
+/// `registry`; returns its `auth` value (base64 `user:password`).
+fn pull_secret(api: &FakeApi, name: &str, registry: &str, user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let config = format!(r#"{{"auths":{{"{registry}":{{"auth":"{auth}"}}}}}}"#);
+    api.apply(
+        "/api/v1/namespaces/ml/secrets",
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": "ml"},
+            "type": "kubernetes.io/dockerconfigjson",
+            "data": {".dockerconfigjson": base64::engine::general_purpose::STANDARD.encode(&config)}}),
+    );
+    auth
+}
+
 /// An agent's stream: the lists as they come.
 struct Agent {
     client: CoordinatorClient<tonic::transport::Channel>,
@@ -119,6 +134,21 @@ impl Coordinator {
 
     async fn connect(&self, node: &str) -> Agent {
         Agent::connect(&self.served.url, node).await
+    }
+
+    /// The leader's copy of the sets' pull secrets, kept as `kip/kip-set-pull-secrets`.
+    fn copy_pull_secrets(&self) {
+        let copy =
+            kip_coordinator::imageset::secrets::Copy { namespace: "kip".into(), name: "kip-set-pull-secrets".into() };
+        let (client, state, stop) = (self.client.clone(), self.state.clone(), self.shutdown.clone());
+        tokio::spawn(kip_coordinator::imageset::secrets::run(client, state, Some(copy), stop));
+    }
+
+    /// The tag resolver, speaking plain HTTP to `registry`.
+    fn resolve_tags(&self, registry: &str) {
+        let resolver =
+            Arc::new(kip_coordinator::resolve::Resolver::new(vec![registry.into()], None, Arc::new(Metrics::new())));
+        tokio::spawn(resolver.run(self.state.clone(), self.shutdown.clone()));
     }
 }
 
@@ -266,9 +296,7 @@ async fn a_set_s_tags_are_resolved_by_the_coordinator_at_the_set_s_interval() {
     let pinned = "base=busybox@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
     let (kip, _door) = Coordinator::start(&api, config_with(pinned)).await;
     kip.follow(Limits::default());
-    let resolver =
-        Arc::new(kip_coordinator::resolve::Resolver::new(vec![registry.host.clone()], None, Arc::new(Metrics::new())));
-    tokio::spawn(resolver.run(kip.state.clone(), kip.shutdown.clone()));
+    kip.resolve_tags(&registry.host);
     let mut agent = kip.connect("node-0").await;
     let digest_of_model = |u: &v1::ImageListUpdate| {
         u.images.iter().find(|i| i.name == "model").map(|i| i.digest.clone()).unwrap_or_default()
@@ -301,27 +329,13 @@ async fn a_set_s_pull_secret_is_copied_for_the_agents_and_named_with_its_images(
     use base64::Engine as _;
     let api = FakeApi::new();
     api.add_nodes(1, std::time::SystemTime::now() - Duration::from_secs(3600));
-    let auth = base64::engine::general_purpose::STANDARD.encode("robot:s3cr3t-pa55");
-    let config = format!(r#"{{"auths":{{"quay.io":{{"auth":"{auth}"}}}}}}"#);
-    api.apply(
-        "/api/v1/namespaces/ml/secrets",
-        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "regcred", "namespace": "ml"},
-            "type": "kubernetes.io/dockerconfigjson",
-            "data": {".dockerconfigjson": base64::engine::general_purpose::STANDARD.encode(&config)}}),
-    );
+    let auth = pull_secret(&api, "regcred", "quay.io", "robot", "s3cr3t-pa55");
     let mut set = training(json!({}));
     set["spec"]["imagePullSecrets"] = json!([{"name": "regcred"}, {"name": "missing"}]);
     api.apply(SETS, set);
     let (kip, _door) = Coordinator::start(&api, config_with("a=alpine")).await;
     kip.follow(Limits::default());
-    let copy =
-        kip_coordinator::imageset::secrets::Copy { namespace: "kip".into(), name: "kip-set-pull-secrets".into() };
-    tokio::spawn(kip_coordinator::imageset::secrets::run(
-        kip.client.clone(),
-        kip.state.clone(),
-        Some(copy),
-        kip.shutdown.clone(),
-    ));
+    kip.copy_pull_secrets();
     let mut agent = kip.connect("node-0").await;
     let update = agent.next_update().await;
     let keys_of = |name: &str| update.images.iter().find(|i| i.name == name).unwrap().pull_secrets.clone();
@@ -434,19 +448,11 @@ async fn a_set_gets_a_fallback_daemonset_of_its_own_for_nodes_without_an_agent()
 /// secrets have none for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_set_s_private_tag_is_resolved_with_the_set_s_pull_secret() {
-    use base64::Engine as _;
     let Some(registry) = common::registry::Registry::start_private("team-robot", "t3am-pa55").await else { return };
     let digest = registry.push("ml/private", "1", "private weights").await;
     let api = FakeApi::new();
     api.add_nodes(1, std::time::SystemTime::now() - Duration::from_secs(3600));
-    let auth = base64::engine::general_purpose::STANDARD.encode("team-robot:t3am-pa55");
-    let config = format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, registry.host);
-    api.apply(
-        "/api/v1/namespaces/ml/secrets",
-        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "team", "namespace": "ml"},
-            "type": "kubernetes.io/dockerconfigjson",
-            "data": {".dockerconfigjson": base64::engine::general_purpose::STANDARD.encode(&config)}}),
-    );
+    pull_secret(&api, "team", &registry.host, "team-robot", "t3am-pa55");
     let private = format!("{}/ml/private:1", registry.host);
     let mut set = training(json!({}));
     set["spec"]["images"] = json!([{"name": "model", "image": private}]);
@@ -455,17 +461,8 @@ async fn a_set_s_private_tag_is_resolved_with_the_set_s_pull_secret() {
     let pinned = "base=busybox@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
     let (kip, _door) = Coordinator::start(&api, config_with(pinned)).await;
     kip.follow(Limits::default());
-    let copy =
-        kip_coordinator::imageset::secrets::Copy { namespace: "kip".into(), name: "kip-set-pull-secrets".into() };
-    tokio::spawn(kip_coordinator::imageset::secrets::run(
-        kip.client.clone(),
-        kip.state.clone(),
-        Some(copy),
-        kip.shutdown.clone(),
-    ));
-    let resolver =
-        Arc::new(kip_coordinator::resolve::Resolver::new(vec![registry.host.clone()], None, Arc::new(Metrics::new())));
-    tokio::spawn(resolver.run(kip.state.clone(), kip.shutdown.clone()));
+    kip.copy_pull_secrets();
+    kip.resolve_tags(&registry.host);
     let mut agent = kip.connect("node-0").await;
     let mut update = agent.next_update().await;
     let digest_of = |u: &v1::ImageListUpdate| u.images.iter().find(|i| i.name == "model").map(|i| i.digest.clone());

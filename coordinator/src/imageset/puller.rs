@@ -39,12 +39,7 @@ pub const VERSION: &str = "v1alpha1";
 /// namespace. What does not parse is carried as is, so the set is refused with the reason
 /// (logged: kip writes nothing to the operator's resource).
 pub fn as_set(puller: &KubernetesImagePuller) -> ImageSet {
-    let images = puller
-        .spec
-        .images
-        .split(';')
-        .map(str::trim)
-        .filter(|e| !e.is_empty())
+    let images = entries(&puller.spec.images)
         .map(|e| match e.split_once('=') {
             Some((name, image)) => SetImage { name: name.trim().into(), image: image.trim().into() },
             None => SetImage { name: String::new(), image: e.into() },
@@ -70,14 +65,8 @@ pub fn as_set(puller: &KubernetesImagePuller) -> ImageSet {
         serde_json::Value::Number(n) => format!("{n}h"),
         other => format!("{other}"),
     });
-    let image_pull_secrets = puller
-        .spec
-        .image_pull_secrets
-        .split(';')
-        .map(str::trim)
-        .filter(|n| !n.is_empty())
-        .map(|name| super::SecretName { name: name.into() })
-        .collect();
+    let image_pull_secrets =
+        entries(&puller.spec.image_pull_secrets).map(|name| super::SecretName { name: name.into() }).collect();
     let mut metadata = puller.metadata.clone();
     metadata.name = Some(format!("kubernetesimagepuller-{}", metadata.name.unwrap_or_default()));
     ImageSet {
@@ -85,6 +74,11 @@ pub fn as_set(puller: &KubernetesImagePuller) -> ImageSet {
         spec: ImageSetSpec { images, node_selector, refresh_interval, image_pull_secrets },
         status: None,
     }
+}
+
+/// The non-empty entries of a KIP `;`-separated list (IMAGES, IMAGE_PULL_SECRETS), trimmed.
+fn entries(list: &str) -> impl Iterator<Item = &str> {
+    list.split(';').map(str::trim).filter(|e| !e.is_empty())
 }
 
 /// A selector no node matches.
