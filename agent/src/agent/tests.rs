@@ -475,3 +475,18 @@ fn an_image_s_set_pull_secrets_come_before_the_mounted_ones() {
     assert!(e.contains("pull secret `../regcred`") && e.contains("not a `<namespace>.<secret>` key"), "{e}");
     assert!(user(&["ml./etc"]).is_err() && user(&["Ml.x"]).is_err() && user(&["ml.a..b"]).is_err());
 }
+
+proptest::proptest! {
+    /// Any key the coordinator might send: accepted only as one plain file name (no separator,
+    /// no `..`, no hidden file), and looking it up never panics.
+    #[test]
+    fn a_set_secret_key_is_never_a_path(key in "\\PC{0,40}|[a-z0-9./-]{0,20}") {
+        if super::is_set_secret_key(&key) {
+            proptest::prop_assert!(!key.contains('/') && !key.contains("..") && !key.starts_with('.'), "{key}");
+            proptest::prop_assert_eq!(std::path::Path::new(&key).components().count(), 1);
+        }
+        let secrets = super::PullSecrets { dir: None, sets_dir: Some("/nonexistent-kip-dir".into()) };
+        let entry = list(&[("t", "quay.io/ml/train:1")]).entries()[0].clone();
+        let _ = super::credentials_for(&secrets, &[key], &entry);
+    }
+}

@@ -257,3 +257,31 @@ mod tests {
         assert!(problems[&key("b", "two")].contains("exceed"));
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+
+    proptest::proptest! {
+        /// Whatever a Secret holds, reading it never panics and a refusal never repeats a value.
+        #[test]
+        fn any_secret_is_read_without_panic_or_echo(
+            body in "\\PC{0,200}",
+            value in "[A-Za-z0-9]{12,24}",
+            legacy in proptest::bool::ANY,
+        ) {
+            let text = body.replace("VALUE", &value);
+            let (type_, key) = if legacy { (DOCKERCFG, ".dockercfg") } else { (DOCKERCONFIGJSON, ".dockerconfigjson") };
+            for data in [text.clone(), format!(r#"{{"auths":{{"quay.io":{{"auth":"{value}"}}}}, "x": {text}}}"#)] {
+                let secret = Secret {
+                    type_: Some(type_.into()),
+                    data: Some([(key.to_string(), ByteString(data.into_bytes()))].into()),
+                    ..Default::default()
+                };
+                if let Err(why) = docker_config(&secret) {
+                    proptest::prop_assert!(!why.contains(&value), "{why}");
+                }
+            }
+        }
+    }
+}
