@@ -19,6 +19,10 @@ kip_binaries
 FAKE_API=${KIP_FAKE_API_BIN:-target/debug/examples/fake-api}
 [ -x "$FAKE_API" ] || fail "$FAKE_API not built (cargo build --workspace --all-targets)"
 
+if [ ! -d ../shared/rig/k8s ]; then
+  log "no ../shared/rig/k8s here: the real API server and kubelet part is SKIPPED; the fake API stands in for them"
+fi
+
 kip_workdir
 trap kip_cleanup EXIT
 N=node-1
