@@ -150,6 +150,46 @@ impl Rig {
     }
 }
 
+impl Rig {
+    /// The rig's registry, restarted on its port and storage wanting `user`/`password` (htpasswd):
+    /// CRI-O keeps it as its insecure registry, and every pull now needs the login.
+    fn require_login(&self, user: &str, password: &str) {
+        let reg = self.dir.path().join("reg");
+        run(&self.scripts.join("stop-registry.sh"), &[reg.to_str().unwrap()]);
+        let htpasswd = Command::new("htpasswd").args(["-Bbn", user, password]).output().unwrap();
+        assert!(htpasswd.status.success(), "htpasswd (tests/install-deps.sh installs it)");
+        std::fs::write(reg.join("htpasswd"), htpasswd.stdout).unwrap();
+        let config = reg.join("registry.yml");
+        let mut yaml = std::fs::read_to_string(&config).unwrap();
+        yaml.push_str(&format!(
+            "auth:\n  htpasswd:\n    realm: kip-rig\n    path: {}\n",
+            reg.join("htpasswd").display()
+        ));
+        std::fs::write(&config, yaml).unwrap();
+        let child = Command::new("setsid")
+            .arg("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Recorded as the script records it, so stop-registry.sh stops this one too.
+        std::fs::write(reg.join("registry.pid"), child.id().to_string()).unwrap();
+        for _ in 0..100 {
+            let status = Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{}/v2/", self.registry)])
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&status.stdout) == "401" {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the registry did not come back wanting a login on {}", self.registry);
+    }
+}
+
 impl Drop for Rig {
     fn drop(&mut self) {
         let _ = Command::new(self.scripts.join("stop-crio.sh")).arg(self.crio_dir()).status();
@@ -328,4 +368,31 @@ async fn removal_keeps_an_image_that_also_carries_an_admin_s_name() {
     assert!(!tags.contains_key(&images[1]), "the image only kip named is deleted: {tags:?}");
     assert!(tags.contains_key(&admins), "the admin's name stays: {tags:?}");
     assert!(tags.contains_key(&images[0]), "the image it names stays whole: {tags:?}");
+}
+
+/// Image sets' pull secrets on CRI-O: an image a set lists is pulled with the set's secret as the
+/// coordinator's copy holds it (a file per `<namespace>.<secret>`), sent as the CRI `AuthConfig`;
+/// without it the registry refuses the pull, naming no credential.
+#[tokio::test]
+async fn a_set_s_pull_secret_pulls_a_private_image_through_cri_o() {
+    use base64::Engine as _;
+    let Some(rig) = Rig::start("a_set_s_pull_secret_pulls_a_private_image_through_cri_o") else { return };
+    let images = rig.push("private", 1);
+    rig.require_login("team-robot", "t3am-Pa55-crio");
+    let sets = tempfile::tempdir().unwrap();
+    let auth = base64::engine::general_purpose::STANDARD.encode("team-robot:t3am-Pa55-crio");
+    std::fs::write(sets.path().join("ml.team"), format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, rig.registry))
+        .unwrap();
+    let secrets = kip_agent::agent::PullSecrets { dir: None, sets_dir: Some(sets.path().into()) };
+    let list = kip::images::ImageList::parse(&format!("model={}", images[0])).unwrap();
+    let entry = &list.entries()[0];
+    let crio = rig.backend().await;
+    let refused = kip_agent::agent::pull_and_pin(&crio, &secrets, &[], entry, Duration::from_secs(60), None).await;
+    let why = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(!why.is_empty(), "pulled from a registry that wants a login, without one");
+    assert!(!why.contains("t3am-Pa55-crio") && !why.contains(&auth), "{why}");
+    let keys = ["ml.team".to_string()];
+    let pulled = kip_agent::agent::pull_and_pin(&crio, &secrets, &keys, entry, Duration::from_secs(60), None).await;
+    assert!(pulled.is_ok(), "{:?}", pulled.err().map(|e| e.to_string()));
+    assert_eq!(rig.crictl_pins().get(&images[0]), Some(&true), "{:?}", rig.crictl_pins());
 }
