@@ -166,16 +166,16 @@ impl Rig {
             reg.join("htpasswd").display()
         ));
         std::fs::write(&config, yaml).unwrap();
-        let child = Command::new("setsid")
-            .arg("docker-registry")
-            .arg("serve")
+        // Started as the rig's script starts it (in the background, its PID recorded), so
+        // stop-registry.sh stops this one too.
+        let started = Command::new("sh")
+            .arg("-c")
+            .arg(r#"setsid docker-registry serve "$1" >/dev/null 2>&1 </dev/null & echo $!"#)
+            .arg("sh")
             .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
+            .output()
             .unwrap();
-        // Recorded as the script records it, so stop-registry.sh stops this one too.
-        std::fs::write(reg.join("registry.pid"), child.id().to_string()).unwrap();
+        std::fs::write(reg.join("registry.pid"), String::from_utf8_lossy(&started.stdout).trim()).unwrap();
         for _ in 0..100 {
             let status = Command::new("curl")
                 .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{}/v2/", self.registry)])
