@@ -9,7 +9,14 @@
 //! - a steady window of STEADY_SECONDS: every agent sends its unchanged report twice, the reports
 //!   spread evenly over the window (one at a time, as agents on their own intervals do); measured:
 //!   the API writes (the goal is none; the leader Lease's renewals are counted apart) and the
-//!   coordinator's CPU per report.
+//!   coordinator's CPU per report;
+//! - a list change (the ConfigMap's IMAGES rewritten): the time until each agent's stream has the
+//!   new list (p50/p99/max).
+//!
+//! `KIP_BENCH_IMAGE_SETS=K`: K ImageSets, each selecting a pool of nodes (`pool=pI`, the nodes
+//! spread evenly) plus one selecting every node, and the coordinator with `--image-sets true`:
+//! every agent gets its own list (the ConfigMap's images and its sets'), and the leader writes the
+//! sets' status (counted apart from the label writes).
 //!
 //! Prints one JSON object.
 
@@ -59,6 +66,7 @@ async fn wait_for(what: &str, limit: Duration, check: impl Fn() -> bool) -> Resu
 }
 
 const LEASES: &[&str] = &["leases"];
+const STATUS_AND_LEASES: &[&str] = &["leases", "imagesets"];
 
 async fn run() -> Result<serde_json::Value, String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -68,8 +76,25 @@ async fn run() -> Result<serde_json::Value, String> {
     let nodes: usize = nodes.parse().map_err(|_| "NODES: a number")?;
     let steady = Duration::from_secs(steady.parse().map_err(|_| "STEADY_SECONDS: a number")?);
 
+    let sets: usize = std::env::var("KIP_BENCH_IMAGE_SETS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     let api = FakeApi::new();
     api.add_nodes(nodes, SystemTime::now() - Duration::from_secs(3600));
+    if sets > 0 {
+        for i in 0..nodes {
+            api.label_node(&format!("node-{i}"), serde_json::json!({"pool": format!("p{}", i % sets)}));
+        }
+        let set = |name: String, selector: serde_json::Value, image: String| {
+            serde_json::json!({"apiVersion": "kip.eclipse.dev/v1alpha1", "kind": "ImageSet",
+                "metadata": {"name": name, "namespace": "bench"},
+                "spec": {"images": [{"name": "tool", "image": image}], "nodeSelector": selector}})
+        };
+        let collection = "/apis/kip.eclipse.dev/v1alpha1/namespaces/bench/imagesets";
+        for i in 0..sets {
+            let selector = serde_json::json!({"matchLabels": {"pool": format!("p{i}")}});
+            api.apply(collection, set(format!("pool-{i}"), selector, format!("registry.local/bench/pool-{i}:1")));
+        }
+        api.apply(collection, set("everywhere".into(), serde_json::json!({}), "registry.local/bench/all:1".into()));
+    }
     let door = api.door().await;
     let work = tempfile::tempdir().map_err(|e| e.to_string())?;
     let kubeconfig = work.path().join("kubeconfig");
@@ -91,6 +116,7 @@ async fn run() -> Result<serde_json::Value, String> {
         .args(["--config-dir", &config.display().to_string()])
         .args(["--grpc-listen", &format!("127.0.0.1:{grpc}"), "--listen", &format!("127.0.0.1:{http}")])
         .args(["--agent-auth", "none", "--resolve-tags", "false", "--gate-taint", ""])
+        .args(["--image-sets", if sets > 0 { "true" } else { "false" }])
         .env("KUBECONFIG", &kubeconfig)
         .env("POD_NAMESPACE", "kip")
         .env("POD_NAME", "bench-coordinator")
@@ -124,7 +150,7 @@ async fn run() -> Result<serde_json::Value, String> {
     // Connections alone change no label (the agents have not reported yet).
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before_round = api.counts();
-    let writes_before = api.writes(LEASES);
+    let writes_before = api.writes(STATUS_AND_LEASES);
 
     // The round: every agent reports once, all together.
     let cpu_before = cpu_ms(&pid)?;
@@ -145,10 +171,22 @@ async fn run() -> Result<serde_json::Value, String> {
     }
     let labelled = || api.label_writes().iter().filter(|w| w.value.as_deref() == Some("cri")).count() >= nodes;
     wait_for("every node labelled cri", Duration::from_secs(120), labelled).await?;
-    // What the round still causes (the watch showing the labels) settles.
+    // What the round still causes (the watch showing the labels, the sets' status) settles.
+    if sets > 0 {
+        let collection = "/apis/kip.eclipse.dev/v1alpha1/namespaces/bench/imagesets";
+        let all_ready = || {
+            api.objects(collection).iter().all(|s| {
+                let status = &s["status"];
+                status["nodesSelected"].as_u64().is_some_and(|n| n > 0)
+                    && status["nodesReady"] == status["nodesSelected"]
+            })
+        };
+        wait_for("every set's status says its nodes are ready", Duration::from_secs(60), all_ready).await?;
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let cpu_after = cpu_ms(&pid)?;
-    let round_writes = api.writes(LEASES) - writes_before;
+    // The sets' status writes (the leader's, at most every 2 s per set) apart from the labels.
+    let round_writes = api.writes(STATUS_AND_LEASES) - writes_before;
     let mut latencies: Vec<f64> = api
         .label_writes()
         .iter()
@@ -184,9 +222,42 @@ async fn run() -> Result<serde_json::Value, String> {
     let lease_writes = steady_requests.get("patch leases").copied().unwrap_or(0);
     let (rss_end, _) = usage(&pid)?;
 
+    // A list change: every stream waits for the next list, then the ConfigMap's IMAGES changes.
+    let (arrived_tx, mut arrived_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let mut waiting = tokio::task::JoinSet::new();
+    for mut agent in agents {
+        let arrived_tx = arrived_tx.clone();
+        waiting.spawn(async move {
+            agent.stream.message().await.map_err(|e| e.to_string())?.ok_or("stream ended")?;
+            let _ = arrived_tx.send(Instant::now());
+            Ok::<_, String>(())
+        });
+    }
+    drop(arrived_tx);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let changed = Instant::now();
+    std::fs::write(config.join("IMAGES"), "a=registry.local/bench/a:1;b=registry.local/bench/b:2")
+        .map_err(|e| e.to_string())?;
+    let mut change_ms = Vec::with_capacity(nodes);
+    while let Some(at) = tokio::time::timeout(Duration::from_secs(120), arrived_rx.recv())
+        .await
+        .map_err(|_| format!("the list change reached {} of {nodes} agents in 120 s", change_ms.len()))?
+    {
+        change_ms.push(at.duration_since(changed).as_secs_f64() * 1000.0);
+    }
+    while let Some(r) = waiting.join_next().await {
+        r.map_err(|e| e.to_string())??;
+    }
+    change_ms.sort_by(f64::total_cmp);
+
     Ok(serde_json::json!({
         "api_server": "in-process fake (tests/common/fake_api.rs)",
         "nodes": nodes,
+        "image_sets": sets,
+        "status_writes": api.counts().iter().filter(|(c, _)| c.verb == "patch" && c.resource == "imagesets").map(|(_, n)| *n).sum::<u64>(),
+        "list_change_p50_ms": percentile(&change_ms, 0.5),
+        "list_change_p99_ms": percentile(&change_ms, 0.99),
+        "list_change_max_ms": change_ms.last().copied().unwrap_or(0.0),
         "round_reports": nodes,
         "round_label_changes": nodes,
         "round_writes": round_writes,

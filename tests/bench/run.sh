@@ -326,6 +326,23 @@ for n in "${CTL[@]}"; do
   log "controller, $n nodes: API requests in the round $(ctl "$n" round_requests); in the steady window $(ctl "$n" steady_requests), $(ctl "$n" steady_lease_renewals) of them Lease renewals ($(ctl "$n" api_server))"
 done
 
+# Image sets: the same cluster with 10 sets (one per pool of nodes) and one set for every node:
+# each agent gets its own list. Against the run without sets above, same node count.
+big=${CTL[-1]}
+SETS_JSON=$(KIP_BENCH_IMAGE_SETS=10 KIP_BENCH_LOG="$KIP_WORK/controller-coordinator-sets.log" "$CONTROLLER" "$COORD" "$big" "$STEADY") \
+  || fail "controller benchmark with image sets (log: $(tail -3 "$KIP_WORK/controller-coordinator-sets.log"))"
+echo "$big nodes, 10+1 image sets: $SETS_JSON" >&2
+CTL_JSON[sets]=$SETS_JSON
+[ "$(ctl sets round_writes)" = "$(ctl sets round_label_changes)" ] \
+  || fail "image sets: $(ctl sets round_writes) node writes for $(ctl sets round_label_changes) label changes"
+[ "$(ctl sets steady_writes)" = 0 ] || fail "image sets: $(ctl sets steady_writes) API writes (status included) in a steady window"
+row "image sets: list change reaches $big agents, p99, 11 sets (per-node lists)" "$(ctl sets list_change_p99_ms)" "$(ctl "$big" list_change_p99_ms)" ms "no set (one list)"
+row "image sets: coordinator CPU per report, all at once, $big nodes, 11 sets" "$(ctl sets cpu_per_report_ms)" "$(ctl "$big" cpu_per_report_ms)" ms "no set"
+row "image sets: coordinator CPU per report, one at a time, $big nodes, 11 sets" "$(ctl sets steady_cpu_per_report_ms)" "$(ctl "$big" steady_cpu_per_report_ms)" ms "no set"
+row "image sets: coordinator resident, $big nodes, 11 sets" "$(ctl sets rss_end_kb)" "$(ctl "$big" rss_end_kb)" kB "no set"
+row "image sets: status writes in the steady ${STEADY} s, 11 sets" "$(ctl sets steady_writes)" "$(ctl sets steady_reports)" writes "unchanged reports received"
+log "image sets: $(ctl sets status_writes) status writes in all (the sets' first status and the round's)"
+
 log "registry requests per refresh interval: tests/e2e/registry.sh counts them in the registry's request log"
 KIP_REGISTRY_E2E_LOG="$KIP_WORK/registry-e2e.log"
 bash tests/e2e/registry.sh > "$KIP_REGISTRY_E2E_LOG" 2>&1 || fail "tests/e2e/registry.sh failed: $(tail -3 "$KIP_REGISTRY_E2E_LOG")"
