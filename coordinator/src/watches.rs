@@ -4,6 +4,7 @@
 //! changed (by the node it concerns), so the controllers wake on changes instead of polling. Objects are stripped of what kip never reads (node
 //! status with its image list, managed fields) before they are stored.
 
+use std::collections::{BTreeSet, HashMap};
 use std::time::SystemTime;
 
 use futures_util::StreamExt as _;
@@ -306,6 +307,12 @@ impl Workloads {
         let ours = pods.iter().filter(|p| fallback_of(p, &self.name));
         pods_serve(ours.map(|p| p.as_ref()), node, images)
     }
+
+    /// The images this install's Ready fallback pods run, by node.
+    pub fn fallback_images(&self) -> HashMap<String, BTreeSet<String>> {
+        let pods = self.pods.store.state();
+        ready_images(pods.iter().filter(|p| fallback_of(p, &self.name)).map(|p| p.as_ref()))
+    }
 }
 
 /// Pure: `pod` is a fallback pod of the install whose DaemonSet is `name`: the DaemonSet's own,
@@ -316,26 +323,37 @@ pub fn fallback_of(pod: &Pod, name: &str) -> bool {
     label("app.kubernetes.io/instance") == Some(name) || label(crate::manifest::FALLBACK_OF_LABEL) == Some(name)
 }
 
+/// Pure: the node a Ready `pod` runs on (`None`: not Ready, or not scheduled).
+fn ready_on(pod: &Pod) -> Option<&str> {
+    let ready = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    ready.then(|| pod.spec.as_ref()?.node_name.as_deref()).flatten()
+}
+
+/// The images of a pod's containers.
+fn images_of(pod: &Pod) -> impl Iterator<Item = &str> {
+    pod.spec.iter().flat_map(|s| &s.containers).filter_map(|c| c.image.as_deref())
+}
+
 /// Pure: the Ready pods among `pods` that run on `node` have, between them, a container for
 /// every image in `images` (a pod of an older list lacks the new images).
 pub fn pods_serve<'a>(pods: impl Iterator<Item = &'a Pod>, node: &str, images: &[&str]) -> bool {
-    let ready_here: Vec<&Pod> = pods
-        .filter(|pod| {
-            let ready = pod
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-            ready && pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
-        })
-        .collect();
-    !ready_here.is_empty()
-        && images.iter().all(|i| {
-            ready_here
-                .iter()
-                .flat_map(|p| p.spec.iter().flat_map(|s| &s.containers))
-                .any(|c| c.image.as_deref() == Some(*i))
-        })
+    let ready_here: Vec<&Pod> = pods.filter(|pod| ready_on(pod) == Some(node)).collect();
+    !ready_here.is_empty() && images.iter().all(|i| ready_here.iter().flat_map(|p| images_of(p)).any(|c| c == *i))
+}
+
+/// Pure: the images the Ready pods among `pods` run, by node (for many nodes at once: one pass).
+pub fn ready_images<'a>(pods: impl Iterator<Item = &'a Pod>) -> HashMap<String, BTreeSet<String>> {
+    let mut by_node: HashMap<String, BTreeSet<String>> = HashMap::new();
+    for pod in pods {
+        if let Some(node) = ready_on(pod) {
+            by_node.entry(node.to_string()).or_default().extend(images_of(pod).map(String::from));
+        }
+    }
+    by_node
 }
 
 #[cfg(test)]
@@ -368,6 +386,10 @@ mod tests {
         assert!(pods_serve([&p, &set_pod].into_iter(), "n1", &["busybox", "redis"]));
         assert!(!pods_serve([&p, &set_pod, &waiting].into_iter(), "n1", &["busybox", "postgres"]));
         assert!(!pods_serve(std::iter::empty(), "n1", &[]), "no pod serves no node");
+        // The same, for every node in one pass.
+        let by_node = ready_images([&p, &set_pod, &waiting, &pod("n2", "True", &["alpine"])].into_iter());
+        assert_eq!(by_node["n1"], BTreeSet::from(["busybox".to_string(), "nginx".into(), "redis".into()]));
+        assert_eq!(by_node["n2"], BTreeSet::from(["alpine".to_string()]));
     }
 
     #[test]

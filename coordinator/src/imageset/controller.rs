@@ -113,6 +113,8 @@ fn now() -> Time {
 fn statuses(state: &State, sets: &View<ImageSet>, nodes: &NodeView) -> Vec<(Arc<ImageSet>, super::ImageSetStatus)> {
     let Some(accepted) = state.accepted_sets() else { return Vec::new() };
     let secret_problems = state.secret_problems();
+    // The fallback pods' images by node, once for every set and node of the pass.
+    let fallback = state.fallback_images();
     let now = now();
     let all_nodes = nodes.store.state();
     let mut out = Vec::new();
@@ -140,7 +142,8 @@ fn statuses(state: &State, sets: &View<ImageSet>, nodes: &NodeView) -> Vec<(Arc<
                         *created,
                         state.is_connected(name),
                     );
-                    (name.as_str(), report, state.fallback_serves(name, &set_images))
+                    let served = fallback.get(name).is_some_and(|has| set_images.iter().all(|i| has.contains(*i)));
+                    (name.as_str(), report, served)
                 })
                 .collect();
             let problems: Vec<String> = used

@@ -6,7 +6,7 @@
 //! node's stream waits (its agent keeps working with the list it has), because a list without a
 //! set's images would make the agent let go of that set's pins.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -159,10 +159,10 @@ impl State {
         Some(changes)
     }
 
-    /// Whether `node`'s fallback pods are Ready and run every image in `images`.
-    pub fn fallback_serves(&self, node: &str, images: &[&str]) -> bool {
+    /// The images the fallback pods Ready on each node run (empty until the leader watches them).
+    pub fn fallback_images(&self) -> HashMap<String, BTreeSet<String>> {
         let workloads = self.sets.fallback.lock().ok().and_then(|f| f.clone());
-        workloads.is_some_and(|w| w.fallback_ready(node, images))
+        workloads.map(|w| w.fallback_images()).unwrap_or_default()
     }
 
     /// The node watch every replica follows (node labels select sets).
