@@ -6,13 +6,13 @@
 //! A tag that cannot be resolved (air-gapped cluster, bad credentials, registry down) goes out
 //! without a digest, and agents refresh it on their own interval as before.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use kip::images::{ImageEntry, ImageList};
+use kip::images::ImageEntry;
 use kip::pull_secrets::{Credentials, Keyring};
 use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
@@ -32,12 +32,6 @@ pub enum Resolved {
 
 /// HEADs in flight at once: a long list is resolved in a few round trips without a burst.
 const CONCURRENT_HEADS: usize = 8;
-
-/// The entries to resolve: each listed tag once. Images listed by digest never move.
-pub fn tags(list: &ImageList) -> Vec<ImageEntry> {
-    let mut seen = BTreeSet::new();
-    list.entries().iter().filter(|e| !e.by_digest && seen.insert(e.reference.clone())).cloned().collect()
-}
 
 /// A registry answer's class for `kip_registry_requests_total{result}`, and whether oci-client
 /// sent a GET after the HEAD (it does when the HEAD answer carries no digest, as error answers
@@ -291,15 +285,7 @@ pub fn due(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_tags_are_resolved_each_once() {
-        let d = "sha256:0123456789012345678901234567890123456789012345678901234567890123";
-        let list = ImageList::parse(&format!("a=busybox;b=docker.io/library/busybox:latest;c=r/x@{d};e=quay.io/x/y:2"))
-            .unwrap();
-        let refs: Vec<String> = tags(&list).into_iter().map(|e| e.reference).collect();
-        assert_eq!(refs, vec!["docker.io/library/busybox:latest", "quay.io/x/y:2"]);
-    }
+    use kip::images::ImageList;
 
     #[test]
     fn each_tag_is_due_on_its_own_interval_and_a_new_one_at_once() {

@@ -378,6 +378,15 @@ mod tests {
     }
 
     #[test]
+    fn only_tags_are_resolved_each_once() {
+        let d = "sha256:0123456789012345678901234567890123456789012345678901234567890123";
+        let list = ImageList::parse(&format!("a=busybox;b=docker.io/library/busybox:latest;c=r/x@{d};e=quay.io/x/y:2"))
+            .unwrap();
+        let refs: Vec<String> = tag_intervals(&list, Duration::from_secs(3600), &[]).into_keys().collect();
+        assert_eq!(refs, vec!["docker.io/library/busybox:latest", "quay.io/x/y:2"]);
+    }
+
+    #[test]
     fn each_tag_is_resolved_once_at_the_shortest_interval_of_its_lists() {
         let digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
         let mut fast = set("a", "fast", 1, &[("x", "busybox"), ("y", "quay.io/a/y:1")], serde_json::json!({}));
