@@ -82,7 +82,7 @@ impl State {
             let digests = current
                 .digests
                 .iter()
-                .filter(|(r, _)| config.images.contains_reference(r) || self.a_set_lists(r))
+                .filter(|(r, _)| self.lists(&config, r))
                 .map(|(r, d)| (r.clone(), d.clone()))
                 .collect();
             let next = Arc::new(Published { generation: current.generation + 1, config: config.clone(), digests });
@@ -150,7 +150,7 @@ impl State {
         self.list.send_if_modified(|current| {
             // Decided on the list as it is now (it may have changed since the round began): an
             // answer changes its tag's digest; a tag without an answer keeps its own.
-            let listed_now = |r: &String| current.config.images.contains_reference(r) || self.a_set_lists(r);
+            let listed_now = |r: &String| self.lists(&current.config, r);
             let mut digests = current.digests.clone();
             digests.retain(|r, _| listed_now(r));
             for (reference, answer) in &answers {

@@ -18,6 +18,7 @@ use kip::v1;
 use tokio::sync::watch;
 
 use super::State;
+use crate::config::KipConfig;
 use crate::imageset::sets::{node_list, node_pull_secrets, node_refresh_interval, selecting, tag_intervals, Accepted};
 use crate::watches::{NodeView, Touch, Workloads};
 
@@ -255,10 +256,11 @@ impl State {
         tag_intervals(&published.config.images, published.config.refresh_interval, sets)
     }
 
-    /// Whether a set in use lists `reference`.
-    pub(super) fn a_set_lists(&self, reference: &str) -> bool {
-        self.image_sets_enabled()
-            && self.accepted_sets().is_some_and(|a| a.sets.iter().any(|s| s.images.contains_reference(reference)))
+    /// Whether `config`'s list or a set in use lists `reference` (its digest is kept).
+    pub(super) fn lists(&self, config: &KipConfig, reference: &str) -> bool {
+        config.images.contains_reference(reference)
+            || (self.image_sets_enabled()
+                && self.accepted_sets().is_some_and(|a| a.sets.iter().any(|s| s.images.contains_reference(reference))))
     }
 
     /// What `node`'s agent is sent (`None`: not known yet).
