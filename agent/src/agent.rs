@@ -59,15 +59,9 @@ pub struct PullSecrets {
 
 /// A key of the sets' pull secrets: `<namespace>.<secret>`, a plain file name (never a path).
 fn is_set_secret_key(key: &str) -> bool {
-    let Some((namespace, secret)) = key.split_once('.') else { return false };
-    let dns = |s: &str, dots: bool| {
-        !s.is_empty()
-            && s.len() <= 253
-            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.'))
-            && !s.starts_with(['-', '.'])
-            && !s.contains("..")
-    };
-    dns(namespace, false) && dns(secret, true)
+    key.split_once('.').is_some_and(|(namespace, secret)| {
+        kip::images::is_dns_label(namespace) && kip::images::is_dns_subdomain(secret)
+    })
 }
 
 /// Credentials for the image's registry: from the first of its sets' pull secrets (`keys`) that

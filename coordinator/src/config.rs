@@ -374,12 +374,7 @@ fn parse_json<T: DeserializeOwned>(v: &str) -> Result<T, String> {
 }
 
 fn check_dns_label(v: &str) -> Result<(), String> {
-    let ok = !v.is_empty()
-        && v.len() <= 63
-        && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !v.starts_with('-')
-        && !v.ends_with('-');
-    if ok {
+    if kip::images::is_dns_label(v) {
         Ok(())
     } else {
         Err(format!("`{v}` is not a valid name (lowercase letters, digits and `-`, at most 63 characters, starting and ending with a letter or digit)"))
@@ -387,8 +382,7 @@ fn check_dns_label(v: &str) -> Result<(), String> {
 }
 
 fn check_dns_subdomain(v: &str) -> Result<(), String> {
-    let ok = !v.is_empty() && v.len() <= 253 && v.split('.').all(|part| check_dns_label(part).is_ok());
-    if ok {
+    if kip::images::is_dns_subdomain(v) {
         Ok(())
     } else {
         Err(format!("`{v}` is not a valid name (lowercase letters, digits, `-` and `.`, at most 253 characters)"))

@@ -141,13 +141,21 @@ pub fn parse_reference(image: &str) -> Result<Reference, String> {
     crate::reference::parse(image).map_err(|e| format!("`{image}` is not a valid image reference: {e}"))
 }
 
-fn is_dns_label(s: &str) -> bool {
+/// A Kubernetes DNS label (RFC 1123): 1–63 lowercase letters, digits and `-`, starting and
+/// ending with a letter or digit (an IMAGES name, a namespace).
+pub fn is_dns_label(s: &str) -> bool {
     let bytes = s.as_bytes();
     !bytes.is_empty()
         && bytes.len() <= 63
         && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
         && bytes[0] != b'-'
         && bytes[bytes.len() - 1] != b'-'
+}
+
+/// A Kubernetes DNS subdomain (RFC 1123): DNS labels joined by `.`, at most 253 characters (the
+/// name of a Secret, a DaemonSet).
+pub fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 #[cfg(test)]
