@@ -46,13 +46,14 @@ pub fn plan<'a>(wanted: &'a [DaemonSet], shown: &[Arc<DaemonSet>]) -> Plan<'a> {
     Plan { apply, delete }
 }
 
-/// The DaemonSets the sets in use want now (`None`: the sets are not known yet).
-fn wanted(cluster: &Cluster, state: &State) -> Option<Vec<DaemonSet>> {
+/// The namespace and the DaemonSets the sets in use want now (`None`: the sets are not known yet).
+fn wanted(cluster: &Cluster, state: &State) -> Option<(String, Vec<DaemonSet>)> {
     let published = state.current();
     let config = &published.config;
     let accepted = state.accepted_sets()?;
     let opts = cluster.options_for(&config.namespace);
-    Some(accepted.sets.iter().filter_map(|s| manifest::set_fallback_daemonset(config, s, &opts)).collect())
+    let wanted = accepted.sets.iter().filter_map(|s| manifest::set_fallback_daemonset(config, s, &opts)).collect();
+    Some((config.namespace.clone(), wanted))
 }
 
 /// Keeps the sets' fallback DaemonSets in `view`'s namespace in line until shutdown; a failed
@@ -63,8 +64,7 @@ pub async fn run(cluster: Arc<Cluster>, state: Arc<State>, view: View<DaemonSet>
     loop {
         let mut wait = None;
         if view.listed() {
-            if let Some(wanted) = wanted(&cluster, &state) {
-                let namespace = state.current().config.namespace.clone();
+            if let Some((namespace, wanted)) = wanted(&cluster, &state) {
                 match pass(&cluster, &namespace, &wanted, &view.store.state()).await {
                     Ok(()) => retry = crate::backoff(),
                     Err(e) => {
