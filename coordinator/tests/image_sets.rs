@@ -43,6 +43,15 @@ fn pull_secret(api: &FakeApi, name: &str, registry: &str, user: &str, password: 
     auth
 }
 
+/// The fake API with two nodes an hour old: `node-0` in pool `gpu`, `node-1` in pool `cpu`.
+fn two_pools() -> Arc<FakeApi> {
+    let api = FakeApi::new();
+    api.add_nodes(2, std::time::SystemTime::now() - Duration::from_secs(3600));
+    api.label_node("node-0", json!({"pool": "gpu"}));
+    api.label_node("node-1", json!({"pool": "cpu"}));
+    api
+}
+
 /// An agent's stream: the lists as they come.
 struct Agent {
     client: CoordinatorClient<tonic::transport::Channel>,
@@ -161,10 +170,7 @@ impl Drop for Coordinator {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_node_gets_its_sets_and_each_set_its_status() {
-    let api = FakeApi::new();
-    api.add_nodes(2, std::time::SystemTime::now() - Duration::from_secs(3600));
-    api.label_node("node-0", json!({"pool": "gpu"}));
-    api.label_node("node-1", json!({"pool": "cpu"}));
+    let api = two_pools();
     api.apply(SETS, training(json!({"matchLabels": {"pool": "gpu"}})));
     let (kip, door) = Coordinator::start(&api, config_with("base-image=docker.io/library/busybox:latest")).await;
 
@@ -260,10 +266,7 @@ async fn a_refused_set_says_why_and_touches_no_node() {
 /// KIP's DaemonSet ran only there: another node gets only its sets' images.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_config_map_is_the_default_set_for_its_node_selector() {
-    let api = FakeApi::new();
-    api.add_nodes(2, std::time::SystemTime::now() - Duration::from_secs(3600));
-    api.label_node("node-0", json!({"pool": "gpu"}));
-    api.label_node("node-1", json!({"pool": "cpu"}));
+    let api = two_pools();
     let mut everywhere = training(json!({}));
     everywhere["spec"]["images"] = json!([{"name": "tools", "image": "quay.io/ml/tools:1"}]);
     api.apply(SETS, everywhere);
